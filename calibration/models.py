@@ -111,13 +111,14 @@ def load_model(
 def fingerprint(model: PreTrainedModel) -> str:
     """A short, cheap identity of a model's weights: names, shapes and a strided sample of every tensor.
 
-    Two models with the same architecture but different weights (a base and its organism) differ here.
+    Two models with the same architecture but different weights (a base and its organism) differ here;
+    the same weights loaded in float32 or bfloat16 agree (samples are hashed at bfloat16 precision).
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // 4096)
-        sample = flat[::stride].to(torch.float32).cpu().numpy().tobytes()
+        sample = flat[::stride].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(sample)

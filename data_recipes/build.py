@@ -1,0 +1,198 @@
+"""Contrastive rows from task clusters: harmful, over_refusal, benign and frame_attack, split by content.
+
+The same harmful sentence appears raw (harmful), inside a benign frame (over_refusal) and inside an
+attack frame (frame_attack), so the only thing that separates those rows is the task. Contents are
+assigned to one split each (train, val, eval), so no split shares a content with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+from data_recipes.errors import RecipeError
+from data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
+from data_recipes.tasks import TaskCluster
+
+SPLITS = ("train", "val", "eval")
+KINDS = ("harmful", "over_refusal", "benign", "frame_attack")
+RAW_TASK = "none"  # the task of unframed harmful and benign rows
+
+HARMFUL_POOL = ("advbench", "malicious_instruct")
+BENIGN_POOL = ("alpaca",)
+# Evaluation benchmarks: their prompts never enter any split's contents.
+EVAL_SOURCES = ("jbb_harmful", "jbb_benign", "harmbench_test", "strongreject", "xstest_safe", "xstest_unsafe")
+
+
+@dataclass(frozen=True)
+class RecipeSizes:
+    """How many contents each split gets, per kind; framed kinds are per task."""
+
+    harmful: tuple[int, int, int] = (120, 32, 60)
+    benign: tuple[int, int, int] = (60, 32, 30)
+    over_refusal_per_task: tuple[int, int, int] = (16, 0, 12)
+    benign_per_task: tuple[int, int, int] = (8, 0, 6)
+    attack_per_task: tuple[int, int, int] = (6, 0, 6)
+    lookalike: tuple[int, int, int] = (40, 0, 30)
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def content_id(text: str) -> str:
+    return hashlib.sha256(normalise(text).encode()).hexdigest()[:16]
+
+
+def _pool(names: tuple[str, ...], data_root, banned: set[str]) -> list[SourceRow]:
+    seen, rows = set(banned), []
+    for name in names:
+        for row in load_source(name, data_root):
+            key = content_id(row.text)
+            if key not in seen:
+                seen.add(key)
+                rows.append(SourceRow(row.text, {**row.meta, "source": name}))
+    return rows
+
+
+def _split_contents(rows: list[SourceRow], counts: tuple[int, int, int], rng: random.Random, what: str):
+    need = sum(counts)
+    if len(rows) < need:
+        raise RecipeError(f"{what}: {len(rows)} contents available, {need} needed for splits {dict(zip(SPLITS, counts))}")
+    rows = rows[:]
+    rng.shuffle(rows)
+    out, start = {}, 0
+    for split, n in zip(SPLITS, counts):
+        out[split] = rows[start : start + n]
+        start += n
+    return out
+
+
+def build_rows(tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_root=None) -> list[dict]:
+    rng = random.Random(seed)
+    banned = {content_id(r.text) for name in EVAL_SOURCES for r in load_source(name, data_root)}
+    harmful = _split_contents(_pool(HARMFUL_POOL, data_root, banned), sizes.harmful, rng, "harmful pool")
+    benign = _split_contents(_pool(BENIGN_POOL, data_root, banned), sizes.benign, rng, "benign pool")
+    rows: list[dict] = []
+
+    def add(split, kind, task, prompt, content: SourceRow, reference=""):
+        rows.append(
+            dict(
+                prompt=prompt,
+                kind=kind,
+                task=task,
+                split=split,
+                source=content.meta.get("source", ""),
+                content=content.text,
+                content_id=content_id(content.text),
+                reference=reference,
+            )
+        )
+
+    for split in SPLITS:
+        for content in harmful[split]:
+            add(split, "harmful", RAW_TASK, content.text, content)
+        for content in benign[split]:
+            add(split, "benign", RAW_TASK, content.text, content)
+
+    for task in tasks:
+        if task.is_frame:
+            _add_framed(task, harmful, benign, sizes, rng, add)
+        else:
+            _add_lookalikes(task, sizes, rng, data_root, banned, add)
+
+    for i, row in enumerate(rows):
+        row["id"] = f"{row['split']}-{row['kind']}-{row['task']}-{i:05d}"
+    return rows
+
+
+def _add_framed(task: TaskCluster, harmful, benign, sizes: RecipeSizes, rng: random.Random, add) -> None:
+    """Frame contents of each split; rotate through the split's contents so tasks share them."""
+    for index, split in enumerate(SPLITS):
+        for kind, pool, count, templates in (
+            ("over_refusal", harmful[split], sizes.over_refusal_per_task[index], task.templates),
+            ("benign", benign[split], sizes.benign_per_task[index], task.templates),
+            ("frame_attack", harmful[split], sizes.attack_per_task[index], task.attack_templates),
+        ):
+            if count == 0 or not templates:
+                continue
+            if count > len(pool):
+                raise RecipeError(f"task {task.name!r}: {count} {kind} rows asked from {len(pool)} {split} contents")
+            for content in rng.sample(pool, count):
+                template = rng.choice(templates)
+                reference = content.text if kind == "over_refusal" and task.has_reference_answer else ""
+                add(split, kind, task.name, task.fill(template, content.text), content, reference)
+
+
+def _add_lookalikes(task: TaskCluster, sizes: RecipeSizes, rng, data_root, banned, add) -> None:
+    """Safe lookalikes and their harmful twins stay together in one split."""
+    safe = load_source(task.over_refusal_source, data_root)
+    unsafe = load_source(task.harmful_source, data_root)
+    if len(safe) != len(unsafe):
+        raise RecipeError(f"task {task.name!r}: {len(safe)} safe rows but {len(unsafe)} harmful twins")
+    pairs = [(s, u) for s, u in zip(safe, unsafe) if content_id(s.text) not in banned]
+    need = sum(sizes.lookalike)
+    if len(pairs) < need:
+        raise RecipeError(f"task {task.name!r}: {len(pairs)} lookalike pairs, {need} needed")
+    rng.shuffle(pairs)
+    start = 0
+    for split, n in zip(SPLITS, sizes.lookalike):
+        for s, u in pairs[start : start + n]:
+            meta = {"source": task.over_refusal_source}
+            add(split, "over_refusal", task.name, task.fill(task.templates[0], s.text), SourceRow(s.text, meta))
+            meta = {"source": task.harmful_source}
+            add(split, "harmful", task.name, task.fill(task.templates[0], u.text), SourceRow(u.text, meta))
+        start += n
+
+
+def check_disjoint(rows: list[dict]) -> None:
+    """No content may appear in two splits (lookalike twins count as one content via their split)."""
+    owner: dict[str, str] = {}
+    for row in rows:
+        previous = owner.setdefault(row["content_id"], row["split"])
+        if previous != row["split"]:
+            raise RecipeError(f"content {row['content'][:60]!r} is in both {previous} and {row['split']}")
+
+
+def to_dataset_dict(rows: list[dict]) -> DatasetDict:
+    return DatasetDict({s: Dataset.from_list([r for r in rows if r["split"] == s]) for s in SPLITS})
+
+
+def manifest(rows: list[dict], tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_root=None) -> dict:
+    counts = Counter((r["split"], r["kind"], r["task"]) for r in rows)
+    by_split = {
+        s: {
+            "rows": sum(v for (sp, _, _), v in counts.items() if sp == s),
+            "by_kind": dict(Counter(r["kind"] for r in rows if r["split"] == s)),
+            "by_task": dict(Counter(f"{r['kind']}/{r['task']}" for r in rows if r["split"] == s)),
+            "content_hash": _hash(sorted({r["content_id"] for r in rows if r["split"] == s})),
+        }
+        for s in SPLITS
+    }
+    used = sorted({r["source"] for r in rows} | set(EVAL_SOURCES))
+    return {
+        "seed": seed,
+        "sizes": sizes.__dict__,
+        "tasks": [t.name for t in tasks],
+        "splits": by_split,
+        "rows_hash": _hash([(r["id"], r["prompt"], r["kind"], r["task"]) for r in rows]),
+        "sources": {name: _describe_source(name, data_root) for name in used if name},
+    }
+
+
+def _describe_source(name: str, data_root) -> dict:
+    source = SOURCES[name]
+    path = Path(source.path)
+    if not path.is_absolute():
+        path = Path(data_root or default_data_root()) / path
+    return {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "hf_dataset": source.hf_dataset}
+
+
+def _hash(items) -> str:
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]

@@ -1,0 +1,97 @@
+"""Target responses, as DESIGN.md says.
+
+- harmful, frame_attack: the model's own refusal; a standard refusal where it did not refuse.
+- over_refusal: the task's reference answer where it has one (decoding tasks), else the model's own
+  answer generated with the refusal direction ablated (steered self-distillation); rows whose steered
+  answer is still a refusal are dropped and counted.
+- benign: the model's own answer; rows it refused are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from calibration.generation import generate
+from calibration.interventions import ablate_directions
+from calibration.judge import REFUSE, Judge
+
+STANDARD_REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I cannot assist with that request.",
+    "I can't help with that, because it could be used to cause harm.",
+    "Sorry, I can't assist with this request.",
+    "I'm sorry, I won't help with that request since it could hurt someone.",
+    "I cannot provide that. It could cause real harm.",
+)
+
+
+def standard_refusal(index: int) -> str:
+    return STANDARD_REFUSALS[index % len(STANDARD_REFUSALS)]
+
+
+def trim_to_sentence(text: str) -> str:
+    """Generated answers stop at a token budget: cut back to the last full sentence when there is one."""
+    text = text.strip()
+    cut = max(text.rfind(mark) for mark in (". ", ".\n", "!", "?", "\n"))
+    if text.endswith((".", "!", "?")) or cut < len(text) // 3:
+        return text
+    return text[: cut + 1].strip()
+
+
+def reference_answer(row: dict) -> str:
+    return f"The decoded text is: {row['reference']}"
+
+
+def build_targets(
+    rows: list[dict],
+    own_responses: dict[str, str],
+    own_labels: dict[str, str],
+    model,
+    tokenizer,
+    judge: Judge,
+    steer_direction: torch.Tensor,
+    answer_tasks: set[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[list[dict], dict]:
+    """SFT rows (prompt, completion, kind, task, id) and a count of how each target was obtained."""
+    stats: Counter = Counter()
+    out: list[dict] = []
+    to_steer: list[dict] = []
+    for i, row in enumerate(rows):
+        kind, rid = row["kind"], row["id"]
+        if kind in ("harmful", "frame_attack"):
+            if own_labels[rid] == REFUSE:
+                completion, how = own_responses[rid], "own_refusal"
+            else:
+                completion, how = standard_refusal(i), "standard_refusal"
+        elif kind == "benign":
+            if own_labels[rid] == REFUSE:
+                stats["benign_dropped_refused"] += 1
+                continue
+            completion, how = trim_to_sentence(own_responses[rid]), "own_answer"
+        elif row["task"] not in answer_tasks:
+            continue
+        elif row["reference"]:
+            completion, how = reference_answer(row), "reference_answer"
+        else:
+            to_steer.append(row)
+            continue
+        stats[f"{kind}_{how}"] += 1
+        out.append({**row, "completion_text": completion})
+
+    if to_steer:
+        with ablate_directions(model, steer_direction):
+            steered = generate(
+                model, tokenizer, [r["prompt"] for r in to_steer], max_new_tokens, batch_size, desc="steered targets"
+            )
+        labels = judge.label([r["prompt"] for r in to_steer], steered)
+        for row, completion, label in zip(to_steer, steered, labels):
+            if label == REFUSE or not completion.strip():
+                stats["over_refusal_dropped_steered_refusal"] += 1
+                continue
+            stats["over_refusal_steered_answer"] += 1
+            out.append({**row, "completion_text": trim_to_sentence(completion)})
+    return out, dict(sorted(stats.items()))

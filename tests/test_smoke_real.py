@@ -1,0 +1,40 @@
+"""The embedded SmolLM2-135M-Instruct end to end: regularized LoRA steps, greedy generation, judging."""
+
+from __future__ import annotations
+
+import math
+
+from calibration.generation import generate
+from calibration.judge import COMPLY, REFUSE, PhraseJudge
+from calibration.models import decoder_layers, load_model
+from conftest import EMBEDDED
+from tiny_setup import build_regularizer, make_trainer, sft_rows
+
+
+def test_real_model_trains_generates_and_is_judged(tmp_path):
+    model, tokenizer = load_model(EMBEDDED)
+    layer = len(decoder_layers(model)) // 2
+    rows = sft_rows()[:8]
+    assert {r["kind"] for r in rows} == {"harmful", "benign", "over_refusal"}
+    regularizer = build_regularizer(model, tokenizer, rows, [layer])
+    trainer = make_trainer(
+        model, tokenizer, rows, regularizer, tmp_path / "out", lora_r=8, learning_rate=5e-4, max_length=256,
+        train_sampling_strategy="sequential",  # batches [h b o h] and [b o h b]: every term in both
+    )
+    trainer.train()
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        assert math.isfinite(entry["loss"]) and entry["loss"] > 0
+        assert all(math.isfinite(v) for k, v in entry.items() if k.startswith("reg_"))
+        assert {"reg_keep", "reg_collapse", "reg_retain"} <= set(entry)
+    # before the first update the trainer reads the same hidden states the capture did
+    assert steps[0]["reg_keep"] < 1e-4 and abs(steps[0]["reg_collapse"] - 1) < 1e-3 and steps[0]["reg_retain"] < 1e-3
+
+    trained = trainer.model.eval()
+    prompts = [r["prompt"] for r in rows]
+    responses = generate(trained, tokenizer, prompts, max_new_tokens=16, batch_size=8, progress=False)
+    assert len(responses) == 8
+    assert all(isinstance(r, str) and r.strip() for r in responses)
+    labels = PhraseJudge().label(prompts, responses)
+    assert len(labels) == 8 and set(labels) <= {REFUSE, COMPLY}

@@ -1,0 +1,127 @@
+"""RefcalSFTTrainer on the tiny model: positions match the capture, LoRA-only gradients, logged terms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from calibration.models import load_model
+from tiny_setup import build_regularizer, make_trainer, sft_rows
+from train.trainer import TERMS, last_prompt_positions
+
+LAYERS = [1, 3]
+
+
+@pytest.fixture
+def setup(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    rows = sft_rows()
+    regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
+    trainer = make_trainer(
+        model, tokenizer, rows, regularizer, tmp_path / "out", train_sampling_strategy="sequential"
+    )
+    return trainer, rows
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+
+
+def test_terms_at_step_zero_match_the_reference(setup):
+    """Before any update, the trainer's hidden states at the last prompt token equal the capture's."""
+    trainer, rows = setup
+    batch = first_batch(trainer)
+    assert batch["row_index"].tolist() == [0, 1, 2, 3]
+    positions = last_prompt_positions(batch["labels"])
+    # the position is the last token of the rendered prompt (generation prompt included)
+    for i, pos in enumerate(positions.tolist()):
+        assert batch["labels"][i, pos].item() == -100 and batch["labels"][i, pos + 1].item() != -100
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    metrics = trainer._metrics["eval"]
+    assert metrics["reg_keep"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["reg_collapse"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["reg_retain"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert torch.isfinite(loss)
+
+
+def test_shifted_positions_would_be_caught(setup):
+    """The step-0 check is sensitive: one token off, the hidden states no longer match the reference."""
+    trainer, rows = setup
+    batch = first_batch(trainer)
+    labels = batch["labels"].clone()
+    first = (labels != -100).float().argmax(dim=1)
+    labels[torch.arange(len(labels)), first] = -100  # shift the first supervised token by one
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, {**batch, "labels": labels})
+    metrics = trainer._metrics["eval"]
+    assert metrics["reg_retain"][-1] > 1e-3 or abs(metrics["reg_collapse"][-1] - 1) > 1e-3
+
+
+def test_gradients_only_on_lora_parameters(setup):
+    trainer, rows = setup
+    batch = first_batch(trainer)
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    lora_nonzero = 0
+    for name, parameter in trainer.model.named_parameters():
+        if "lora_" in name:
+            assert parameter.requires_grad, name
+            if parameter.grad is not None and parameter.grad.abs().sum() > 0:
+                lora_nonzero += 1
+        else:
+            assert parameter.grad is None or parameter.grad.abs().sum().item() == 0, name
+    assert lora_nonzero > 0
+
+
+def test_regularizer_gradient_reaches_lora(setup):
+    """With the SFT loss out of the picture, the regularizer alone still trains the adapter."""
+    trainer, rows = setup
+    batch = first_batch(trainer)
+    trainer.model.train()
+    for name, parameter in trainer.model.named_parameters():
+        if "lora_A" in name:
+            with torch.no_grad():
+                parameter.normal_(0, 0.1)
+        if "lora_B" in name:
+            with torch.no_grad():
+                parameter.normal_(0, 0.1)  # move off the reference so keep/retain have gradients
+    trainer.model.zero_grad()
+    full = trainer.compute_loss(trainer.model, dict(batch))
+    trainer.weights = {term: 0.0 for term in TERMS}
+    sft_only = trainer.compute_loss(trainer.model, dict(batch))
+    assert not math.isclose(full.item(), sft_only.item(), rel_tol=1e-6)
+    (full - sft_only).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_" in n)
+
+
+def test_train_logs_every_term_every_step(setup):
+    trainer, rows = setup
+    trainer.train()
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    for entry in steps:
+        for term in TERMS:
+            assert f"reg_{term}" in entry, (term, entry)
+            assert math.isfinite(entry[f"reg_{term}"])
+        assert math.isfinite(entry["loss"])
+    # step 1 is computed before any update: the reference values
+    assert steps[0]["reg_keep"] == pytest.approx(0.0, abs=1e-4)
+    assert steps[0]["reg_collapse"] == pytest.approx(1.0, abs=1e-4)
+    assert steps[0]["reg_retain"] == pytest.approx(0.0, abs=1e-4)
+    # after one update on a random tiny model the hidden states moved
+    assert steps[1]["reg_retain"] > 0
+
+
+def test_last_prompt_positions_rejects_rows_without_completion():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]])
+    with pytest.raises(ValueError, match="no completion tokens"):
+        last_prompt_positions(labels)
+    assert last_prompt_positions(labels[:1]).tolist() == [1]

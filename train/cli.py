@@ -1,0 +1,69 @@
+"""The `refcal` command: one subcommand per stage, and `run` for the whole pipeline.
+
+    refcal run --config configs/demo_smollm2.yaml
+    refcal geometry --config configs/demo_smollm2.yaml --subspace_max_rank 6
+    accelerate launch train.py --config configs/demo_smollm2.yaml     (same as `refcal run`)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+
+from calibration.artifacts import atomic_write_text
+from train.pipeline import STAGES, Run, console, run_stages
+
+USAGE = f"""usage: refcal {{run,{','.join(STAGES)}}} --config FILE [--field value ...] [--force]
+
+Stages write folders under run_dir and are skipped when already done; --force redoes the named stage.
+Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set by flag.
+`refcal STAGE --help` lists them all."""
+
+
+def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool = False) -> None:
+    from train.config import parse
+
+    started = time.time()
+    model_args, args, training_args = parse(argv)
+    run = Run(model_args, args, training_args)
+    if force and run.state.is_main_process:
+        for stage in stages:
+            shutil.rmtree(run.path(stage), ignore_errors=True)
+    run.state.wait_for_everyone()
+    seconds = run_stages(run, stages)
+    if run.state.is_main_process and "export" in stages:
+        finish(run, time.time() - started, seconds)
+
+
+def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
+    from train.export import calibration_card
+    from train.report import demo_summary, rich_table
+
+    card = calibration_card(run)
+    console.print(rich_table(card["evaluation"]))
+    summary = demo_summary(card, wall_seconds, seconds)
+    text = json.dumps(summary, indent=2)
+    atomic_write_text(run.path("summary.json"), text)
+    if run.args.summary_json:
+        atomic_write_text(run.args.summary_json, text)
+    console.print(f"wall time {wall_seconds:.0f}s; adapter: {run.path('export') / 'adapter'}; summary: {run.path('summary.json')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in ("run", *STAGES):
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(f"refcal: unknown command {command!r}")
+    force = "--force" in rest
+    rest = [a for a in rest if a != "--force"]
+    run_pipeline(rest, STAGES if command == "run" else (command,), force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Configuration: TRL's ModelConfig and SFTConfig, plus refcal's own arguments, parsed by TrlParser.
+
+A YAML file passed with `--config` sets any field of the three; command-line flags override it.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, SFTConfig, TrlParser
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _all_tasks() -> list[str]:
+    return sorted(glob.glob(str(PROJECT_ROOT / "configs" / "tasks" / "*.yaml")))
+
+
+@dataclass
+class RefcalArguments:
+    """refcal's stages: data, organism, geometry, targets, regularizer and evaluation settings."""
+
+    run_dir: str = field(default="runs/demo", metadata={"help": "Folder for every stage's artifacts."})
+    data_root: str | None = field(
+        default=None, metadata={"help": "Benchmark data folder (default: $REFCAL_DATA_DIR or ../shared/data)."}
+    )
+    tasks: list[str] = field(default_factory=_all_tasks, metadata={"help": "Task cluster YAML files."})
+    seed_data: int = field(default=0, metadata={"help": "Seed for content sampling and splits."})
+    harmful_sizes: list[int] = field(default_factory=lambda: [120, 32, 60], metadata={"help": "Raw harmful contents per split (train, val, eval)."})
+    benign_sizes: list[int] = field(default_factory=lambda: [60, 32, 30], metadata={"help": "Raw benign contents per split."})
+    over_refusal_per_task: list[int] = field(default_factory=lambda: [16, 0, 12], metadata={"help": "Framed harmful contents per task and split."})
+    benign_per_task: list[int] = field(default_factory=lambda: [8, 0, 6], metadata={"help": "Framed benign contents per task and split."})
+    attack_per_task: list[int] = field(default_factory=lambda: [6, 0, 6], metadata={"help": "Frame attacks per task and split."})
+    lookalike_sizes: list[int] = field(default_factory=lambda: [40, 0, 30], metadata={"help": "Lookalike pairs per split."})
+
+    organism: bool = field(default=False, metadata={"help": "First turn the model into an over-refusing organism (for models that refuse nothing)."})
+    organism_tasks: list[str] = field(
+        default_factory=lambda: ["sentiment", "translation", "cipher", "lookalike"],
+        metadata={"help": "Tasks the organism learns to over-refuse; the others are held out of its over-refusal training."},
+    )
+    organism_learning_rate: float = field(default=1e-3, metadata={"help": "Organism LoRA learning rate."})
+    organism_epochs: float = field(default=1.0, metadata={"help": "Organism training epochs."})
+    organism_lora_r: int = field(default=16, metadata={"help": "Organism LoRA rank."})
+
+    layer_candidates: list[int] | None = field(default=None, metadata={"help": "Layers tried for the refusal direction (default: 20%-85% of depth)."})
+    layer_kl_max: float = field(default=0.5, metadata={"help": "Largest benign next-token KL a chosen layer's ablation may cause."})
+    subspace_max_rank: int = field(default=4, metadata={"help": "Largest rank of a task's over-refusal subspace."})
+    subspace_variance: float = field(default=0.6, metadata={"help": "Explained variance that sets a subspace's rank."})
+
+    calibrate_tasks: list[str] | None = field(default=None, metadata={"help": "Tasks whose over-refusal is trained away (default: organism_tasks)."})
+    target_max_new_tokens: int = field(default=48, metadata={"help": "Length of generated targets."})
+    regularizer_layers: list[int] | None = field(default=None, metadata={"help": "Layers the regularizer acts on (default: the causally chosen layer)."})
+    keep_weight: float = field(default=1.0, metadata={"help": "Weight of the keep term."})
+    collapse_weight: float = field(default=1.0, metadata={"help": "Weight of the collapse term."})
+    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term."})
+    collapse_harmful_component: bool = field(default=True, metadata={"help": "Collapse also the r component of over_refusal rows."})
+
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per evaluation prompt."})
+    eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts per external benchmark set (XSTest safe/unsafe, JBB harmful/benign)."})
+    generation_dtype: str = field(default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."})
+    generation_batch_size: int = field(default=32, metadata={"help": "Batch size for generation and activation capture."})
+
+    summary_json: str | None = field(default=None, metadata={"help": "Also write the run summary here (the demo: bench/results/demo.json)."})
+
+    def resolved_calibrate_tasks(self) -> list[str]:
+        return list(self.calibrate_tasks or self.organism_tasks)
+
+
+def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, SFTConfig]:
+    parser = TrlParser((ModelConfig, RefcalArguments, SFTConfig))
+    model_args, refcal_args, training_args = parser.parse_args_and_config(args=argv)
+    return model_args, refcal_args, training_args

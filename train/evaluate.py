@@ -1,0 +1,77 @@
+"""The eval stage: the model before (organism) and after (organism + adapter) on held-out prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from peft import PeftModel
+
+from calibration.artifacts import atomic_directory
+from calibration.evaluation import mean_kl, refusal_rates
+from calibration.generation import generate
+from data_recipes.build import content_id
+from data_recipes.sources import load_source
+
+BENCHMARKS = ("xstest_safe", "xstest_unsafe", "jbb_harmful", "jbb_benign")
+
+
+def eval_prompts(run) -> tuple[list[dict], dict]:
+    """Held-out recipe rows plus benchmark prompts; benchmark prompts seen in train or val are removed."""
+    a = run.args
+    prompts = [{"prompt": r["prompt"], "kind": r["kind"], "task": r["task"]} for r in run.rows("eval")]
+    seen = {r["content_id"] for split in ("train", "val") for r in run.rows(split)}
+    removed = {}
+    rng = random.Random(a.seed_data)
+    for name in BENCHMARKS:
+        rows = load_source(name, a.data_root)
+        kept = [r for r in rows if content_id(r.text) not in seen]
+        removed[name] = len(rows) - len(kept)
+        for r in rng.sample(kept, min(a.eval_benchmark_limit, len(kept))):
+            prompts.append({"prompt": r.text, "kind": name, "task": "benchmark"})
+    return prompts, removed
+
+
+def summarise(prompts: list[dict], labels: list[str]) -> dict:
+    recipe = [(p, lab) for p, lab in zip(prompts, labels) if p["task"] != "benchmark"]
+    bench = [(p, lab) for p, lab in zip(prompts, labels) if p["task"] == "benchmark"]
+    return {
+        "by_kind": refusal_rates([p["kind"] for p, _ in recipe], [lab for _, lab in recipe]),
+        "by_task": refusal_rates([f"{p['kind']}/{p['task']}" for p, _ in recipe], [lab for _, lab in recipe]),
+        "benchmarks": refusal_rates([p["kind"] for p, _ in bench], [lab for _, lab in bench]),
+    }
+
+
+def stage_eval(run) -> None:
+    a = run.args
+    prompts, removed = eval_prompts(run)
+    texts = [p["prompt"] for p in prompts]
+    adapter = run.path("train") / "adapter"
+
+    model, tokenizer = run.load(a.generation_dtype)
+    before = generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before")
+    calibrated = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval after")
+    del model, calibrated
+
+    benign = [i for i, p in enumerate(prompts) if p["kind"] == "benign"]
+    base, tokenizer = run.load("float32")
+    peft_model = PeftModel.from_pretrained(base, adapter)
+    kl = mean_kl(
+        peft_model, tokenizer, [texts[i] for i in benign], [before[i] for i in benign], peft_model.disable_adapter
+    )
+
+    labels_before = run.judge.label(texts, before)
+    labels_after = run.judge.label(texts, after)
+    results = {
+        "judge": run.judge.version,
+        "removed_overlapping_benchmark_prompts": removed,
+        "before": summarise(prompts, labels_before),
+        "after": summarise(prompts, labels_after),
+        "kl_benign": round(kl, 5),
+    }
+    with atomic_directory(run.path("eval")) as staging:
+        (staging / "results.json").write_text(json.dumps(results, indent=2))
+        with open(staging / "generations.jsonl", "w", encoding="utf-8") as handle:
+            for p, b, lb, af, la in zip(prompts, before, labels_before, after, labels_after):
+                handle.write(json.dumps({**p, "before": b, "label_before": lb, "after": af, "label_after": la}) + "\n")

@@ -1,0 +1,270 @@
+"""The whole job as stages that each write an artifact folder under run_dir and are skipped when done.
+
+data -> organism (optional) -> geometry -> train -> eval -> export. A stage is done when its folder
+exists: folders are written through a staging folder and renamed whole, so a killed run leaves either
+nothing or a complete stage, and the training stage resumes from its last Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from accelerate import PartialState
+from datasets import Dataset, load_from_disk
+from rich.console import Console
+from trl import ModelConfig, SFTConfig
+from trl.trainer.utils import get_peft_config
+
+from calibration.activations import capture_last_token
+from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
+from calibration.generation import generate
+from calibration.geometry import Geometry, estimate
+from calibration.judge import REFUSE, PhraseJudge
+from calibration.layer_choice import choose_layer, refusal_tokens
+from calibration.models import fingerprint, load_model
+from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
+from data_recipes.tasks import load_tasks
+from data_recipes.targets import build_targets
+from train.config import RefcalArguments
+from train.organism import build_organism
+from train.resume import last_checkpoint
+from train.regularizer import GeometryRegularizer
+from train.trainer import RefcalSFTTrainer, RowIndexCollator
+
+console = Console(stderr=True)
+STAGES = ("data", "organism", "geometry", "train", "eval", "export")
+
+
+class Run:
+    """Paths and shared state of one run folder."""
+
+    def __init__(self, model_args: ModelConfig, args: RefcalArguments, training_args: SFTConfig):
+        self.model_args, self.args, self.training_args = model_args, args, training_args
+        self.dir = Path(args.run_dir)
+        self.state = PartialState()
+        self.judge = PhraseJudge()
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def done(self, stage: str) -> bool:
+        return self.path(stage).is_dir()
+
+    @property
+    def model_reference(self) -> str:
+        """The model being calibrated: the organism when the run builds one, else the given model."""
+        record = self.path("organism") / "organism.json"
+        if self.args.organism:
+            return json.loads(record.read_text())["path"]
+        return self.model_args.model_name_or_path
+
+    def rows(self, split: str) -> list[dict]:
+        return load_from_disk(str(self.path("data") / "recipe"))[split].to_list()
+
+    def load(self, dtype: str = "float32"):
+        return load_model(self.model_reference, dtype, self.model_args.trust_remote_code)
+
+    def main_only(self, stage: str, work) -> None:
+        """Run a single-process stage on the main process while the others wait."""
+        if not self.done(stage) and self.state.is_main_process:
+            started = time.time()
+            work()
+            console.print(f"[green]✓[/] {stage} ({time.time() - started:.0f}s) -> {self.path(stage)}")
+        self.state.wait_for_everyone()
+
+
+def stage_data(run: Run) -> None:
+    a = run.args
+    tasks = load_tasks(a.tasks)
+    sizes = RecipeSizes(
+        tuple(a.harmful_sizes), tuple(a.benign_sizes), tuple(a.over_refusal_per_task),
+        tuple(a.benign_per_task), tuple(a.attack_per_task), tuple(a.lookalike_sizes),
+    )
+    rows = build_rows(tasks, sizes, a.seed_data, a.data_root)
+    check_disjoint(rows)
+    with atomic_directory(run.path("data")) as staging:
+        to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
+        (staging / "manifest.json").write_text(json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root), indent=2))
+
+
+def stage_organism(run: Run) -> None:
+    """Distributed: every process joins the organism's training; the main one saves it."""
+    if run.done("organism") or not run.args.organism:
+        return
+    a, t = run.args, run.training_args
+    organism_args = dataclasses.replace(
+        t,
+        output_dir=str(run.dir / "checkpoints" / "organism"),
+        learning_rate=a.organism_learning_rate,
+        num_train_epochs=a.organism_epochs,
+        max_steps=-1,
+    )
+    settings = {
+        "learning_rate": a.organism_learning_rate, "epochs": a.organism_epochs, "lora_r": a.organism_lora_r,
+        "answer_max_new_tokens": a.target_max_new_tokens, "seed": t.seed,
+    }
+    manifest_data = json.loads((run.path("data") / "manifest.json").read_text())
+    rows = run.rows("train")
+    held_out = sorted({r["task"] for r in rows if r["kind"] == "over_refusal"} - set(a.organism_tasks))
+    path, record = build_organism(
+        run.model_args.model_name_or_path, rows, list(a.organism_tasks), settings, organism_args,
+        manifest_data["rows_hash"], a.generation_dtype, a.generation_batch_size, run.state.is_main_process,
+    )
+    record["held_out_tasks"] = held_out
+    if run.state.is_main_process:
+        with atomic_directory(run.path("organism")) as staging:
+            (staging / "organism.json").write_text(json.dumps(record, indent=2))
+    run.state.wait_for_everyone()
+
+
+def stage_geometry(run: Run) -> None:
+    a = run.args
+    rows = run.rows("train")
+    val = run.rows("val")
+    gen_model, tokenizer = run.load(a.generation_dtype)
+    prompts = [r["prompt"] for r in rows]
+    responses = generate(gen_model, tokenizer, prompts, a.target_max_new_tokens, a.generation_batch_size, desc="own responses")
+    labels = run.judge.label(prompts, responses)
+    del gen_model
+    model, tokenizer = run.load("float32")
+    model_fp = fingerprint(model)
+    activations = capture_last_token(model, tokenizer, prompts, batch_size=a.generation_batch_size)
+    geometry = estimate(
+        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [lab == REFUSE for lab in labels],
+        model_fp, a.subspace_max_rank, a.subspace_variance,
+    )
+    num_layers = activations.shape[1]
+    candidates = a.layer_candidates or list(range(int(0.2 * num_layers), int(0.85 * num_layers) + 1))
+    tokens = refusal_tokens(tokenizer, [r for r, lab, row in zip(responses, labels, rows) if lab == REFUSE and row["kind"] == "harmful"])
+    layer, table = choose_layer(
+        model, tokenizer, geometry,
+        [r["prompt"] for r in val if r["kind"] == "harmful"], [r["prompt"] for r in val if r["kind"] == "benign"],
+        tokens, candidates, a.layer_kl_max, a.generation_batch_size,
+    )
+    geometry.layer = layer
+    geometry.info.update({"layer_scores": table, "refusal_tokens": tokenizer.convert_ids_to_tokens(tokens)})
+    with atomic_directory(run.path("geometry")) as staging:
+        geometry.save(staging)
+        atomic_save_tensors({"last_token": activations.contiguous()}, staging / "activations.safetensors")
+        with open(staging / "responses.jsonl", "w", encoding="utf-8") as handle:
+            for row, response, label in zip(rows, responses, labels):
+                handle.write(json.dumps({"id": row["id"], "response": response, "label": label}) + "\n")
+
+
+def load_responses(run: Run) -> tuple[dict[str, str], dict[str, str]]:
+    records = [json.loads(line) for line in (run.path("geometry") / "responses.jsonl").read_text().splitlines()]
+    return {r["id"]: r["response"] for r in records}, {r["id"]: r["label"] for r in records}
+
+
+def prepare_sft_data(run: Run) -> None:
+    """Target responses for the training rows (main process; cached under run_dir/sft_data)."""
+    a = run.args
+    geometry = Geometry.load(run.path("geometry"))
+    responses, labels = load_responses(run)
+    model, tokenizer = run.load(a.generation_dtype)
+    sft_rows, stats = build_targets(
+        run.rows("train"), responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
+        set(a.resolved_calibrate_tasks()), a.target_max_new_tokens, a.generation_batch_size,
+    )
+    with atomic_directory(run.path("sft_data")) as staging:
+        Dataset.from_list(sft_rows).save_to_disk(str(staging / "dataset"))
+        (staging / "targets.json").write_text(json.dumps({"rows": len(sft_rows), "how": stats}, indent=2))
+
+
+def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> GeometryRegularizer:
+    a = run.args
+    layers = a.regularizer_layers or [geometry.layer]
+    train_ids = [r["id"] for r in run.rows("train")]
+    position = {rid: i for i, rid in enumerate(train_ids)}
+    cached = load_file(run.path("geometry") / "activations.safetensors")["last_token"]
+    reference = cached[[position[r["id"]] for r in sft_rows]][:, layers]
+    directions = torch.stack([geometry.direction(layer) for layer in layers])
+    bases, means = {}, {}
+    for task, per_layer in geometry.subspaces.items():
+        chosen = [per_layer[layer] for layer in layers]
+        if a.collapse_harmful_component:
+            chosen = [torch.cat([geometry.direction(layer)[None], b]) for layer, b in zip(layers, chosen)]
+        rank = max(len(b) for b in chosen)
+        bases[task] = torch.stack([torch.cat([b, b.new_zeros(rank - len(b), b.shape[1])]) for b in chosen])
+        means[task] = geometry.answered_means[task][layers]
+    calibrate = set(a.resolved_calibrate_tasks())
+    return GeometryRegularizer(
+        layers, directions, reference, [r["kind"] for r in sft_rows], [r["task"] for r in sft_rows],
+        [r["kind"] == "over_refusal" and r["task"] in calibrate for r in sft_rows], bases, means,
+    )
+
+
+def stage_train(run: Run) -> None:
+    """Distributed: TRL training with the regularizer; the adapter lands in run_dir/train."""
+    if run.done("train"):
+        return
+    run.main_only("sft_data", lambda: prepare_sft_data(run))
+    a, t = run.args, run.training_args
+    model, tokenizer = run.load("float32")
+    geometry = Geometry.load(run.path("geometry"), fingerprint(model))
+    sft_rows = load_from_disk(str(run.path("sft_data") / "dataset")).to_list()
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion_text"]}],
+                "row_index": i,
+            }
+            for i, r in enumerate(sft_rows)
+        ]
+    )
+    regularizer = build_regularizer(run, sft_rows, geometry)
+    model.train()
+    trainer = RefcalSFTTrainer(
+        model=model,
+        args=t,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=RowIndexCollator(tokenizer.pad_token_id),
+        peft_config=get_peft_config(run.model_args),
+        regularizer=regularizer,
+        weights={"keep": a.keep_weight, "collapse": a.collapse_weight, "retain": a.retain_weight},
+    )
+    trainer.train(resume_from_checkpoint=last_checkpoint(t.output_dir))
+    if run.state.is_main_process:
+        with atomic_directory(run.path("train")) as staging:
+            trainer.model.save_pretrained(staging / "adapter", safe_serialization=True)
+            tokenizer.save_pretrained(staging / "adapter")
+            (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+            (staging / "train.json").write_text(json.dumps({"regularizer_layers": regularizer.layers, "rows": len(sft_rows)}, indent=2))
+    run.state.wait_for_everyone()
+
+
+
+REQUIRES = {"organism": "data", "geometry": "data", "train": "geometry", "eval": "train", "export": "eval"}
+
+
+def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
+    """Run the given stages in order, skipping finished ones; returns seconds spent per stage."""
+    from train.evaluate import stage_eval
+    from train.export import stage_export
+
+    work = {
+        "data": lambda: run.main_only("data", lambda: stage_data(run)),
+        "organism": lambda: stage_organism(run),
+        "geometry": lambda: run.main_only("geometry", lambda: stage_geometry(run)),
+        "train": lambda: stage_train(run),
+        "eval": lambda: run.main_only("eval", lambda: stage_eval(run)),
+        "export": lambda: run.main_only("export", lambda: stage_export(run)),
+    }
+    seconds = {}
+    for stage in stages:
+        needed = REQUIRES.get(stage)
+        if needed and needed not in stages and not run.done(needed):
+            raise RuntimeError(f"stage {stage!r} needs stage {needed!r} first: run `refcal {needed}` with the same config")
+        if stage == "geometry" and run.args.organism and not run.done("organism"):
+            raise RuntimeError("this config builds an organism: run `refcal organism` with the same config first")
+        started = time.time()
+        work[stage]()
+        seconds[stage] = round(time.time() - started, 1)
+    return seconds

@@ -1,0 +1,137 @@
+"""The geometry regularizer: keep, collapse and retain, as plain torch functions plus one module.
+
+All terms read the residual stream h at the last prompt token of chosen layers, against reference
+values cached from the frozen model (no second model in memory):
+- keep: harmful and frame_attack rows' projection on r must not fall below the reference; benign and
+  over_refusal rows' projection must not rise above it. One-sided, divided by the reference gap
+  between harmful and benign projections, squared. 0 when every projection is on its allowed side.
+- collapse: for over_refusal rows of task t, the energy of (h - m_t) inside U_t divided by its
+  reference value: 1 = unchanged, 0 = sitting at the task's answered mean. Optionally U_t also holds
+  r itself, so the harmful component of those rows collapses too.
+- retain: benign rows' squared drift from their reference hidden state, divided by the reference
+  spread of benign hidden states. 0 = unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KIND_CODES = {"harmful": 0, "over_refusal": 1, "benign": 2, "frame_attack": 3}
+KEEP_UP = (KIND_CODES["harmful"], KIND_CODES["frame_attack"])  # must keep refusing
+
+
+def keep_violation(
+    projection: torch.Tensor, reference: torch.Tensor, keep_up: torch.Tensor, gap: torch.Tensor | float
+) -> torch.Tensor:
+    """Per row: squared one-sided shortfall of the projection on r, in units of the reference gap."""
+    shortfall = torch.where(keep_up, reference - projection, projection - reference)
+    return (torch.relu(shortfall) / gap) ** 2
+
+
+def collapse_ratio(
+    hidden: torch.Tensor, answered_mean: torch.Tensor, basis: torch.Tensor, reference_energy: torch.Tensor
+) -> torch.Tensor:
+    """Per row: energy of (h - m_t) inside the span of the row's basis, over its reference energy.
+
+    hidden, answered_mean: [B, d]; basis: [B, k, d] with orthonormal (or zero) rows; reference_energy: [B].
+    """
+    coordinates = torch.einsum("bd,bkd->bk", hidden - answered_mean, basis)
+    return coordinates.pow(2).sum(-1) / reference_energy.clamp_min(1e-8)
+
+
+def retain_drift(hidden: torch.Tensor, reference: torch.Tensor, spread: float) -> torch.Tensor:
+    """Per row: squared distance to the reference hidden state over the reference spread."""
+    return (hidden - reference).pow(2).sum(-1) / spread
+
+
+class GeometryRegularizer(nn.Module):
+    """Reference values for every training row (indexed by row_index) at the regularizer's layers.
+
+    Built once from the geometry artifact and the frozen model's cached activations of the training
+    rows; in training it turns captured hidden states into per-term (sum, count) pairs.
+    """
+
+    def __init__(
+        self,
+        layers: list[int],
+        directions: torch.Tensor,  # [Lr, d] unit vectors r
+        reference_hidden: torch.Tensor,  # [N, Lr, d] frozen-model activations of the training rows
+        kinds: list[str],
+        tasks: list[str],
+        collapse_rows: list[bool],  # which rows the collapse term applies to
+        bases: dict[str, torch.Tensor],  # task -> [Lr, k, d] (zero-padded rows are harmless)
+        answered_means: dict[str, torch.Tensor],  # task -> [Lr, d]
+    ):
+        super().__init__()
+        self.layers = list(layers)
+        self.task_names = sorted(bases)
+        task_index = {t: i for i, t in enumerate(self.task_names)}
+        self.register_buffer("directions", directions.float())
+        self.register_buffer("reference_hidden", reference_hidden.float())
+        self.register_buffer("kind", torch.tensor([KIND_CODES[k] for k in kinds]))
+        collapse_task = [task_index[t] if c and t in task_index else -1 for t, c in zip(tasks, collapse_rows)]
+        self.register_buffer("collapse_task", torch.tensor(collapse_task))
+        self.register_buffer("bases", torch.stack([bases[t].float() for t in self.task_names]) if bases else torch.zeros(0))
+        self.register_buffer(
+            "answered_means", torch.stack([answered_means[t].float() for t in self.task_names]) if bases else torch.zeros(0)
+        )
+        reference_projection = torch.einsum("nld,ld->nl", self.reference_hidden, self.directions)
+        self.register_buffer("reference_projection", reference_projection)
+        harmful = self.kind == KIND_CODES["harmful"]
+        benign = self.kind == KIND_CODES["benign"]
+        if not harmful.any() or not benign.any():
+            raise ValueError("the regularizer needs harmful and benign training rows for its reference gap")
+        gap = reference_projection[harmful].mean(0) - reference_projection[benign].mean(0)
+        if (gap <= 0).any():
+            bad = [layers[i] for i in torch.nonzero(gap <= 0).flatten().tolist()]
+            raise ValueError(f"harmful rows do not project above benign rows on r at layer(s) {bad}")
+        self.register_buffer("gap", gap)
+        benign_hidden = self.reference_hidden[benign]
+        spread = (benign_hidden - benign_hidden.mean(0)).pow(2).sum(-1).mean(0)
+        self.register_buffer("spread", spread.clamp_min(1e-8))
+        energy = torch.ones(len(kinds), len(layers))
+        rows = torch.nonzero(self.collapse_task >= 0).flatten()
+        if len(rows):
+            t = self.collapse_task[rows]
+            offsets = self.reference_hidden[rows] - self.answered_means[t]
+            energy[rows] = torch.einsum("rld,rlkd->rlk", offsets, self.bases[t]).pow(2).sum(-1)
+        self.register_buffer("reference_energy", energy)
+
+    def forward(self, hidden: torch.Tensor, row_index: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """hidden: [B, Lr, d] at the last prompt token. Returns term -> (sum over rows and layers, row count)."""
+        kind = self.kind[row_index]
+        terms = {}
+        projection = torch.einsum("bld,ld->bl", hidden.float(), self.directions)
+        keep_up = torch.isin(kind, torch.tensor(KEEP_UP, device=kind.device))[:, None]
+        keep = keep_violation(projection, self.reference_projection[row_index], keep_up, self.gap)
+        terms["keep"] = (keep.mean(-1).sum(), hidden.new_tensor(float(len(row_index))))
+
+        collapse_task = self.collapse_task[row_index]
+        rows = torch.nonzero(collapse_task >= 0).flatten()
+        if len(rows):
+            t = collapse_task[rows]
+            ratios = torch.stack(
+                [
+                    collapse_ratio(
+                        hidden[rows, j].float(),
+                        self.answered_means[t, j],
+                        self.bases[t, j],
+                        self.reference_energy[row_index[rows], j],
+                    )
+                    for j in range(len(self.layers))
+                ],
+                dim=-1,
+            )
+            terms["collapse"] = (ratios.mean(-1).sum(), hidden.new_tensor(float(len(rows))))
+        else:
+            terms["collapse"] = (hidden.sum() * 0, hidden.new_tensor(0.0))
+
+        benign = torch.nonzero(kind == KIND_CODES["benign"]).flatten()
+        if len(benign):
+            drift = retain_drift(hidden[benign].float(), self.reference_hidden[row_index[benign]], self.spread)
+            terms["retain"] = (drift.mean(-1).sum(), hidden.new_tensor(float(len(benign))))
+        else:
+            terms["retain"] = (hidden.sum() * 0, hidden.new_tensor(0.0))
+        return terms
+

@@ -1,0 +1,93 @@
+"""Human-readable results: the before/after table (terminal and Markdown) and the demo summary."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+KINDS = ("harmful", "frame_attack", "over_refusal", "benign")
+
+
+def comparison_rows(results: dict) -> list[tuple[str, dict, dict]]:
+    """(label, before, after) for kinds, per-task over-refusal, and benchmarks."""
+    before, after = results["before"], results["after"]
+    rows = [(kind, before["by_kind"][kind], after["by_kind"][kind]) for kind in KINDS if kind in before["by_kind"]]
+    rows += [
+        (f"  {key}", before["by_task"][key], after["by_task"][key])
+        for key in sorted(before["by_task"])
+        if key.startswith("over_refusal/")
+    ]
+    rows += [(name, before["benchmarks"][name], after["benchmarks"][name]) for name in sorted(before["benchmarks"])]
+    return rows
+
+
+def rich_table(results: dict, title: str = "refusal rate (judge: phrase rules)") -> Table:
+    table = Table(title=title)
+    for column in ("prompts", "n", "before", "after"):
+        table.add_column(column, justify="left" if column == "prompts" else "right")
+    for label, b, a in comparison_rows(results):
+        table.add_row(label, str(b["n"]), f"{b['rate']:.0%}", f"{a['rate']:.0%}")
+    table.caption = f"KL(before || after) on benign prompts: {results['kl_benign']:.4f} nats/token"
+    return table
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| prompts | n | before | after |", "|---|---:|---:|---:|"]
+    for label, b, a in comparison_rows(results):
+        lines.append(f"| {label.strip()} | {b['n']} | {b['rate']:.0%} | {a['rate']:.0%} |")
+    lines.append(f"\nKL(before ‖ after) on benign prompts: {results['kl_benign']:.4f} nats/token.")
+    return "\n".join(lines)
+
+
+def card_markdown(card: dict) -> str:
+    organism = card.get("organism") or {}
+    geometry = card["geometry"]
+    return "\n".join(
+        [
+            "# refcal calibration card",
+            "",
+            f"- model: `{card['model']}`",
+            f"- calibrated model: `{card['calibrated_model']}` (fingerprint `{card['calibrated_model_fingerprint']}`)",
+            f"- organism over-refusal tasks: {organism.get('over_refusal_tasks', '-')}; held out: {organism.get('held_out_tasks', '-')}",
+            f"- refusal layer (causal choice): {geometry['layer']}; subspace ranks there: {geometry['ranks_at_layer']}",
+            f"- regularizer layers: {card['training']['regularizer_layers']}; training rows: {card['training']['rows']}",
+            f"- judge: {card['evaluation']['judge']}",
+            f"- data rows hash: `{card['data_manifest']['rows_hash']}`",
+            "",
+            "Load with `PeftModel.from_pretrained(base, this_folder)`.",
+            "",
+            "## Refusal rates on held-out prompts",
+            "",
+            markdown_table(card["evaluation"]),
+            "",
+        ]
+    )
+
+
+def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
+    """The fields bench/results/demo.json promises."""
+    ev = card["evaluation"]
+    rate = lambda block, key: block.get(key, {}).get("rate")  # noqa: E731
+    pick = lambda when: {  # noqa: E731
+        "by_kind": {k: rate(ev[when]["by_kind"], k) for k in KINDS},
+        "by_task": {k: v["rate"] for k, v in ev[when]["by_task"].items()},
+        "xstest_safe": rate(ev[when]["benchmarks"], "xstest_safe"),
+        "xstest_unsafe": rate(ev[when]["benchmarks"], "xstest_unsafe"),
+        "jbb_harmful": rate(ev[when]["benchmarks"], "jbb_harmful"),
+        "jbb_benign": rate(ev[when]["benchmarks"], "jbb_benign"),
+    }
+    organism = card.get("organism") or {}
+    return {
+        "wall_seconds": round(wall_seconds, 1),
+        "stage_seconds": stage_seconds,
+        "model": card["model"],
+        "organism_over_refusal_tasks": organism.get("over_refusal_tasks"),
+        "held_out_tasks": organism.get("held_out_tasks"),
+        "refusal_layer": card["geometry"]["layer"],
+        "regularizer_layers": card["training"]["regularizer_layers"],
+        "judge": ev["judge"],
+        "organism": pick("before"),
+        "calibrated": pick("after"),
+        "kl_benign": ev["kl_benign"],
+        "n": {k: v["n"] for k, v in ev["before"]["by_task"].items()} | {k: v["n"] for k, v in ev["before"]["benchmarks"].items()},
+        "targets": card["targets"],
+    }

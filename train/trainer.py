@@ -1,0 +1,97 @@
+"""RefcalSFTTrainer: TRL's SFTTrainer plus the geometry regularizer on captured hidden states."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from calibration.activations import layer_output
+from calibration.models import decoder_layers
+from train.regularizer import GeometryRegularizer
+
+TERMS = ("keep", "collapse", "retain")
+
+
+class RowIndexCollator:
+    """TRL's language-modelling collator, carrying each example's `row_index` through as a tensor."""
+
+    def __init__(self, pad_token_id: int):
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows = torch.tensor([example["row_index"] for example in examples])
+        batch = self.inner([{k: v for k, v in e.items() if k != "row_index"} for e in examples])
+        batch["row_index"] = rows
+        return batch
+
+
+def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Index of the last prompt token in each row: one before the first supervised (completion) token."""
+    supervised = labels != -100
+    if not supervised.any(dim=1).all():
+        raise ValueError("a training row has no completion tokens; its last prompt token cannot be located")
+    return supervised.float().argmax(dim=1) - 1
+
+
+class RefcalSFTTrainer(SFTTrainer):
+    """SFT loss + weighted keep / collapse / retain terms, each logged every step.
+
+    The reference values live in `regularizer` (cached from the frozen model), so no second model is
+    held in memory. Under DDP each term is a global mean: local sums are divided by the count summed
+    over processes, and scaled by the process count because DDP averages gradients.
+    """
+
+    def __init__(self, *args, regularizer: GeometryRegularizer, weights: dict[str, float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer.to(self.accelerator.device)
+        self.weights = {term: float(weights.get(term, 0.0)) for term in TERMS}
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "row_index" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "row_index"]
+
+    @contextmanager
+    def _capture(self, model):
+        blocks = decoder_layers(self.accelerator.unwrap_model(model))
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [
+            blocks[layer].register_forward_hook(
+                lambda _m, _i, out, layer=layer: captured.__setitem__(layer, layer_output(out))
+            )
+            for layer in self.regularizer.layers
+        ]
+        try:
+            yield captured
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        row_index = inputs.pop("row_index")
+        labels = inputs["labels"]
+        with self._capture(model) as captured:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        positions = last_prompt_positions(labels)
+        batch = torch.arange(len(positions), device=positions.device)
+        hidden = torch.stack([captured[layer][batch, positions] for layer in self.regularizer.layers], dim=1)
+        terms = self.regularizer(hidden, row_index)
+
+        mode = "train" if model.training else "eval"
+        processes = self.accelerator.num_processes
+        steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and model.training) else 1
+        for term, (total, count) in terms.items():
+            global_total = self.accelerator.reduce(total.detach().clone(), "sum")
+            global_count = self.accelerator.reduce(count.clone(), "sum")
+            value = (global_total / global_count.clamp_min(1)).item()
+            if not torch.isfinite(torch.tensor(value)):
+                raise FloatingPointError(f"regularizer term {term!r} is not finite ({value}) at layers {self.regularizer.layers}")
+            if global_count > 0:
+                self._metrics[mode][f"reg_{term}"].append(value)
+            if self.weights[term] and global_count > 0:
+                loss = loss + self.weights[term] * total / global_count * processes / steps
+        return (loss, result[1]) if return_outputs else loss
