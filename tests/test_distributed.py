@@ -31,7 +31,7 @@ def launch(processes: int, out: Path, tokenizer_dir: Path) -> dict:
         "--main_process_port", env["MASTER_PORT"],
         str(PROJECT / "tests" / "distributed_train.py"), str(out), str(tokenizer_dir),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=480)
     assert result.returncode == 0, result.stderr[-4000:]
     record = json.loads((out / "log_history.json").read_text())
     record["adapter"] = load_file(str(out / "adapter.safetensors"))

@@ -44,7 +44,7 @@ class RefcalArguments:
     organism_epochs: float = field(default=1.0, metadata={"help": "Organism training epochs."})
     organism_lora_r: int = field(default=16, metadata={"help": "Organism LoRA rank."})
 
-    layer_candidates: list[int] | None = field(default=None, metadata={"help": "Layers tried for the refusal direction (default: 20%-85% of depth)."})
+    layer_candidates: list[int] | None = field(default=None, metadata={"help": "Layers tried for the refusal direction (default: 20%-80% of depth, as Arditi et al.)."})
     layer_kl_max: float = field(default=0.5, metadata={"help": "Largest benign next-token KL a chosen layer's ablation may cause."})
     subspace_max_rank: int = field(default=4, metadata={"help": "Largest rank of a task's over-refusal subspace."})
     subspace_variance: float = field(default=0.6, metadata={"help": "Explained variance that sets a subspace's rank."})

@@ -67,7 +67,8 @@ class Run:
         return load_from_disk(str(self.path("data") / "recipe"))[split].to_list()
 
     def load(self, dtype: str = "float32"):
-        return load_model(self.model_reference, dtype, self.model_args.trust_remote_code)
+        # trust_remote_code is SFTConfig's field, off by default
+        return load_model(self.model_reference, dtype, self.training_args.trust_remote_code)
 
     def main_only(self, stage: str, work) -> None:
         """Run a single-process stage on the main process while the others wait."""
@@ -139,7 +140,7 @@ def stage_geometry(run: Run) -> None:
         model_fp, a.subspace_max_rank, a.subspace_variance,
     )
     num_layers = activations.shape[1]
-    candidates = a.layer_candidates or list(range(int(0.2 * num_layers), int(0.85 * num_layers) + 1))
+    candidates = a.layer_candidates or list(range(int(0.2 * num_layers), int(0.8 * num_layers) + 1))
     tokens = refusal_tokens(tokenizer, [r for r, lab, row in zip(responses, labels, rows) if lab == REFUSE and row["kind"] == "harmful"])
     layer, table = choose_layer(
         model, tokenizer, geometry,

@@ -72,7 +72,9 @@ class GeometryRegularizer(nn.Module):
         self.register_buffer("kind", torch.tensor([KIND_CODES[k] for k in kinds]))
         collapse_task = [task_index[t] if c and t in task_index else -1 for t, c in zip(tasks, collapse_rows)]
         self.register_buffer("collapse_task", torch.tensor(collapse_task))
-        self.register_buffer("bases", torch.stack([bases[t].float() for t in self.task_names]) if bases else torch.zeros(0))
+        rank = max((b.shape[1] for b in bases.values()), default=0)  # pad ranks with zero rows (they add nothing)
+        padded = [torch.cat([bases[t].float(), bases[t].new_zeros(len(layers), rank - bases[t].shape[1], bases[t].shape[2])], 1) for t in self.task_names]
+        self.register_buffer("bases", torch.stack(padded) if bases else torch.zeros(0))
         self.register_buffer(
             "answered_means", torch.stack([answered_means[t].float() for t in self.task_names]) if bases else torch.zeros(0)
         )
