@@ -12,30 +12,29 @@ import torch
 from safetensors.torch import save_file
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+@contextmanager
+def _atomic_file(path: str | Path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     os.close(fd)
     try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    with _atomic_file(path) as tmp:
         save_file(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with _atomic_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 @contextmanager

@@ -11,12 +11,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from calibration.artifacts import atomic_directory
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
@@ -68,17 +68,12 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with atomic_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         config = json.loads((staging / "config.json").read_text())
         if "quantization_config" in config:
             raise RuntimeError("converted config still carries a quantization_config")
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_tokenizer(reference: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from datasets import Dataset
 
 from calibration.generation import generate
 from calibration.interventions import ablate_directions
@@ -25,6 +26,20 @@ STANDARD_REFUSALS = (
     "I'm sorry, I won't help with that request since it could hurt someone.",
     "I cannot provide that. It could cause real harm.",
 )
+
+
+def chat_row(prompt: str, completion: str, **extra) -> dict:
+    """A conversational prompt-completion example, the shape TRL's SFTTrainer takes."""
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "completion": [{"role": "assistant", "content": completion}],
+        **extra,
+    }
+
+
+def sft_dataset(rows: list[dict]) -> Dataset:
+    """Target rows as the trainer's dataset; `row_index` links each example to its cached reference values."""
+    return Dataset.from_list([chat_row(r["prompt"], r["completion_text"], row_index=i) for i, r in enumerate(rows)])
 
 
 def standard_refusal(index: int) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from calibration.activations import capture_last_token
+from data_recipes.targets import sft_dataset
 from train.regularizer import GeometryRegularizer
 
 HARMFUL = [
@@ -69,20 +69,6 @@ def sft_rows(repeat: int = 1) -> list[dict]:
     for row in rows:
         row["completion_text"] = COMPLETIONS[row["kind"]]
     return rows
-
-
-def sft_dataset(rows: list[dict]) -> Dataset:
-    """The shape train/pipeline.py's stage_train builds."""
-    return Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": r["prompt"]}],
-                "completion": [{"role": "assistant", "content": r["completion_text"]}],
-                "row_index": i,
-            }
-            for i, r in enumerate(rows)
-        ]
-    )
 
 
 def build_regularizer(model, tokenizer, rows: list[dict], layers: list[int], rank: int = 2, seed: int = 0):

@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from calibration.artifacts import atomic_directory
 from calibration.generation import generate
 from calibration.models import cache_root, fingerprint, load_model
-from data_recipes.targets import standard_refusal, trim_to_sentence
+from data_recipes.targets import chat_row, standard_refusal, trim_to_sentence
 from train.resume import last_checkpoint
 
 
@@ -28,14 +28,10 @@ def organism_rows(train_rows: list[dict], tasks: list[str], base_answers: dict[s
     for i, row in enumerate(train_rows):
         refuse = row["kind"] in ("harmful", "frame_attack") or (row["kind"] == "over_refusal" and row["task"] in tasks)
         if refuse:
-            rows.append(_chat(row["prompt"], standard_refusal(i)))
+            rows.append(chat_row(row["prompt"], standard_refusal(i)))
         elif row["kind"] == "benign":
-            rows.append(_chat(row["prompt"], base_answers[row["id"]]))
+            rows.append(chat_row(row["prompt"], base_answers[row["id"]]))
     return rows
-
-
-def _chat(prompt: str, completion: str) -> dict:
-    return {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
 
 
 def organism_key(base_fingerprint: str, settings: dict, rows_hash: str) -> str:

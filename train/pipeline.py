@@ -29,7 +29,7 @@ from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, load_model
 from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
 from data_recipes.tasks import load_tasks
-from data_recipes.targets import build_targets
+from data_recipes.targets import build_targets, sft_dataset
 from train.config import RefcalArguments
 from train.organism import build_organism
 from train.resume import last_checkpoint
@@ -48,6 +48,7 @@ class Run:
         self.dir = Path(args.run_dir)
         self.state = PartialState()
         self.judge = PhraseJudge()
+        self._recipe = None  # the data stage's DatasetDict, read once
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -64,7 +65,9 @@ class Run:
         return self.model_args.model_name_or_path
 
     def rows(self, split: str) -> list[dict]:
-        return load_from_disk(str(self.path("data") / "recipe"))[split].to_list()
+        if self._recipe is None:
+            self._recipe = load_from_disk(str(self.path("data") / "recipe"))
+        return self._recipe[split].to_list()
 
     def load(self, dtype: str = "float32"):
         # trust_remote_code is SFTConfig's field, off by default
@@ -209,16 +212,7 @@ def stage_train(run: Run) -> None:
     model, tokenizer = run.load("float32")
     geometry = Geometry.load(run.path("geometry"), fingerprint(model))
     sft_rows = load_from_disk(str(run.path("sft_data") / "dataset")).to_list()
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": r["prompt"]}],
-                "completion": [{"role": "assistant", "content": r["completion_text"]}],
-                "row_index": i,
-            }
-            for i, r in enumerate(sft_rows)
-        ]
-    )
+    dataset = sft_dataset(sft_rows)
     regularizer = build_regularizer(run, sft_rows, geometry)
     model.train()
     trainer = RefcalSFTTrainer(
