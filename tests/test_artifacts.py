@@ -1,0 +1,41 @@
+"""Atomic writes: a failed write leaves the previous artifact (or nothing) and no staging debris."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
+
+
+def test_directory_appears_whole_on_success(tmp_path):
+    target = tmp_path / "stage"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("a")
+        assert not target.exists()  # nothing under the final name until the block ends
+    assert (target / "a.txt").read_text() == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["stage"]
+
+
+def test_failed_directory_keeps_the_previous_one(tmp_path):
+    target = tmp_path / "stage"
+    with atomic_directory(target) as staging:
+        (staging / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "new.txt").write_text("half")
+            raise RuntimeError("killed mid-stage")
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["stage"]
+
+
+def test_failed_file_writes_leave_nothing(tmp_path):
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(Exception):
+        atomic_save_tensors({"x": "not a tensor"}, path)  # type: ignore[dict-item]
+    assert list(tmp_path.iterdir()) == []
+    atomic_save_tensors({"x": torch.ones(3)}, path)
+    atomic_write_text(tmp_path / "t.json", "{}")
+    assert torch.equal(load_file(path)["x"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.safetensors"]
