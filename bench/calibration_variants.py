@@ -1,0 +1,95 @@
+"""Side-by-side calibration variants on the demo's organism: plain LoRA SFT vs the regularizer's forms.
+
+Every variant reuses the demo run's data, organism, geometry and targets (runs/demo), so they differ only
+in the training settings given below, and is evaluated on the same held-out prompts.
+
+    python bench/calibration_variants.py                 # train + eval every missing variant, then collect
+    python bench/calibration_variants.py --collect-only  # only gather runs/variants/*/eval into the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_REGULARIZER = ["--keep_weight", "0", "--collapse_weight", "0", "--retain_weight", "0"]
+BAND = ["--regularizer_layers", "17", "20", "23", "26"]
+VARIANTS = {
+    # 1 epoch at the causally chosen layer unless a variant says otherwise (the demo config's defaults)
+    "weights1_1ep": ["--keep_weight", "1", "--collapse_weight", "1", "--retain_weight", "1"],
+    "plain_sft_1ep": NO_REGULARIZER,
+    "keep10_1ep": ["--keep_weight", "10"],
+    "plain_sft_2ep": NO_REGULARIZER + ["--num_train_epochs", "2"],
+    "keep10_band_2ep": ["--keep_weight", "10", *BAND, "--num_train_epochs", "2"],
+    "keep10_collapse5_band_2ep": ["--keep_weight", "10", "--collapse_weight", "5", *BAND, "--num_train_epochs", "2"],
+}
+SHARED_STAGES = ("data", "organism", "geometry", "sft_data")
+
+
+def run_variant(name: str, flags: list[str], base: Path, config: str) -> None:
+    run_dir = ROOT / "runs" / "variants" / name
+    if (run_dir / "eval").is_dir():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    for stage in SHARED_STAGES:
+        shutil.copytree(base / stage, run_dir / stage)
+    for stage in ("train", "eval"):
+        command = [sys.executable, "-m", "train.cli", stage, "--config", config, "--run_dir", str(run_dir),
+                   "--output_dir", str(run_dir / "checkpoints"), *flags]  # fmt: skip
+        subprocess.run(command, cwd=ROOT, check=True)
+
+
+def over_refusal(block: dict, tasks: list[str]) -> dict:
+    keys = [f"over_refusal/{t}" for t in tasks]
+    refused = sum(round(block[k]["rate"] * block[k]["n"]) for k in keys)
+    n = sum(block[k]["n"] for k in keys)
+    return {"rate": round(refused / n, 4), "n": n}
+
+
+def collect(name: str, calibrated: list[str], held_out: list[str]) -> dict:
+    results = json.loads((ROOT / "runs" / "variants" / name / "eval" / "results.json").read_text())
+    before, after = results["before"], results["after"]
+    row = {"flags": VARIANTS[name], "kl_benign": results["kl_benign"]}
+    for label, tasks in (("over_refusal_calibrated_tasks", calibrated), ("over_refusal_held_out_tasks", held_out)):
+        b, a = over_refusal(before["by_task"], tasks), over_refusal(after["by_task"], tasks)
+        row[label] = {"before": b["rate"], "after": a["rate"], "n": b["n"], "relative_drop": round(1 - a["rate"] / b["rate"], 4)}
+    for kind in ("harmful", "frame_attack", "benign"):
+        b, a = before["by_kind"][kind], after["by_kind"][kind]
+        row[kind] = {"before": b["rate"], "after": a["rate"], "n": b["n"], "kept": round(a["rate"] / b["rate"], 4)}
+    for name_, a in after["benchmarks"].items():
+        row[name_] = {"before": before["benchmarks"][name_]["rate"], "after": a["rate"], "n": a["n"]}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="runs/demo")
+    parser.add_argument("--config", default="configs/demo_smollm2.yaml")
+    parser.add_argument("--out", default="bench/results/calibration_variants.json")
+    parser.add_argument("--collect-only", action="store_true")
+    args = parser.parse_args()
+    base = ROOT / args.base
+    organism = json.loads((base / "organism" / "organism.json").read_text())
+    calibrated, held_out = organism["over_refusal_tasks"], organism["held_out_tasks"]
+    done = {}
+    for name, flags in VARIANTS.items():
+        if not args.collect_only:
+            run_variant(name, flags, base, args.config)
+        if (ROOT / "runs" / "variants" / name / "eval").is_dir():
+            done[name] = collect(name, calibrated, held_out)
+    report = {"base_run": args.base, "calibrated_tasks": calibrated, "held_out_tasks": held_out, "variants": done}
+    (ROOT / args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for name, row in done.items():
+        o, h, f = row["over_refusal_calibrated_tasks"], row["harmful"], row["frame_attack"]
+        print(f"{name:28s} over-refusal {o['before']:.0%}->{o['after']:.0%} (drop {o['relative_drop']:.0%})  "
+              f"harmful kept {h['kept']:.0%}  frame_attack kept {f['kept']:.0%}  benign {row['benign']['after']:.0%}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
