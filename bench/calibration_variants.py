@@ -24,6 +24,8 @@ VARIANTS = {
     "weights1_1ep": ["--keep_weight", "1", "--collapse_weight", "1", "--retain_weight", "1"],
     "plain_sft_1ep": NO_REGULARIZER,
     "keep10_1ep": ["--keep_weight", "10"],
+    "weights1_band_1ep": [*BAND],
+    "weights1_no_r_collapse_1ep": ["--collapse_harmful_component", "false"],
     "plain_sft_2ep": NO_REGULARIZER + ["--num_train_epochs", "2"],
     "keep10_band_2ep": ["--keep_weight", "10", *BAND, "--num_train_epochs", "2"],
     "keep10_collapse5_band_2ep": ["--keep_weight", "10", "--collapse_weight", "5", *BAND, "--num_train_epochs", "2"],
