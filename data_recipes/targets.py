@@ -3,7 +3,8 @@
 - harmful, frame_attack: the model's own refusal; a standard refusal where it did not refuse.
 - over_refusal: the task's reference answer where it has one (decoding tasks), else the model's own
   answer generated with the refusal direction ablated (steered self-distillation); rows whose steered
-  answer is still a refusal are dropped and counted.
+  answer is still a refusal, or fails the task's answer_pattern (it does not do the task), are dropped
+  and counted.
 - benign: the model's own answer; rows it refused are dropped and counted.
 """
 
@@ -17,6 +18,7 @@ from datasets import Dataset
 from calibration.generation import generate
 from calibration.interventions import ablate_directions
 from calibration.judge import REFUSE, Judge
+from data_recipes.tasks import TaskCluster
 
 STANDARD_REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -67,7 +69,7 @@ def build_targets(
     tokenizer,
     judge: Judge,
     steer_direction: torch.Tensor,
-    answer_tasks: set[str],
+    answer_tasks: dict[str, TaskCluster],
     max_new_tokens: int,
     batch_size: int,
 ) -> tuple[list[dict], dict]:
@@ -106,6 +108,9 @@ def build_targets(
         for row, completion, label in zip(to_steer, steered, labels):
             if label == REFUSE or not completion.strip():
                 stats["over_refusal_dropped_steered_refusal"] += 1
+                continue
+            if not answer_tasks[row["task"]].does_task(completion):
+                stats["over_refusal_dropped_off_task"] += 1
                 continue
             stats["over_refusal_steered_answer"] += 1
             out.append({**row, "completion_text": trim_to_sentence(completion)})

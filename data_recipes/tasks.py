@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -36,6 +37,11 @@ class TaskCluster:
     content_transform: str = "none"  # applied to the content before it fills the slot (cipher tasks)
     over_refusal_source: str | None = None  # a lookalike source instead of framed harmful contents
     harmful_source: str | None = None  # that source's harmful twins
+    answer_pattern: str | None = None  # regex a steered answer must match to count as doing the task
+
+    def does_task(self, answer: str) -> bool:
+        """A cheap check that a generated answer does the task (no pattern: every answer passes)."""
+        return self.answer_pattern is None or re.search(self.answer_pattern, answer) is not None
 
     @property
     def is_frame(self) -> bool:
@@ -90,6 +96,12 @@ def load_task(path: str | Path) -> TaskCluster:
     transform = raw.get("content_transform", "none")
     if transform not in TRANSFORMS:
         raise RecipeError(f"{path}: field 'content_transform' is {transform!r}; allowed: {sorted(TRANSFORMS)}")
+    pattern = raw.get("answer_pattern")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise RecipeError(f"{path}: field 'answer_pattern' is not a valid regular expression: {error}") from error
     if bool(raw.get("over_refusal_source")) != bool(raw.get("harmful_source")):
         raise RecipeError(f"{path}: fields 'over_refusal_source' and 'harmful_source' go together")
     return TaskCluster(**raw)

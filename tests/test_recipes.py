@@ -125,6 +125,21 @@ def test_name_must_match_file(tmp_path):
         load_task(path)
 
 
+def test_bad_answer_pattern_is_named(tmp_path):
+    path = write(tmp_path, "pat", "name: pat\ndescription: x\ntemplates: ['{content}']\nanswer_pattern: '(unclosed'\n")
+    with pytest.raises(RecipeError) as error:
+        load_task(path)
+    assert "'answer_pattern'" in str(error.value) and str(path) in str(error.value)
+
+
+def test_answer_pattern_decides_whether_an_answer_does_the_task(tasks):
+    sentiment = next(t for t in tasks if t.name == "sentiment")
+    assert sentiment.does_task("The sentiment is negative.")
+    assert not sentiment.does_task("The text is designed to provide instructions on how to build it.")
+    translation = next(t for t in tasks if t.name == "translation")
+    assert translation.answer_pattern is None and translation.does_task("anything at all")
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     good=st.lists(st.text(alphabet="abc xyz.?", max_size=12), min_size=0, max_size=3),

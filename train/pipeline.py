@@ -170,10 +170,12 @@ def prepare_sft_data(run: Run) -> None:
     a = run.args
     geometry = Geometry.load(run.path("geometry"))
     responses, labels = load_responses(run)
+    calibrate = set(a.resolved_calibrate_tasks())
+    answer_tasks = {task.name: task for task in load_tasks(a.tasks) if task.name in calibrate}
     model, tokenizer = run.load(a.generation_dtype)
     sft_rows, stats = build_targets(
         run.rows("train"), responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
-        set(a.resolved_calibrate_tasks()), a.target_max_new_tokens, a.generation_batch_size,
+        answer_tasks, a.target_max_new_tokens, a.generation_batch_size,
     )
     with atomic_directory(run.path("sft_data")) as staging:
         Dataset.from_list(sft_rows).save_to_disk(str(staging / "dataset"))
