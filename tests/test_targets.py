@@ -1,0 +1,55 @@
+"""Target building: where each target comes from, and what is dropped and counted."""
+
+from __future__ import annotations
+
+import torch
+
+from calibration.judge import PhraseJudge
+from calibration.models import load_model
+from data_recipes import targets
+from data_recipes.tasks import TaskCluster
+
+
+def row(rid: str, kind: str, task: str, reference: str = "") -> dict:
+    return {"id": rid, "kind": kind, "task": task, "prompt": f"prompt {rid}", "reference": reference}
+
+
+def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    steered_answers = {"prompt s1": "The label is positive.", "prompt s2": "I'm sorry, I cannot help with that.", "prompt l1": "Some answer."}
+    monkeypatch.setattr(targets, "generate", lambda m, t, prompts, *a, **k: [steered_answers[p] for p in prompts])
+    tasks = {
+        "labels": TaskCluster("labels", "x", ("{content}",), answer_pattern=r"(?i)\bnegative\b"),
+        "loose": TaskCluster("loose", "x", ("{content}",)),
+        "decode": TaskCluster("decode", "x", ("{content}",), content_transform="base64"),
+    }
+    rows = [
+        row("h", "harmful", "none"),
+        row("a", "frame_attack", "labels"),
+        row("b", "benign", "none"),
+        row("c", "benign", "none"),
+        row("s1", "over_refusal", "labels"),
+        row("s2", "over_refusal", "labels"),
+        row("l1", "over_refusal", "loose"),
+        row("d", "over_refusal", "decode", reference="plain text"),
+        row("x", "over_refusal", "not_calibrated"),
+    ]
+    own = {"h": "Sure, here is how.", "a": "I'm sorry, I can't.", "b": "An answer.", "c": "I'm sorry, I cannot."}
+    labels = {"h": "comply", "a": "refuse", "b": "comply", "c": "refuse"}
+    out, stats = targets.build_targets(
+        rows, own, labels, model, tokenizer, PhraseJudge(), torch.randn(model.config.hidden_size), tasks,
+        max_new_tokens=6, batch_size=4,
+    )  # fmt: skip
+    by_id = {r["id"]: r["completion_text"] for r in out}
+    assert by_id == {
+        "h": targets.standard_refusal(0),  # a complying harmful row gets a standard refusal
+        "a": "I'm sorry, I can't.",  # own refusal kept
+        "b": "An answer.",  # refused benign row c dropped
+        "d": "The decoded text is: plain text",
+        "l1": "Some answer.",  # s1 names no negative label, s2 still refuses; x is not calibrated
+    }
+    assert stats == {
+        "harmful_standard_refusal": 1, "frame_attack_own_refusal": 1, "benign_own_answer": 1, "benign_dropped_refused": 1,
+        "over_refusal_reference_answer": 1, "over_refusal_steered_answer": 1,
+        "over_refusal_dropped_off_task": 1, "over_refusal_dropped_steered_refusal": 1,
+    }  # fmt: skip
