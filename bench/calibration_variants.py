@@ -30,21 +30,33 @@ VARIANTS = {
 SHARED_STAGES = ("data", "organism", "geometry", "sft_data")
 
 
+def base_identity(base: Path) -> dict:
+    """What a variant inherits from the base run; a variant trained on another base is stale."""
+    return {
+        "rows_hash": json.loads((base / "data" / "manifest.json").read_text())["rows_hash"],
+        "organism": json.loads((base / "organism" / "organism.json").read_text())["key"],
+        "layer": json.loads((base / "geometry" / "geometry.json").read_text())["layer"],
+        "targets": json.loads((base / "sft_data" / "targets.json").read_text()),
+    }
+
+
 def run_variant(name: str, flags: list[str], base: Path, config: str) -> None:
     run_dir = ROOT / "runs" / "variants" / name
-    if (run_dir / "eval").is_dir():
+    marker = run_dir / "base.json"
+    if (run_dir / "eval").is_dir() and marker.is_file() and json.loads(marker.read_text()) == base_identity(base):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     if not flags:  # the demo config is the base run: training it again would give the same bytes
         shutil.copytree(base / "eval", run_dir / "eval")
-        return
-    for stage in SHARED_STAGES:
-        shutil.copytree(base / stage, run_dir / stage)
-    for stage in ("train", "eval"):
-        command = [sys.executable, "-m", "train.cli", stage, "--config", config, "--run_dir", str(run_dir),
-                   "--output_dir", str(run_dir / "checkpoints"), *flags]  # fmt: skip
-        subprocess.run(command, cwd=ROOT, check=True)
+    else:
+        for stage in SHARED_STAGES:
+            shutil.copytree(base / stage, run_dir / stage)
+        for stage in ("train", "eval"):
+            command = [sys.executable, "-m", "train.cli", stage, "--config", config, "--run_dir", str(run_dir),
+                       "--output_dir", str(run_dir / "checkpoints"), *flags]  # fmt: skip
+            subprocess.run(command, cwd=ROOT, check=True)
+    marker.write_text(json.dumps(base_identity(base), indent=2))
 
 
 def over_refusal(block: dict, tasks: list[str]) -> dict:
@@ -84,7 +96,8 @@ def main() -> None:
     for name, flags in VARIANTS.items():
         if not args.collect_only and (not args.only or name in args.only):
             run_variant(name, flags, base, args.config)
-        if (ROOT / "runs" / "variants" / name / "eval").is_dir():
+        marker = ROOT / "runs" / "variants" / name / "base.json"
+        if marker.is_file() and json.loads(marker.read_text()) == base_identity(base):
             done[name] = collect(name, calibrated, held_out)
     report = {"base_run": args.base, "calibrated_tasks": calibrated, "held_out_tasks": held_out, "variants": done}
     (ROOT / args.out).write_text(json.dumps(report, indent=2) + "\n")
