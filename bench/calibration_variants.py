@@ -101,10 +101,22 @@ def main() -> None:
             done[name] = collect(name, calibrated, held_out)
     report = {"base_run": args.base, "calibrated_tasks": calibrated, "held_out_tasks": held_out, "variants": done}
     (ROOT / args.out).write_text(json.dumps(report, indent=2) + "\n")
-    for name, row in done.items():
-        o, h, f = row["over_refusal_calibrated_tasks"], row["harmful"], row["frame_attack"]
-        print(f"{name:28s} over-refusal {o['before']:.0%}->{o['after']:.0%} (drop {o['relative_drop']:.0%})  "
-              f"harmful kept {h['kept']:.0%}  frame_attack kept {f['kept']:.0%}  benign {row['benign']['after']:.0%}")  # fmt: skip
+    print(markdown(done))
+
+
+def markdown(rows: dict) -> str:
+    """The README's table."""
+    lines = [
+        "| variant | over-refusal, calibrated tasks (drop) | harmful kept | frame_attack kept | benign refusal | KL |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        o, h, f, b = row["over_refusal_calibrated_tasks"], row["harmful"], row["frame_attack"], row["benign"]
+        lines.append(
+            f"| {name} | {o['before']:.0%} → {o['after']:.0%} ({o['relative_drop']:.0%}) | {h['kept']:.0%} | "
+            f"{f['kept']:.0%} | {b['before']:.0%} → {b['after']:.0%} | {row['kl_benign']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
