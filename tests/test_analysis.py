@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -119,3 +120,26 @@ def test_silhouette_of_planted_clusters_and_of_noise(data):
 def test_probe_needs_two_rows_per_class():
     with pytest.raises(ValueError, match="two rows per class"):
         probe(np.zeros((5, 3)), [0, 0, 0, 0, 1])
+
+
+def test_report_on_planted_geometry(data, tmp_path):
+    """analyse + write_report over a stack of layers: files written, and the planted claims hold."""
+    from calibration.geometry_report import analyse, write_report
+
+    x, groups, *_ = data
+    rng = np.random.default_rng(1)
+    noise_layer = rng.normal(size=x.shape)  # a layer with no geometry at all
+    activations = np.stack([noise_layer, x, x, x], axis=1)
+    analysis = analyse(activations, list(groups.kinds), list(groups.tasks), list(groups.refused), [0, 1, 2], permutations=10)
+    out = write_report(analysis, 2, tmp_path / "report", "planted")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.md", "report.json", "cosines.png", "dimensionality.png", "probes.png", "silhouette.png"]
+    )
+    claims = {row["claim"]: row["holds"] for row in json.loads((out / "report.json").read_text())["claims"]}
+    assert claims["per-task harmful directions align with the global one"] is True
+    assert claims["over-refusal directions differ between tasks"] is True
+    assert claims["over-refusal spans more dimensions than harmful refusal"] is True
+    assert claims["over-refusal is only partly aligned with harmful refusal"] is False  # planted orthogonal
+    noise_probe = analysis["layers"][0]["probes"]["task_identity"]
+    assert noise_probe["balanced_accuracy"] < 0.6  # the noise layer carries no task
+    assert "| claim |" in (out / "report.md").read_text()

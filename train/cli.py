@@ -16,13 +16,15 @@ from calibration.artifacts import atomic_write_text
 from train.pipeline import STAGES, Run, console, run_stages
 
 USAGE = f"""usage: refcal {{run,{','.join(STAGES)}}} --config FILE [--field value ...] [--force]
+       refcal geometry --config FILE --report DIR
 
 Stages write folders under run_dir and are skipped when already done; --force redoes the named stage.
+`geometry --report DIR` also writes the geometry analysis (Markdown, PNG plots, JSON) into DIR.
 Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set by flag.
 `refcal STAGE --help` lists them all."""
 
 
-def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool = False) -> None:
+def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool = False, report: str | None = None) -> None:
     from train.config import parse
 
     started = time.time()
@@ -33,6 +35,10 @@ def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool 
             shutil.rmtree(run.path(stage), ignore_errors=True)
     run.state.wait_for_everyone()
     seconds = run_stages(run, stages)
+    if report and run.state.is_main_process:
+        from train.pipeline import geometry_report
+
+        console.print(f"geometry report -> {geometry_report(run, report)}")
     if run.state.is_main_process and "export" in stages:
         finish(run, time.time() - started, seconds)
 
@@ -62,7 +68,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"refcal: unknown command {command!r}")
     force = "--force" in rest
     rest = [a for a in rest if a != "--force"]
-    run_pipeline(rest, STAGES if command == "run" else (command,), force)
+    report = None
+    if "--report" in rest:
+        at = rest.index("--report")
+        if command != "geometry" or at + 1 >= len(rest):
+            raise SystemExit("refcal: --report DIR goes with the geometry command")
+        report = rest[at + 1]
+        del rest[at : at + 2]
+    run_pipeline(rest, STAGES if command == "run" else (command,), force, report)
 
 
 if __name__ == "__main__":

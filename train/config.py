@@ -57,6 +57,8 @@ class RefcalArguments:
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term."})
     collapse_harmful_component: bool = field(default=True, metadata={"help": "Collapse also the r component of over_refusal rows."})
 
+    report_permutations: int = field(default=100, metadata={"help": "Label shuffles per probe in the geometry report's permutation tests."})
+
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per evaluation prompt."})
     eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts per external benchmark set (XSTest safe/unsafe, JBB harmful/benign)."})
     generation_dtype: str = field(default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."})

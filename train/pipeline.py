@@ -24,6 +24,7 @@ from calibration.activations import capture_last_token
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
 from calibration.generation import generate
 from calibration.geometry import Geometry, estimate
+from calibration.geometry_report import analyse, write_report
 from calibration.judge import REFUSE, PhraseJudge
 from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, load_model
@@ -158,6 +159,22 @@ def stage_geometry(run: Run) -> None:
         with open(staging / "responses.jsonl", "w", encoding="utf-8") as handle:
             for row, response, label in zip(rows, responses, labels):
                 handle.write(json.dumps({"id": row["id"], "response": response, "label": label}) + "\n")
+
+
+def geometry_report(run: Run, directory: str) -> Path:
+    """The paper's measurements on this run's frozen model (organism or base), from the geometry stage's
+    cached activations and judged responses; probes at every third layer and the chosen one."""
+    geometry = Geometry.load(run.path("geometry"))
+    activations = load_file(run.path("geometry") / "activations.safetensors")["last_token"].float().numpy()
+    _, labels = load_responses(run)
+    rows = run.rows("train")
+    num_layers = activations.shape[1]
+    probe_layers = sorted({*range(0, num_layers, 3), geometry.layer})
+    analysis = analyse(
+        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [labels[r["id"]] == REFUSE for r in rows],
+        probe_layers, run.args.report_permutations, run.training_args.seed,
+    )
+    return write_report(analysis, geometry.layer, directory, run.model_reference)
 
 
 def load_responses(run: Run) -> tuple[dict[str, str], dict[str, str]]:
