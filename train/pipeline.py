@@ -174,7 +174,10 @@ def geometry_report(run: Run, directory: str) -> Path:
         activations, [r["kind"] for r in rows], [r["task"] for r in rows], [labels[r["id"]] == REFUSE for r in rows],
         probe_layers, run.args.report_permutations, run.training_args.seed,
     )
-    return write_report(analysis, geometry.layer, directory, run.model_reference)
+    model = run.model_args.model_name_or_path
+    if run.args.organism:
+        model = f"the organism built on {model} (cache key {json.loads((run.path('organism') / 'organism.json').read_text())['key']})"
+    return write_report(analysis, geometry.layer, directory, model)
 
 
 def load_responses(run: Run) -> tuple[dict[str, str], dict[str, str]]:
