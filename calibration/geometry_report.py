@@ -112,7 +112,7 @@ def claims(analysis: dict, layer: int) -> list[dict]:
     def row(claim, paper, here, holds, test):
         return {"claim": claim, "paper": paper, "this_model": here, "holds": holds, "test": test}
 
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     return [
         row("per-task harmful directions align with the global one", PAPER["task_harmful_vs_global"],
             fmt(harmful_cos), None if harmful_cos is None else harmful_cos >= 0.7, f"mean cosine at layer {layer} >= 0.7"),
