@@ -40,10 +40,14 @@ def base_identity(base: Path) -> dict:
     }
 
 
-def run_variant(name: str, flags: list[str], base: Path, config: str) -> None:
+def trained_on(name: str, identity: dict) -> bool:
+    marker = ROOT / "runs" / "variants" / name / "base.json"
+    return marker.is_file() and json.loads(marker.read_text()) == identity
+
+
+def run_variant(name: str, flags: list[str], base: Path, identity: dict, config: str) -> None:
     run_dir = ROOT / "runs" / "variants" / name
-    marker = run_dir / "base.json"
-    if (run_dir / "eval").is_dir() and marker.is_file() and json.loads(marker.read_text()) == base_identity(base):
+    if (run_dir / "eval").is_dir() and trained_on(name, identity):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -56,7 +60,7 @@ def run_variant(name: str, flags: list[str], base: Path, config: str) -> None:
             command = [sys.executable, "-m", "train.cli", stage, "--config", config, "--run_dir", str(run_dir),
                        "--output_dir", str(run_dir / "checkpoints"), *flags]  # fmt: skip
             subprocess.run(command, cwd=ROOT, check=True)
-    marker.write_text(json.dumps(base_identity(base), indent=2))
+    (run_dir / "base.json").write_text(json.dumps(identity, indent=2))
 
 
 def over_refusal(block: dict, tasks: list[str]) -> dict:
@@ -92,12 +96,12 @@ def main() -> None:
     base = ROOT / args.base
     organism = json.loads((base / "organism" / "organism.json").read_text())
     calibrated, held_out = organism["over_refusal_tasks"], organism["held_out_tasks"]
+    identity = base_identity(base)
     done = {}
     for name, flags in VARIANTS.items():
         if not args.collect_only and (not args.only or name in args.only):
-            run_variant(name, flags, base, args.config)
-        marker = ROOT / "runs" / "variants" / name / "base.json"
-        if marker.is_file() and json.loads(marker.read_text()) == base_identity(base):
+            run_variant(name, flags, base, identity, args.config)
+        if trained_on(name, identity):
             done[name] = collect(name, calibrated, held_out)
     report = {"base_run": args.base, "calibrated_tasks": calibrated, "held_out_tasks": held_out, "variants": done}
     (ROOT / args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -87,6 +87,10 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _mean_of(by_key: dict) -> float | None:
+    return _mean(by_key.values())
+
+
 def claims(analysis: dict, layer: int) -> list[dict]:
     """Each of the paper's claims, its number, this model's number at `layer` (middle layers where the
     paper says so), and whether it holds by the stated test."""
@@ -94,18 +98,17 @@ def claims(analysis: dict, layer: int) -> list[dict]:
     n = len(layers)
     middle = [layers[i] for i in range(n // 4, 3 * n // 4 + 1)]
     at = layers[layer]
-    harmful_cos = _mean(at["task_harmful_vs_global"].values())
-    pairwise = _mean(at["over_refusal_pairwise"].values())
-    or_vs_harm = _mean(_mean(l["over_refusal_vs_global"].values()) for l in middle)
+    harmful_cos = _mean_of(at["task_harmful_vs_global"])
+    pairwise = _mean_of(at["over_refusal_pairwise"])
+    or_vs_harm = _mean(_mean_of(l["over_refusal_vs_global"]) for l in middle)
     dims = at["dimensionality"]
     n80_over, n80_harm = dims["over_refusal"]["n80"], dims["harmful_refusal"]["n80"]
     probe_layers = analysis["probe_layers"]
     early = [layers[i]["probes"] for i in probe_layers if i <= n // 3 and "probes" in layers[i]]
     type_early = _mean(p.get("refusal_type", {}).get("balanced_accuracy") for p in early)
-    within = [
-        (k, v) for p in early for k, v in p.items() if k.startswith("refusal_type_within_") and "balanced_accuracy" in v
-    ]
-    within_acc = _mean(v["balanced_accuracy"] for _, v in within)
+    within_acc = _mean(
+        v.get("balanced_accuracy") for p in early for k, v in p.items() if k.startswith("refusal_type_within_")
+    )
     silhouettes = [layers[i]["silhouette"]["task"] for i in range(n)]
     best_sil = max((s, i) for i, s in enumerate(silhouettes) if s is not None) if any(s is not None for s in silhouettes) else (None, None)
 
@@ -158,13 +161,12 @@ def _plot(path: Path, title: str, ylabel: str, lines: dict[str, tuple[list, list
 def write_report(analysis: dict, layer: int, directory: str | Path, model: str) -> Path:
     """report.md, report.json and four PNG plots in `directory`, written atomically."""
     rows = claims(analysis, layer)
-    mean = lambda d: _mean(d.values())  # noqa: E731
     with atomic_directory(directory) as staging:
         (staging / "report.json").write_text(json.dumps({"model": model, "layer": layer, "claims": rows, **analysis}, indent=2))
         _plot(staging / "cosines.png", "direction cosines", "cosine", {
-            "per-task harmful vs global": _series(analysis, lambda l: mean(l["task_harmful_vs_global"])),
-            "over-refusal pairwise": _series(analysis, lambda l: mean(l["over_refusal_pairwise"])),
-            "over-refusal vs global harmful": _series(analysis, lambda l: mean(l["over_refusal_vs_global"])),
+            "per-task harmful vs global": _series(analysis, lambda l: _mean_of(l["task_harmful_vs_global"])),
+            "over-refusal pairwise": _series(analysis, lambda l: _mean_of(l["over_refusal_pairwise"])),
+            "over-refusal vs global harmful": _series(analysis, lambda l: _mean_of(l["over_refusal_vs_global"])),
         }, layer)  # fmt: skip
         _plot(staging / "dimensionality.png", "components to reach 80% (n80)", "n80", {
             "over-refusal": _series(analysis, lambda l: l["dimensionality"]["over_refusal"]["n80"]),
@@ -177,7 +179,7 @@ def write_report(analysis: dict, layer: int, directory: str | Path, model: str) 
         }, layer)  # fmt: skip
         _plot(staging / "silhouette.png", "silhouette (cosine distance)", "silhouette", {
             "task clusters": _series(analysis, lambda l: l["silhouette"]["task"]),
-            "refused vs answered, mean over tasks": _series(analysis, lambda l: mean(l["silhouette"]["refusal_within_task"])),
+            "refused vs answered, mean over tasks": _series(analysis, lambda l: _mean_of(l["silhouette"]["refusal_within_task"])),
         }, layer)  # fmt: skip
         (staging / "report.md").write_text(markdown(analysis, rows, layer, model))
     return Path(directory)
@@ -185,7 +187,6 @@ def write_report(analysis: dict, layer: int, directory: str | Path, model: str) 
 
 def markdown(analysis: dict, rows: list[dict], layer: int, model: str) -> str:
     fmt = lambda v: "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
-    mean = lambda d: _mean(d.values())  # noqa: E731
     lines = [
         f"# Refusal geometry of {model}",
         "",
@@ -206,8 +207,8 @@ def markdown(analysis: dict, rows: list[dict], layer: int, model: str) -> str:
         l = analysis["layers"][i]  # noqa: E741
         d = l["dimensionality"]
         lines.append(
-            f"| {i} | {fmt(mean(l['task_harmful_vs_global']))} | {fmt(mean(l['over_refusal_pairwise']))} | "
-            f"{fmt(mean(l['over_refusal_vs_global']))} | {fmt(d['over_refusal']['n80'])} | {fmt(d['harmful_refusal']['n80'])} | "
+            f"| {i} | {fmt(_mean_of(l['task_harmful_vs_global']))} | {fmt(_mean_of(l['over_refusal_pairwise']))} | "
+            f"{fmt(_mean_of(l['over_refusal_vs_global']))} | {fmt(d['over_refusal']['n80'])} | {fmt(d['harmful_refusal']['n80'])} | "
             f"{fmt(d['over_refusal']['pc1_share'])} | {fmt(d['harmful_refusal']['pc1_share'])} | {fmt(l['silhouette']['task'])} |"
         )
     lines += ["", f"## Probes ({analysis['permutations']} permutations; balanced accuracy, p)", ""]

@@ -1,8 +1,9 @@
 """Linear probes and cluster separation on activations (scikit-learn).
 
 A probe is PCA (at most 50 components), standardisation, then class-balanced logistic regression, as the
-paper's probes are built, scored by balanced accuracy under stratified 5-fold cross-validation, with a permutation test: the p-value is the share of label shuffles that score at
-least as well as the true labels ((count + 1) / (permutations + 1), as scikit-learn computes it).
+paper's probes are built, scored by balanced accuracy under stratified 5-fold cross-validation, with a
+permutation test: the p-value is the share of label shuffles that score at least as well as the true
+labels ((count + 1) / (permutations + 1), as scikit-learn computes it).
 """
 
 from __future__ import annotations

@@ -93,29 +93,29 @@ def write(tmp_path, name: str, text: str) -> Path:
     return path
 
 
-def test_malformed_yaml_names_file_and_line(tmp_path):
-    path = write(tmp_path, "broken", "name: broken\ndescription: x\ntemplates:\n  - \"{content}\n  - [oops\n")
+def load_error(tmp_path, name: str, text: str) -> tuple[Path, str]:
+    """Write a task file that must not load; its path and the RecipeError's message."""
+    path = write(tmp_path, name, text)
     with pytest.raises(RecipeError) as error:
         load_task(path)
-    message = str(error.value)
+    return path, str(error.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path, message = load_error(tmp_path, "broken", "name: broken\ndescription: x\ntemplates:\n  - \"{content}\n  - [oops\n")
     assert str(path) in message
     assert re.search(r"line \d+", message)
 
 
 def test_unknown_field_is_named(tmp_path):
-    path = write(tmp_path, "extra", "name: extra\ndescription: x\ntemplates: ['{content}']\ntemplatez: []\n")
-    with pytest.raises(RecipeError) as error:
-        load_task(path)
-    assert "templatez" in str(error.value) and str(path) in str(error.value)
+    path, message = load_error(tmp_path, "extra", "name: extra\ndescription: x\ntemplates: ['{content}']\ntemplatez: []\n")
+    assert "templatez" in message and str(path) in message
 
 
 def test_template_without_slot_names_field_and_row(tmp_path):
-    path = write(
+    path, message = load_error(
         tmp_path, "noslot", "name: noslot\ndescription: x\ntemplates: ['{content}']\nattack_templates: ['ok {content}', 'no slot']\n"
     )
-    with pytest.raises(RecipeError) as error:
-        load_task(path)
-    message = str(error.value)
     assert "'attack_templates'" in message and "row 2" in message and str(path) in message
 
 
@@ -126,10 +126,8 @@ def test_name_must_match_file(tmp_path):
 
 
 def test_bad_answer_pattern_is_named(tmp_path):
-    path = write(tmp_path, "pat", "name: pat\ndescription: x\ntemplates: ['{content}']\nanswer_pattern: '(unclosed'\n")
-    with pytest.raises(RecipeError) as error:
-        load_task(path)
-    assert "'answer_pattern'" in str(error.value) and str(path) in str(error.value)
+    path, message = load_error(tmp_path, "pat", "name: pat\ndescription: x\ntemplates: ['{content}']\nanswer_pattern: '(unclosed'\n")
+    assert "'answer_pattern'" in message and str(path) in message
 
 
 def test_answer_pattern_decides_whether_an_answer_does_the_task(tasks):

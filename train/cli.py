@@ -13,7 +13,7 @@ import sys
 import time
 
 from calibration.artifacts import atomic_write_text
-from train.pipeline import STAGES, Run, console, run_stages
+from train.pipeline import STAGES, Run, console, geometry_report, run_stages
 
 USAGE = f"""usage: refcal {{run,{','.join(STAGES)}}} --config FILE [--field value ...] [--force]
        refcal geometry --config FILE --report DIR
@@ -36,8 +36,6 @@ def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool 
     run.state.wait_for_everyone()
     seconds = run_stages(run, stages)
     if report and run.state.is_main_process:
-        from train.pipeline import geometry_report
-
         console.print(f"geometry report -> {geometry_report(run, report)}")
     if run.state.is_main_process and "export" in stages:
         finish(run, time.time() - started, seconds)

@@ -24,7 +24,6 @@ from calibration.activations import capture_last_token
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
 from calibration.generation import generate
 from calibration.geometry import Geometry, estimate
-from calibration.geometry_report import analyse, write_report
 from calibration.judge import REFUSE, PhraseJudge
 from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, load_model
@@ -164,6 +163,8 @@ def stage_geometry(run: Run) -> None:
 def geometry_report(run: Run, directory: str) -> Path:
     """The paper's measurements on this run's frozen model (organism or base), from the geometry stage's
     cached activations and judged responses; probes at every third layer and the chosen one."""
+    from calibration.geometry_report import analyse, write_report  # scikit-learn: only when a report is asked for
+
     geometry = Geometry.load(run.path("geometry"))
     activations = load_file(run.path("geometry") / "activations.safetensors")["last_token"].float().numpy()
     _, labels = load_responses(run)
