@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from calibration.artifacts import atomic_file
 from calibration.models import decoder_layers
 
 
@@ -33,19 +39,26 @@ def layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def backbone(model: PreTrainedModel) -> torch.nn.Module:
+    """The transformer without its LM head: capture needs hidden states, and skipping the vocabulary
+    logits ([batch, tokens, vocab], the largest tensor of a forward pass) saves their time and memory."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model
+
+
 @torch.no_grad()
-def capture_last_token(
+def last_token_batches(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
-    layers: list[int] | None = None,
+    layers: list[int],
     batch_size: int = 32,
     desc: str = "capture",
     progress: bool = True,
-) -> torch.Tensor:
-    """Residual stream after each chosen layer, at the last prompt token: [n_prompts, n_layers, hidden]."""
+) -> Iterator[torch.Tensor]:
+    """Residual stream after each of `layers`, at the last prompt token, one batch at a time:
+    [batch, n_layers, hidden] float32 on the CPU, checked finite."""
     blocks = decoder_layers(model)
-    layers = list(range(len(blocks))) if layers is None else list(layers)
     captured: dict[int, torch.Tensor] = {}
     hooks = [
         blocks[layer].register_forward_hook(
@@ -55,19 +68,71 @@ def capture_last_token(
     ]
     texts = chat_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
-    chunks = []
+    body = backbone(model)
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
             batch = encode_left_padded(tokenizer, texts[start : start + batch_size], device)
-            model(**batch, use_cache=False)
-            chunks.append(torch.stack([captured[layer] for layer in layers], dim=1))
+            body(**batch, use_cache=False)
+            chunk = torch.stack([captured[layer] for layer in layers], dim=1)
+            if not torch.isfinite(chunk).all():
+                bad = sorted({layers[j] for j in torch.nonzero(~torch.isfinite(chunk))[:, 1].tolist()})
+                raise FloatingPointError(f"non-finite activations at layer(s) {bad} (prompts {start}-{start + len(chunk) - 1})")
+            yield chunk
     finally:
         for hook in hooks:
             hook.remove()
-    if not chunks:
-        return torch.empty(0, len(layers), model.config.hidden_size)
-    activations = torch.cat(chunks)
-    if not torch.isfinite(activations).all():
-        bad = sorted({layers[j] for j in torch.nonzero(~torch.isfinite(activations))[:, 1].tolist()})
-        raise FloatingPointError(f"non-finite activations at layer(s) {bad}")
+
+
+def _layers(model: PreTrainedModel, layers: list[int] | None) -> list[int]:
+    return list(range(len(decoder_layers(model)))) if layers is None else list(layers)
+
+
+def capture_last_token(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    layers: list[int] | None = None,
+    batch_size: int = 32,
+    desc: str = "capture",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Residual stream after each chosen layer, at the last prompt token: [n_prompts, n_layers, hidden].
+
+    Preallocated and filled batch by batch, so memory holds the result once (no list of chunks to join).
+    """
+    layers = _layers(model, layers)
+    activations = torch.empty(len(prompts), len(layers), model.config.hidden_size)
+    row = 0
+    for chunk in last_token_batches(model, tokenizer, prompts, layers, batch_size, desc, progress):
+        activations[row : row + len(chunk)] = chunk
+        row += len(chunk)
     return activations
+
+
+def stream_last_token(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    path: str | Path,
+    layers: list[int] | None = None,
+    batch_size: int = 32,
+    key: str = "last_token",
+    desc: str = "capture",
+    progress: bool = True,
+) -> Path:
+    """Capture straight into a safetensors file, one batch at a time, for sets too large to hold in memory.
+
+    The file holds one float32 tensor `key` of shape [n_prompts, n_layers, hidden] (read it lazily with
+    `safetensors.safe_open`); memory stays at one batch whatever the number of prompts. Written beside
+    `path` and renamed into place, so a killed capture leaves no partial file.
+    """
+    layers = _layers(model, layers)
+    shape = [len(prompts), len(layers), model.config.hidden_size]
+    nbytes = 4 * shape[0] * shape[1] * shape[2]
+    header = json.dumps({key: {"dtype": "F32", "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        for chunk in last_token_batches(model, tokenizer, prompts, layers, batch_size, desc, progress):
+            handle.write(chunk.contiguous().numpy().astype("<f4", copy=False).tobytes())
+    return Path(path)

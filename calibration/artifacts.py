@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 
 @contextmanager
-def _atomic_file(path: str | Path):
+def atomic_file(path: str | Path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,12 +28,12 @@ def _atomic_file(path: str | Path):
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    with _atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    with _atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
 
 

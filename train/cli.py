@@ -13,12 +13,14 @@ import sys
 import time
 
 from calibration.artifacts import atomic_write_text
-from train.pipeline import STAGES, Run, console, geometry_report, run_stages
+from train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, run_stages
 
-USAGE = f"""usage: refcal {{run,{','.join(STAGES)}}} --config FILE [--field value ...] [--force]
+USAGE = f"""usage: refcal {{run,{','.join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
        refcal geometry --config FILE --report DIR
 
 Stages write folders under run_dir and are skipped when already done; --force redoes the named stage.
+`baselines` evaluates the inference-time interventions (global ablation, false-refusal ablation,
+task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
 `geometry --report DIR` also writes the geometry analysis (Markdown, PNG plots, JSON) into DIR.
 Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set by flag.
 `refcal STAGE --help` lists them all."""
@@ -37,6 +39,10 @@ def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool 
     seconds = run_stages(run, stages)
     if report and run.state.is_main_process:
         console.print(f"geometry report -> {geometry_report(run, report)}")
+    if run.state.is_main_process and "baselines" in stages:
+        from train.baselines import markdown_table
+
+        console.print(markdown_table(json.loads((run.path("baselines") / "results.json").read_text())))
     if run.state.is_main_process and "export" in stages:
         finish(run, time.time() - started, seconds)
 
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command not in ("run", *STAGES):
+    if command not in ("run", *STAGES, *EXTRA_STAGES):
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"refcal: unknown command {command!r}")
     force = "--force" in rest

@@ -57,6 +57,14 @@ class RefcalArguments:
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term."})
     collapse_harmful_component: bool = field(default=True, metadata={"help": "Collapse also the r component of over_refusal rows."})
 
+    orthogonalisation_coefficients: list[float] = field(
+        default_factory=lambda: [1.0],
+        metadata={"help": "Baselines: false-refusal vector ablations, one per partial orthogonalisation coefficient (1 = fully orthogonal to the harmful direction, 0 = raw)."},
+    )
+    steering_layers: list[int] | None = field(default=None, metadata={"help": "Baselines: layers task-conditioned steering acts on (default: the chosen layer)."})
+    steering_route_layer: int | None = field(default=None, metadata={"help": "Baselines: layer whose last-token activation routes a prompt to a task cluster (default: the chosen layer)."})
+    steering_scale: float = field(default=1.0, metadata={"help": "Baselines: multiple of the task's over-refusal direction that steering subtracts."})
+
     report_permutations: int = field(default=100, metadata={"help": "Label shuffles per probe in the geometry report's permutation tests."})
 
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per evaluation prompt."})

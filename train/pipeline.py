@@ -259,11 +259,15 @@ def stage_train(run: Run) -> None:
 
 
 
-REQUIRES = {"organism": "data", "geometry": "data", "train": "geometry", "eval": "train", "export": "eval"}
+REQUIRES = {
+    "organism": "data", "geometry": "data", "train": "geometry", "eval": "train", "export": "eval", "baselines": "geometry",
+}
+EXTRA_STAGES = ("baselines",)  # run on request, not by `refcal run`
 
 
 def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     """Run the given stages in order, skipping finished ones; returns seconds spent per stage."""
+    from train.baselines import stage_baselines
     from train.evaluate import stage_eval
     from train.export import stage_export
 
@@ -274,6 +278,7 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
         "train": lambda: stage_train(run),
         "eval": lambda: run.main_only("eval", lambda: stage_eval(run)),
         "export": lambda: run.main_only("export", lambda: stage_export(run)),
+        "baselines": lambda: run.main_only("baselines", lambda: stage_baselines(run)),
     }
     seconds = {}
     for stage in stages:
