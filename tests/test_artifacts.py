@@ -39,3 +39,20 @@ def test_failed_file_writes_leave_nothing(tmp_path):
     atomic_write_text(tmp_path / "t.json", "{}")
     assert torch.equal(load_file(path)["x"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.safetensors"]
+
+
+def test_artifacts_get_plain_permissions(tmp_path):
+    import os
+    import stat
+
+    from calibration.artifacts import atomic_directory, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "stage") as staging:
+            (staging / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "stage").stat().st_mode) == 0o755

@@ -144,20 +144,24 @@ def routing_table(prompts: list[dict], groups) -> dict[str, dict[str, int]]:
 
 
 def markdown_table(results: dict) -> str:
-    """One row per method: the refusal rates selectivity rests on, benign refusal, KL and selectivity."""
+    """One row per method: the rates selectivity rests on (over-refusal on the calibrated tasks, harmful),
+    frame attacks, benign refusal, XSTest safe, KL, and the drops in points with their ratio."""
     lines = [
-        "| method | over-refusal, calibrated tasks | harmful | frame attacks | benign | XSTest safe | KL benign | selectivity |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | over-refusal, calibrated tasks | harmful | frame attacks | benign | XSTest safe | KL benign "
+        "| over-refusal drop | harmful drop | selectivity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in results["methods"].items():
-        s = m["selectivity"]
-        picked = s.get("note", "") if s["selectivity"] is None else f"{s['selectivity']:.2f}"
-        if name == "organism":
-            picked = "(reference)"
+        s, rates = m["selectivity"], m["rates"]
         kl = "" if m["kl_benign"] is None else f"{m['kl_benign']:.3f}"
+        xstest = m["benchmarks"].get("xstest_safe")
+        drops = ("", "", "(reference)") if name == "organism" else (
+            f"{100 * s['over_refusal_drop']:.0f} pts", f"{100 * s['harmful_drop']:.0f} pts",
+            s.get("note", "") if s["selectivity"] is None else f"{s['selectivity']:.2f}",
+        )
         lines.append(
-            f"| {name} | {m['rates']['over_refusal_calibrated']:.0%} | {m['rates']['harmful']:.0%} "
-            f"| {m['rates']['frame_attack']:.0%} | {m['by_kind']['benign']['rate']:.0%} "
-            f"| {m['benchmarks'].get('xstest_safe', {}).get('rate', float('nan')):.0%} | {kl} | {picked} |"
+            f"| {name} | {rates['over_refusal_calibrated']:.0%} | {rates['harmful']:.0%} | {rates['frame_attack']:.0%} "
+            f"| {m['by_kind']['benign']['rate']:.0%} | {'' if xstest is None else format(xstest['rate'], '.0%')} | {kl} "
+            f"| {' | '.join(drops)} |"
         )
     return "\n".join(lines)

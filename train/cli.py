@@ -42,7 +42,10 @@ def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool 
     if run.state.is_main_process and "baselines" in stages:
         from train.baselines import markdown_table
 
-        console.print(markdown_table(json.loads((run.path("baselines") / "results.json").read_text())))
+        text = (run.path("baselines") / "results.json").read_text()
+        if run.args.baselines_json:
+            atomic_write_text(run.args.baselines_json, text)
+        print(markdown_table(json.loads(text)))
     if run.state.is_main_process and "export" in stages:
         finish(run, time.time() - started, seconds)
 
@@ -79,7 +82,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("refcal: --report DIR goes with the geometry command")
         report = rest[at + 1]
         del rest[at : at + 2]
-    run_pipeline(rest, STAGES if command == "run" else (command,), force, report)
+    from train.export import SafetyGateError
+
+    try:
+        run_pipeline(rest, STAGES if command == "run" else (command,), force, report)
+    except SafetyGateError as error:
+        console.print(f"[red]{error}[/]")
+        raise SystemExit(2) from error
 
 
 if __name__ == "__main__":

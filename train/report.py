@@ -51,6 +51,7 @@ def card_markdown(card: dict) -> str:
             f"- refusal layer (causal choice): {geometry['layer']}; subspace ranks there: {geometry['ranks_at_layer']}",
             f"- regularizer layers: {card['training']['regularizer_layers']}; training rows: {card['training']['rows']}",
             f"- judge: {card['evaluation']['judge']}",
+            f"- safety gate: {gate_line(card.get('safety_gate'))}",
             f"- data rows hash: `{card['data_manifest']['rows_hash']}`",
             "",
             "Load with `PeftModel.from_pretrained(base, this_folder)`.",
@@ -91,3 +92,11 @@ def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
         "n": {k: v["n"] for k, v in ev["before"]["by_task"].items()} | {k: v["n"] for k, v in ev["before"]["benchmarks"].items()},
         "targets": card["targets"],
     }
+
+
+def gate_line(gate: dict | None) -> str:
+    if gate is None:
+        return "not applied"
+    kept = ", ".join(f"{kind} {'-' if v is None else format(v, '.0%')}" for kind, v in gate["kept"].items())
+    verdict = "passed" if gate["passed"] else "FAILED, exported anyway (--force_export)"
+    return f"{verdict}; refusal kept: {kept} (threshold {gate['fraction']:.0%})"
