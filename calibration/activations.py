@@ -60,12 +60,15 @@ def last_token_batches(
     [batch, n_layers, hidden] float32 on the CPU, checked finite."""
     blocks = decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        blocks[layer].register_forward_hook(
-            lambda _m, _i, out, layer=layer: captured.__setitem__(layer, layer_output(out)[:, -1, :].float().cpu())
-        )
-        for layer in layers
-    ]
+
+    def keep_last_token(layer: int):
+        def hook(_module, _inputs, output):
+            # a copy of the last token only: a view would keep the layer's whole output alive
+            captured[layer] = layer_output(output)[:, -1, :].float().cpu().contiguous()
+
+        return hook
+
+    hooks = [blocks[layer].register_forward_hook(keep_last_token(layer)) for layer in layers]
     texts = chat_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
     body = backbone(model)

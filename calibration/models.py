@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from calibration.artifacts import atomic_directory
 
@@ -89,15 +89,31 @@ def load_tokenizer(reference: str, trust_remote_code: bool = False) -> PreTraine
     return tokenizer
 
 
+def four_bit_config(quant_type: str = "nf4") -> BitsAndBytesConfig:
+    """QLoRA's recipe (Dettmers et al. 2023): 4-bit NormalFloat weights, double quantisation of the
+    quantisation constants, bf16 compute."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+
+
 def load_model(
-    reference: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+    reference: str,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    quantization: BitsAndBytesConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its (chat-templated) tokenizer from any model reference."""
+    """Load a causal LM and its (chat-templated) tokenizer from any model reference; with `quantization`,
+    through bitsandbytes (the other weights in bf16)."""
     tokenizer = load_tokenizer(reference, trust_remote_code)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(reference), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        resolve_model_path(reference),
+        dtype=torch.bfloat16 if quantization is not None else dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        quantization_config=quantization,
     )
     model.eval()
     return model, tokenizer

@@ -46,6 +46,10 @@ class RefcalArguments:
 
     layer_candidates: list[int] | None = field(default=None, metadata={"help": "Layers tried for the refusal direction (default: 20%-80% of depth, as Arditi et al.)."})
     layer_kl_max: float = field(default=0.5, metadata={"help": "Largest benign next-token KL a chosen layer's ablation may cause."})
+    geometry_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "With load_in_4bit: measure the geometry on the 4-bit model too, when the unquantised one does not fit (the card records which)."},
+    )
     subspace_max_rank: int = field(default=4, metadata={"help": "Largest rank of a task's over-refusal subspace."})
     subspace_variance: float = field(default=0.6, metadata={"help": "Explained variance that sets a subspace's rank."})
 

@@ -26,7 +26,7 @@ from calibration.generation import generate
 from calibration.geometry import Geometry, estimate
 from calibration.judge import REFUSE, PhraseJudge
 from calibration.layer_choice import choose_layer, refusal_tokens
-from calibration.models import fingerprint, load_model
+from calibration.models import fingerprint, four_bit_config, load_model
 from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
 from data_recipes.tasks import load_tasks
 from data_recipes.targets import build_targets, sft_dataset
@@ -69,9 +69,22 @@ class Run:
             self._recipe = load_from_disk(str(self.path("data") / "recipe"))
         return self._recipe[split].to_list()
 
-    def load(self, dtype: str = "float32"):
+    def load(self, dtype: str = "float32", qlora: bool = False):
+        """The model being calibrated; with `qlora`, in 4 bits when the config asks for QLoRA (load_in_4bit)."""
+        if self.model_args.load_in_8bit:
+            raise ValueError("refcal supports 4-bit QLoRA (load_in_4bit: true), not 8-bit loading (load_in_8bit)")
+        quantization = four_bit_config(self.model_args.bnb_4bit_quant_type) if qlora and self.uses_qlora else None
         # trust_remote_code is SFTConfig's field, off by default
-        return load_model(self.model_reference, dtype, self.training_args.trust_remote_code)
+        return load_model(self.model_reference, dtype, self.training_args.trust_remote_code, quantization)
+
+    @property
+    def uses_qlora(self) -> bool:
+        return bool(self.model_args.load_in_4bit)
+
+    def weights_description(self, qlora: bool) -> str:
+        if qlora and self.uses_qlora:
+            return f"4-bit {self.model_args.bnb_4bit_quant_type} (bitsandbytes), double quantisation, bf16 compute"
+        return "unquantised"
 
     def main_only(self, stage: str, work) -> None:
         """Run a single-process stage on the main process while the others wait."""
@@ -130,12 +143,12 @@ def stage_geometry(run: Run) -> None:
     a = run.args
     rows = run.rows("train")
     val = run.rows("val")
-    gen_model, tokenizer = run.load(a.generation_dtype)
+    gen_model, tokenizer = run.load(a.generation_dtype, qlora=a.geometry_in_4bit)
     prompts = [r["prompt"] for r in rows]
     responses = generate(gen_model, tokenizer, prompts, a.target_max_new_tokens, a.generation_batch_size, desc="own responses")
     labels = run.judge.label(prompts, responses)
     del gen_model
-    model, tokenizer = run.load("float32")
+    model, tokenizer = run.load("float32", qlora=a.geometry_in_4bit)
     model_fp = fingerprint(model)
     activations = capture_last_token(model, tokenizer, prompts, batch_size=a.generation_batch_size)
     geometry = estimate(
@@ -151,7 +164,10 @@ def stage_geometry(run: Run) -> None:
         tokens, candidates, a.layer_kl_max, a.generation_batch_size,
     )
     geometry.layer = layer
-    geometry.info.update({"layer_scores": table, "refusal_tokens": tokenizer.convert_ids_to_tokens(tokens)})
+    geometry.info.update({
+        "layer_scores": table, "refusal_tokens": tokenizer.convert_ids_to_tokens(tokens),
+        "weights": run.weights_description(a.geometry_in_4bit),
+    })
     with atomic_directory(run.path("geometry")) as staging:
         geometry.save(staging)
         atomic_save_tensors({"last_token": activations.contiguous()}, staging / "activations.safetensors")
@@ -232,8 +248,9 @@ def stage_train(run: Run) -> None:
         return
     run.main_only("sft_data", lambda: prepare_sft_data(run))
     a, t = run.args, run.training_args
-    model, tokenizer = run.load("float32")
-    geometry = Geometry.load(run.path("geometry"), fingerprint(model))
+    model, tokenizer = run.load("float32", qlora=True)
+    # A 4-bit model's weights cannot match an unquantised geometry's fingerprint: the run folder ties them.
+    geometry = Geometry.load(run.path("geometry"), None if run.uses_qlora else fingerprint(model))
     sft_rows = load_from_disk(str(run.path("sft_data") / "dataset")).to_list()
     dataset = sft_dataset(sft_rows)
     regularizer = build_regularizer(run, sft_rows, geometry)
@@ -254,7 +271,12 @@ def stage_train(run: Run) -> None:
             trainer.model.save_pretrained(staging / "adapter", safe_serialization=True)
             tokenizer.save_pretrained(staging / "adapter")
             (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-            (staging / "train.json").write_text(json.dumps({"regularizer_layers": regularizer.layers, "rows": len(sft_rows)}, indent=2))
+            record = {
+                "regularizer_layers": regularizer.layers, "rows": len(sft_rows),
+                "base_weights": run.weights_description(True),
+                "geometry_weights": geometry.info.get("weights", "unquantised"),
+            }
+            (staging / "train.json").write_text(json.dumps(record, indent=2))
     run.state.wait_for_everyone()
 
 

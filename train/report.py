@@ -50,6 +50,8 @@ def card_markdown(card: dict) -> str:
             f"- organism over-refusal tasks: {organism.get('over_refusal_tasks', '-')}; held out: {organism.get('held_out_tasks', '-')}",
             f"- refusal layer (causal choice): {geometry['layer']}; subspace ranks there: {geometry['ranks_at_layer']}",
             f"- regularizer layers: {card['training']['regularizer_layers']}; training rows: {card['training']['rows']}",
+            f"- base weights in training: {card['training'].get('base_weights', 'unquantised')}; "
+            f"geometry measured on: {card['training'].get('geometry_weights', 'unquantised')} weights",
             f"- judge: {card['evaluation']['judge']}",
             f"- safety gate: {gate_line(card.get('safety_gate'))}",
             f"- data rows hash: `{card['data_manifest']['rows_hash']}`",
