@@ -108,8 +108,12 @@ def build_regularizer(model, tokenizer, rows: list[dict], layers: list[int], ran
 WEIGHTS = {"keep": 1.0, "collapse": 1.0, "retain": 1.0}
 
 
-def make_trainer(model, tokenizer, rows, regularizer, output_dir, lora_r: int = 4, **overrides):
-    """A RefcalSFTTrainer the way stage_train builds one, on CPU, with a LoRA adapter and dropout 0."""
+FRESH_LORA = "fresh"
+
+
+def make_trainer(model, tokenizer, rows, regularizer, output_dir, lora_r: int = 4, peft_config=FRESH_LORA, **overrides):
+    """A RefcalSFTTrainer the way stage_train builds one, on CPU, with a LoRA adapter and dropout 0
+    (peft_config=None: `model` already is a PEFT model to train further)."""
     from peft import LoraConfig
     from trl import SFTConfig
 
@@ -138,7 +142,7 @@ def make_trainer(model, tokenizer, rows, regularizer, output_dir, lora_r: int = 
         data_collator=RowIndexCollator(tokenizer.pad_token_id),
         peft_config=LoraConfig(
             r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        ),
+        ) if peft_config == FRESH_LORA else peft_config,
         regularizer=regularizer,
         weights=WEIGHTS,
     )

@@ -17,16 +17,20 @@ from train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, 
 
 USAGE = f"""usage: refcal {{run,{','.join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
        refcal geometry --config FILE --report DIR
+       refcal retrain --config FILE --adapter DIR --tasks NEW.yaml [...] [--run_dir DIR]
 
 Stages write folders under run_dir and are skipped when already done; --force redoes the named stage.
 `baselines` evaluates the inference-time interventions (global ablation, false-refusal ablation,
 task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
+`retrain` trains an exported adapter further on new task clusters, keeping the old ones calibrated.
 `geometry --report DIR` also writes the geometry analysis (Markdown, PNG plots, JSON) into DIR.
 Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set by flag.
 `refcal STAGE --help` lists them all."""
 
 
-def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool = False, report: str | None = None) -> None:
+def run_pipeline(
+    argv: list[str], stages: tuple[str, ...] = STAGES, force: bool = False, report: str | None = None, retrain_from: dict | None = None
+) -> None:
     from train.config import parse
 
     started = time.time()
@@ -36,7 +40,16 @@ def run_pipeline(argv: list[str], stages: tuple[str, ...] = STAGES, force: bool 
         for stage in stages:
             shutil.rmtree(run.path(stage), ignore_errors=True)
     run.state.wait_for_everyone()
-    seconds = run_stages(run, stages)
+    seconds = {}
+    if retrain_from is not None:
+        from train.retrain import reuse_parent_geometry
+
+        seconds = run_stages(run, ("data",))
+        stages = stages[1:]
+        if run.state.is_main_process and reuse_parent_geometry(run, retrain_from):
+            console.print(f"same rows as the parent run: its organism and geometry are reused from {retrain_from['run_dir']}")
+        run.state.wait_for_everyone()
+    seconds.update(run_stages(run, stages))
     if report and run.state.is_main_process:
         console.print(f"geometry report -> {geometry_report(run, report)}")
     if run.state.is_main_process and "baselines" in stages:
@@ -64,12 +77,40 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     console.print(f"wall time {wall_seconds:.0f}s; adapter: {run.path('export') / 'adapter'}; summary: {run.path('summary.json')}")
 
 
+def retrain(rest: list[str]) -> None:
+    from train.config import parse
+    from train.retrain import parent_card, retrain_overrides
+
+    adapter, new_tasks = _take(rest, "--adapter"), _take(rest, "--tasks", many=True)
+    if not adapter or not new_tasks:
+        raise SystemExit("refcal retrain needs --adapter DIR (an exported adapter) and --tasks NEW.yaml [...]")
+    _, args, _ = parse(rest)
+    card = parent_card(adapter)
+    run_dir = args.run_dir if args.run_dir != card["run_dir"] else f"{card['run_dir']}-retrain"
+    run_pipeline(rest + retrain_overrides(card, adapter, new_tasks, args.tasks, run_dir), retrain_from=card)
+
+
+def _take(argv: list[str], flag: str, many: bool = False):
+    """Remove `flag` and its value(s) from argv and return them."""
+    if flag not in argv:
+        return [] if many else None
+    at = argv.index(flag)
+    end = at + 1
+    while end < len(argv) and not argv[end].startswith("--") and (many or end == at + 1):
+        end += 1
+    values = argv[at + 1 : end]
+    del argv[at:end]
+    return values if many else (values[0] if values else None)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    if command == "retrain":
+        return retrain(rest)
     if command not in ("run", *STAGES, *EXTRA_STAGES):
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"refcal: unknown command {command!r}")

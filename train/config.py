@@ -55,6 +55,9 @@ class RefcalArguments:
 
     calibrate_tasks: list[str] | None = field(default=None, metadata={"help": "Tasks whose over-refusal is trained away (default: organism_tasks)."})
     target_max_new_tokens: int = field(default=48, metadata={"help": "Length of generated targets."})
+    init_adapter: str | None = field(
+        default=None, metadata={"help": "Train this adapter further instead of a fresh LoRA (`refcal retrain` sets it)."}
+    )
     regularizer_layers: list[int] | None = field(default=None, metadata={"help": "Layers the regularizer acts on (default: the causally chosen layer)."})
     keep_weight: float = field(default=1.0, metadata={"help": "Weight of the keep term."})
     collapse_weight: float = field(default=1.0, metadata={"help": "Weight of the collapse term."})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from calibration.geometry import Geometry
 from calibration.artifacts import atomic_directory
@@ -28,6 +29,9 @@ def calibration_card(run) -> dict:
             "groups": geometry.info.get("groups"),
         },
         "training": json.loads((run.path("train") / "train.json").read_text()),
+        "calibrate_tasks": run.args.resolved_calibrate_tasks(),
+        "run_dir": str(run.dir),
+        "parent": parent_record(run.args.init_adapter, run.args.resolved_calibrate_tasks()),
         "evaluation": results,
     }
 
@@ -59,6 +63,15 @@ def safety_gate(results: dict, fraction: float, forced: bool) -> dict:
             "--force_export true (the card will record it)."
         )
     return decision
+
+
+def parent_record(adapter: str | None, calibrate_tasks: list[str]) -> dict | None:
+    """For a retrained adapter: the adapter it started from and the task clusters this run added."""
+    if adapter is None:
+        return None
+    parent = json.loads((Path(adapter) / "calibration_card.json").read_text())
+    added = [t for t in calibrate_tasks if t not in parent["calibrate_tasks"]]
+    return {"adapter": str(adapter), "calibrate_tasks": parent["calibrate_tasks"], "added_tasks": added}
 
 
 def stage_export(run) -> None:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
+from peft import PeftModel
 from rich.console import Console
 from trl import ModelConfig, SFTConfig
 from trl.trainer.utils import get_peft_config
@@ -23,7 +24,7 @@ from trl.trainer.utils import get_peft_config
 from calibration.activations import capture_last_token
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
 from calibration.generation import generate
-from calibration.geometry import Geometry, estimate
+from calibration.geometry import FingerprintMismatch, Geometry, estimate
 from calibration.judge import REFUSE, PhraseJudge
 from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, four_bit_config, load_model
@@ -242,6 +243,16 @@ def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> Geo
     )
 
 
+def check_adapter_base(adapter: str, model_fingerprint: str) -> None:
+    """An adapter is continued only on the model it was calibrated on."""
+    card = json.loads((Path(adapter) / "calibration_card.json").read_text())
+    if card["calibrated_model_fingerprint"] != model_fingerprint:
+        raise FingerprintMismatch(
+            f"adapter {adapter} was calibrated on model {card['calibrated_model_fingerprint']}, "
+            f"not on this run's model ({model_fingerprint})"
+        )
+
+
 def stage_train(run: Run) -> None:
     """Distributed: TRL training with the regularizer; the adapter lands in run_dir/train."""
     if run.done("train"):
@@ -254,6 +265,11 @@ def stage_train(run: Run) -> None:
     sft_rows = load_from_disk(str(run.path("sft_data") / "dataset")).to_list()
     dataset = sft_dataset(sft_rows)
     regularizer = build_regularizer(run, sft_rows, geometry)
+    peft_config = get_peft_config(run.model_args)
+    if a.init_adapter:  # retraining: continue the parent adapter
+        check_adapter_base(a.init_adapter, geometry.fingerprint)
+        model = PeftModel.from_pretrained(model, a.init_adapter, is_trainable=True)
+        peft_config = None
     model.train()
     trainer = RefcalSFTTrainer(
         model=model,
@@ -261,7 +277,7 @@ def stage_train(run: Run) -> None:
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=RowIndexCollator(tokenizer.pad_token_id),
-        peft_config=get_peft_config(run.model_args),
+        peft_config=peft_config,
         regularizer=regularizer,
         weights={"keep": a.keep_weight, "collapse": a.collapse_weight, "retain": a.retain_weight},
     )
