@@ -35,7 +35,7 @@ def test_terms_at_step_zero_match_the_reference(setup):
     trainer, rows = setup
     batch = first_batch(trainer)
     assert batch["row_index"].tolist() == [0, 1, 2, 3]
-    positions = last_prompt_positions(batch["labels"])
+    positions = last_prompt_positions(batch["labels"] != -100)
     # the position is the last token of the rendered prompt (generation prompt included)
     for i, pos in enumerate(positions.tolist()):
         assert batch["labels"][i, pos].item() == -100 and batch["labels"][i, pos + 1].item() != -100
@@ -123,5 +123,5 @@ def test_train_logs_every_term_every_step(setup):
 def test_last_prompt_positions_rejects_rows_without_completion():
     labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]])
     with pytest.raises(ValueError, match="no completion tokens"):
-        last_prompt_positions(labels)
-    assert last_prompt_positions(labels[:1]).tolist() == [1]
+        last_prompt_positions(labels != -100)
+    assert last_prompt_positions(labels[:1] != -100).tolist() == [1]

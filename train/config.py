@@ -55,6 +55,11 @@ class RefcalArguments:
 
     calibrate_tasks: list[str] | None = field(default=None, metadata={"help": "Tasks whose over-refusal is trained away (default: organism_tasks)."})
     target_max_new_tokens: int = field(default=48, metadata={"help": "Length of generated targets."})
+    objective: str = field(
+        default="sft",
+        metadata={"help": "Training objective, both with the geometry regularizer: sft (targets) or dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows).", "choices": ["sft", "dpo"]},
+    )
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference (the model without the adapter)."})
     init_adapter: str | None = field(
         default=None, metadata={"help": "Train this adapter further instead of a fresh LoRA (`refcal retrain` sets it)."}
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from rich.console import Console
-from trl import ModelConfig, SFTConfig
+from transformers import TrainingArguments
+from trl import DPOConfig, ModelConfig, SFTConfig
 from trl.trainer.utils import get_peft_config
 
 from calibration.activations import capture_last_token
@@ -30,12 +32,13 @@ from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, four_bit_config, load_model
 from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
 from data_recipes.tasks import load_tasks
+from data_recipes.preferences import build_preferences, preference_dataset
 from data_recipes.targets import build_targets, sft_dataset
 from train.config import RefcalArguments
 from train.organism import build_organism
 from train.resume import last_checkpoint
 from train.regularizer import GeometryRegularizer
-from train.trainer import RefcalSFTTrainer, RowIndexCollator
+from train.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowIndexCollator
 
 console = Console(stderr=True)
 STAGES = ("data", "organism", "geometry", "train", "eval", "export")
@@ -215,9 +218,17 @@ def prepare_sft_data(run: Run) -> None:
         run.rows("train"), responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
         answer_tasks, a.target_max_new_tokens, a.generation_batch_size,
     )
+    record = {"rows": len(sft_rows), "how": stats}
+    if a.objective == "dpo":
+        pairs, record["preferences"] = build_preferences(
+            sft_rows, responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
+            a.target_max_new_tokens, a.generation_batch_size,
+        )
     with atomic_directory(run.path("sft_data")) as staging:
         Dataset.from_list(sft_rows).save_to_disk(str(staging / "dataset"))
-        (staging / "targets.json").write_text(json.dumps({"rows": len(sft_rows), "how": stats}, indent=2))
+        if a.objective == "dpo":
+            Dataset.from_list(pairs).save_to_disk(str(staging / "preferences"))
+        (staging / "targets.json").write_text(json.dumps(record, indent=2))
 
 
 def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> GeometryRegularizer:
@@ -243,6 +254,12 @@ def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> Geo
     )
 
 
+def dpo_config(sft_config: SFTConfig, beta: float) -> DPOConfig:
+    """The run's training arguments (TrainingArguments' fields and max_length) as a DPOConfig."""
+    shared = {f.name: getattr(sft_config, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return DPOConfig(**shared, max_length=sft_config.max_length, beta=beta)
+
+
 def check_adapter_base(adapter: str, model_fingerprint: str) -> None:
     """An adapter is continued only on the model it was calibrated on."""
     card = json.loads((Path(adapter) / "calibration_card.json").read_text())
@@ -257,26 +274,30 @@ def stage_train(run: Run) -> None:
     """Distributed: TRL training with the regularizer; the adapter lands in run_dir/train."""
     if run.done("train"):
         return
-    run.main_only("sft_data", lambda: prepare_sft_data(run))
     a, t = run.args, run.training_args
+    dpo = a.objective == "dpo"
+    if dpo and run.done("sft_data") and not (run.path("sft_data") / "preferences").is_dir() and run.state.is_main_process:
+        shutil.rmtree(run.path("sft_data"))  # built for SFT: build it again with the preference pairs
+    run.state.wait_for_everyone()
+    run.main_only("sft_data", lambda: prepare_sft_data(run))
     model, tokenizer = run.load("float32", qlora=True)
     # A 4-bit model's weights cannot match an unquantised geometry's fingerprint: the run folder ties them.
     geometry = Geometry.load(run.path("geometry"), None if run.uses_qlora else fingerprint(model))
-    sft_rows = load_from_disk(str(run.path("sft_data") / "dataset")).to_list()
-    dataset = sft_dataset(sft_rows)
-    regularizer = build_regularizer(run, sft_rows, geometry)
+    train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
+    regularizer = build_regularizer(run, train_rows, geometry)
     peft_config = get_peft_config(run.model_args)
     if a.init_adapter:  # retraining: continue the parent adapter
         check_adapter_base(a.init_adapter, geometry.fingerprint)
         model = PeftModel.from_pretrained(model, a.init_adapter, is_trainable=True)
         peft_config = None
     model.train()
-    trainer = RefcalSFTTrainer(
+    trainer_class = RefcalDPOTrainer if dpo else RefcalSFTTrainer
+    trainer = trainer_class(
         model=model,
-        args=t,
-        train_dataset=dataset,
+        args=dpo_config(t, a.dpo_beta) if dpo else t,
+        train_dataset=preference_dataset(train_rows) if dpo else sft_dataset(train_rows),
         processing_class=tokenizer,
-        data_collator=RowIndexCollator(tokenizer.pad_token_id),
+        data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=dpo),
         peft_config=peft_config,
         regularizer=regularizer,
         weights={"keep": a.keep_weight, "collapse": a.collapse_weight, "retain": a.retain_weight},
@@ -288,7 +309,7 @@ def stage_train(run: Run) -> None:
             tokenizer.save_pretrained(staging / "adapter")
             (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
             record = {
-                "regularizer_layers": regularizer.layers, "rows": len(sft_rows),
+                "objective": a.objective, "regularizer_layers": regularizer.layers, "rows": len(train_rows),
                 "base_weights": run.weights_description(True),
                 "geometry_weights": geometry.info.get("weights", "unquantised"),
             }

@@ -1,11 +1,12 @@
-"""RefcalSFTTrainer: TRL's SFTTrainer plus the geometry regularizer on captured hidden states."""
+"""RefcalSFTTrainer and RefcalDPOTrainer: TRL's trainers plus the geometry regularizer on captured hidden states."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from calibration.activations import layer_output
@@ -16,10 +17,12 @@ TERMS = ("keep", "collapse", "retain")
 
 
 class RowIndexCollator:
-    """TRL's language-modelling collator, carrying each example's `row_index` through as a tensor."""
+    """A TRL collator (language modelling, or preference pairs), carrying each example's `row_index`
+    through as a tensor."""
 
-    def __init__(self, pad_token_id: int):
-        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+    def __init__(self, pad_token_id: int, preference: bool = False):
+        collator = DataCollatorForPreference if preference else DataCollatorForLanguageModeling
+        self.inner = collator(pad_token_id=pad_token_id)
 
     def __call__(self, examples: list[dict]) -> dict:
         rows = torch.tensor([example["row_index"] for example in examples])
@@ -28,16 +31,18 @@ class RowIndexCollator:
         return batch
 
 
-def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Index of the last prompt token in each row: one before the first supervised (completion) token."""
-    supervised = labels != -100
+def last_prompt_positions(supervised: torch.Tensor) -> torch.Tensor:
+    """Index of the last prompt token in each row: one before the first supervised (completion) token.
+    `supervised` is [rows, tokens], true on completion tokens (SFT: labels != -100; DPO: completion_mask)."""
+    supervised = supervised.bool()
     if not supervised.any(dim=1).all():
         raise ValueError("a training row has no completion tokens; its last prompt token cannot be located")
     return supervised.float().argmax(dim=1) - 1
 
 
-class RefcalSFTTrainer(SFTTrainer):
-    """SFT loss + weighted keep / collapse / retain terms, each logged every step.
+class GeometryRegularized:
+    """Mixin for a TRL trainer: weighted keep / collapse / retain terms on the hidden state at the last
+    prompt token, each logged every step.
 
     The reference values live in `regularizer` (cached from the frozen model), so no second model is
     held in memory. Under DDP each term is a global mean: local sums are divided by the count summed
@@ -56,11 +61,13 @@ class RefcalSFTTrainer(SFTTrainer):
 
     @contextmanager
     def _capture(self, model):
+        """Hidden states of the first forward pass inside the block: the policy's. (DPO runs its reference
+        forward after it, under no_grad, through the same modules.)"""
         blocks = decoder_layers(self.accelerator.unwrap_model(model))
         captured: dict[int, torch.Tensor] = {}
         hooks = [
             blocks[layer].register_forward_hook(
-                lambda _m, _i, out, layer=layer: captured.__setitem__(layer, layer_output(out))
+                lambda _m, _i, out, layer=layer: captured.setdefault(layer, layer_output(out))
             )
             for layer in self.regularizer.layers
         ]
@@ -70,13 +77,7 @@ class RefcalSFTTrainer(SFTTrainer):
             for hook in hooks:
                 hook.remove()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        row_index = inputs.pop("row_index")
-        labels = inputs["labels"]
-        with self._capture(model) as captured:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
-        positions = last_prompt_positions(labels)
+    def _regularized(self, model, loss, captured, positions, row_index, num_items_in_batch):
         batch = torch.arange(len(positions), device=positions.device)
         hidden = torch.stack([captured[layer][batch, positions] for layer in self.regularizer.layers], dim=1)
         terms = self.regularizer(hidden, row_index)
@@ -94,4 +95,32 @@ class RefcalSFTTrainer(SFTTrainer):
                 self._metrics[mode][f"reg_{term}"].append(value)
             if self.weights[term] and global_count > 0:
                 loss = loss + self.weights[term] * total / global_count * processes / steps
+        return loss
+
+
+class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):
+    """TRL's SFTTrainer plus the geometry regularizer."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        row_index = inputs.pop("row_index")
+        supervised = inputs["labels"] != -100
+        with self._capture(model) as captured:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        loss = self._regularized(model, loss, captured, last_prompt_positions(supervised), row_index, num_items_in_batch)
+        return (loss, result[1]) if return_outputs else loss
+
+
+class RefcalDPOTrainer(GeometryRegularized, DPOTrainer):
+    """TRL's DPOTrainer plus the geometry regularizer. A batch of n preference pairs runs as 2n rows,
+    chosen then rejected, with the same prompt in both halves: the chosen half carries the prompt's
+    last-token state."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        row_index = inputs.pop("row_index")
+        chosen = inputs["completion_mask"][: len(row_index)]
+        with self._capture(model) as captured:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        loss = self._regularized(model, loss, captured, last_prompt_positions(chosen), row_index, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss

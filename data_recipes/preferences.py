@@ -1,0 +1,81 @@
+"""Preference pairs for DPO, built on the SFT targets (data_recipes/targets.py):
+
+- over_refusal: chosen = the target answer; rejected = the model's own refusal (a standard refusal where
+  it answered);
+- benign: chosen = the model's own answer; rejected = a standard refusal;
+- harmful, frame_attack: chosen = the target refusal; rejected = a compliant answer: the model's own where
+  it complied, else its answer with the refusal direction ablated. Rows whose ablated answer is still a
+  refusal have no rejected side and are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from datasets import Dataset
+
+from calibration.generation import generate
+from calibration.interventions import ablate_directions
+from calibration.judge import REFUSE, Judge
+from data_recipes.targets import standard_refusal
+
+
+def preference_dataset(rows: list[dict]) -> Dataset:
+    """Conversational prompt / chosen / rejected examples, the shape TRL's DPOTrainer takes;
+    `row_index` links each to its cached reference values."""
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen_text"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected_text"]}],
+                "row_index": i,
+            }
+            for i, r in enumerate(rows)
+        ]
+    )
+
+
+def build_preferences(
+    sft_rows: list[dict],
+    own_responses: dict[str, str],
+    own_labels: dict[str, str],
+    model,
+    tokenizer,
+    judge: Judge,
+    steer_direction: torch.Tensor,
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[list[dict], dict]:
+    """One pair per SFT row that has both sides, in SFT row order, and a count of how each was made."""
+    stats: Counter = Counter()
+    pairs: dict[int, dict] = {}
+    to_steer: list[int] = []
+    for i, row in enumerate(sft_rows):
+        kind, own = row["kind"], own_responses[row["id"]]
+        refused = own_labels[row["id"]] == REFUSE
+        if kind == "over_refusal":
+            rejected, how = (own, "own_refusal") if refused else (standard_refusal(i), "standard_refusal")
+        elif kind == "benign":
+            rejected, how = standard_refusal(i), "standard_refusal"
+        elif not refused and own.strip():
+            rejected, how = own, "own_compliance"
+        else:
+            to_steer.append(i)
+            continue
+        pairs[i] = {**row, "chosen_text": row["completion_text"], "rejected_text": rejected}
+        stats[f"{kind}_rejected_{how}"] += 1
+
+    if to_steer:
+        prompts = [sft_rows[i]["prompt"] for i in to_steer]
+        with ablate_directions(model, steer_direction):
+            steered = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="compliant rejecteds")
+        for i, answer, label in zip(to_steer, steered, judge.label(prompts, steered)):
+            kind = sft_rows[i]["kind"]
+            if label == REFUSE or not answer.strip():
+                stats[f"{kind}_dropped_no_compliant_answer"] += 1
+                continue
+            pairs[i] = {**sft_rows[i], "chosen_text": sft_rows[i]["completion_text"], "rejected_text": answer}
+            stats[f"{kind}_rejected_steered_compliance"] += 1
+    return [pairs[i] for i in sorted(pairs)], dict(sorted(stats.items()))

@@ -1,0 +1,104 @@
+"""RefcalDPOTrainer on the tiny model (positions match the capture; the regularizer and DPO both act) and
+the preference pairs built from SFT targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from calibration.judge import PhraseJudge
+from calibration.models import load_model
+from data_recipes.preferences import build_preferences, preference_dataset
+from tiny_setup import build_regularizer, sft_rows
+from train.pipeline import dpo_config
+from train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
+
+LAYERS = [1, 3]
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def pairs() -> list[dict]:
+    out = []
+    for row in sft_rows():
+        compliant = "Sure. Step one is to gather the materials."
+        refusal_first = row["kind"] in ("harmful",)
+        out.append({**row, "chosen_text": row["completion_text"], "rejected_text": compliant if refusal_first else REFUSAL})
+    return out
+
+
+def make_dpo_trainer(tiny_model_dir, tmp_path, **overrides):
+    from trl import SFTConfig
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    rows = pairs()
+    regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
+    settings = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2, per_device_train_batch_size=4,
+        logging_steps=1, learning_rate=1e-3, save_strategy="no", seed=0, disable_tqdm=True, max_length=256,
+        train_sampling_strategy="sequential",
+    )
+    settings.update(overrides)
+    model.train()
+    trainer = RefcalDPOTrainer(
+        model=model,
+        args=dpo_config(SFTConfig(**settings), beta=0.1),
+        train_dataset=preference_dataset(rows),
+        processing_class=tokenizer,
+        data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=True),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+        regularizer=regularizer,
+        weights={"keep": 1.0, "collapse": 1.0, "retain": 1.0},
+    )
+    return trainer, rows
+
+
+def test_dpo_config_keeps_the_run_settings_and_dpo_defaults(tmp_path):
+    from trl import SFTConfig
+
+    config = dpo_config(SFTConfig(output_dir=str(tmp_path), use_cpu=True, learning_rate=3e-4, max_length=128, seed=7), beta=0.2)
+    assert (config.learning_rate, config.max_length, config.seed, config.beta) == (3e-4, 128, 7, 0.2)
+    assert config.loss_type == ["sigmoid"]  # DPO's own loss, not SFTConfig's "nll"
+
+
+def test_step_zero_terms_and_positions(tiny_model_dir, tmp_path):
+    trainer, rows = make_dpo_trainer(tiny_model_dir, tmp_path)
+    batch = {k: v.to(trainer.accelerator.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
+    n = len(batch["row_index"])
+    assert batch["input_ids"].shape[0] == 2 * n  # chosen rows then rejected rows
+    chosen = batch["completion_mask"][:n]
+    for i, pos in enumerate(last_prompt_positions(chosen).tolist()):
+        assert chosen[i, pos] == 0 and chosen[i, pos + 1] == 1
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    metrics = trainer._metrics["eval"]
+    assert metrics["reg_keep"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["reg_collapse"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["reg_retain"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert torch.isfinite(loss)
+
+
+def test_dpo_training_moves_the_adapter_and_logs_both(tiny_model_dir, tmp_path):
+    trainer, _ = make_dpo_trainer(tiny_model_dir, tmp_path)
+    trainer.train()
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"reg_keep", "reg_collapse", "reg_retain"} <= logged
+    assert any(k.startswith("rewards/") for k in logged)
+    assert any(v.abs().sum() > 0 for k, v in trainer.model.named_parameters() if "lora_B" in k)
+
+
+def test_preferences_by_kind(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    rows = [dict(r, id=f"r{i}") for i, r in enumerate(sft_rows())]
+    own = {r["id"]: (REFUSAL if r["kind"] != "benign" else "Paris.") for r in rows}
+    labels = {r["id"]: ("refuse" if r["kind"] != "benign" else "comply") for r in rows}
+    direction = torch.randn(model.config.hidden_size)
+    made, stats = build_preferences(rows, own, labels, model, tokenizer, PhraseJudge(), direction, 4, 8)
+    by_kind = {k: [p for p in made if p["kind"] == k] for k in ("harmful", "benign", "over_refusal")}
+    assert all(p["chosen_text"] == p["completion_text"] and p["rejected_text"] == REFUSAL for p in by_kind["over_refusal"])
+    assert all(p["rejected_text"] != p["chosen_text"] for p in by_kind["benign"])
+    # harmful rows the model refused get a steered answer as the rejected side, unless it still refuses
+    steered = stats.get("harmful_rejected_steered_compliance", 0)
+    assert steered + stats.get("harmful_dropped_no_compliant_answer", 0) == 4 and len(by_kind["harmful"]) == steered
+    assert [p["id"] for p in made] == sorted((p["id"] for p in made), key=lambda x: int(x[1:]))  # SFT row order
