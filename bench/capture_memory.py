@@ -42,7 +42,8 @@ def rss_mib() -> float:
 class PeakSampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak, self.running = rss_mib(), True
+        self.baseline = self.peak = rss_mib()
+        self.running = True
 
     def run(self):
         while self.running:
