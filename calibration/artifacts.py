@@ -58,3 +58,12 @@ def atomic_directory(path: str | Path):
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(directory: str | Path, names: list[str]) -> list[Path]:
+    """Staging folders a killed process left beside `directory / name` (their final names were never
+    written); removed before a run starts again."""
+    stale = [p for name in names for p in Path(directory).glob(f".{name}-*") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale

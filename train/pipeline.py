@@ -24,7 +24,7 @@ from trl import DPOConfig, ModelConfig, SFTConfig
 from trl.trainer.utils import get_peft_config
 
 from calibration.activations import capture_last_token
-from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
+from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
 from calibration.generation import generate
 from calibration.geometry import FingerprintMismatch, Geometry, estimate
 from calibration.judge import REFUSE, PhraseJudge
@@ -339,6 +339,9 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
         "export": lambda: run.main_only("export", lambda: stage_export(run)),
         "baselines": lambda: run.main_only("baselines", lambda: stage_baselines(run)),
     }
+    if run.state.is_main_process:
+        remove_stale_staging(run.dir, [*STAGES, *EXTRA_STAGES, "sft_data"])
+    run.state.wait_for_everyone()
     seconds = {}
     for stage in stages:
         needed = REQUIRES.get(stage)
