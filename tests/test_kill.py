@@ -83,3 +83,25 @@ def test_killed_data_stage_leaves_it_whole_or_absent(tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     recipe = load_from_disk(str(data / "recipe"))
     assert {split: len(recipe[split]) for split in recipe} == {s: v["rows"] for s, v in manifest["splits"].items()}
+
+
+SLOW_STAGE = """
+import sys, time
+from pathlib import Path
+from calibration.artifacts import atomic_directory
+with atomic_directory(Path(sys.argv[1])) as staging:
+    for i in range(100):
+        (staging / f"part-{i}").write_text("x" * 1000)
+        time.sleep(0.05)
+"""
+
+
+def test_killed_stage_write_keeps_the_previous_folder(tmp_path):
+    """Geometry, eval and export write their folders the same way: killed mid-write, the previous folder
+    (here a finished earlier version) stays whole and nothing half-written takes its name."""
+    stage = tmp_path / "geometry"
+    stage.mkdir()
+    (stage / "geometry.json").write_text("{}")
+    writer = start([sys.executable, "-c", SLOW_STAGE, str(stage)])
+    assert kill_when(writer, lambda: len(list(tmp_path.glob(".geometry-*/part-*"))) >= 5)
+    assert sorted(p.name for p in stage.iterdir()) == ["geometry.json"]
