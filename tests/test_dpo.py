@@ -11,7 +11,7 @@ from calibration.judge import PhraseJudge
 from calibration.models import load_model
 from data_recipes.preferences import build_preferences, preference_dataset
 from tiny_setup import build_regularizer, sft_rows
-from train.pipeline import dpo_config
+from train.config import dpo_config
 from train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
 
 LAYERS = [1, 3]

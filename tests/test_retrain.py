@@ -14,8 +14,7 @@ from calibration.geometry import FingerprintMismatch
 from calibration.models import load_model
 from tiny_setup import build_regularizer, make_trainer, sft_rows
 from train.cli import _take
-from train.pipeline import check_adapter_base
-from train.retrain import parent_card, retrain_overrides, reuse_parent_geometry
+from train.retrain import check_adapter_base, parent_card, retrain_overrides, reuse_parent_geometry
 
 TASKS = "configs/tasks"
 

@@ -5,11 +5,13 @@ A YAML file passed with `--config` sets any field of the three; command-line fla
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import ModelConfig, SFTConfig, TrlParser
+from transformers import TrainingArguments
+from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +103,9 @@ def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, 
     parser = TrlParser((ModelConfig, RefcalArguments, SFTConfig))
     model_args, refcal_args, training_args = parser.parse_args_and_config(args=argv)
     return model_args, refcal_args, training_args
+
+
+def dpo_config(sft_config: SFTConfig, beta: float) -> DPOConfig:
+    """The run's training arguments (TrainingArguments' fields and max_length) as a DPOConfig."""
+    shared = {f.name: getattr(sft_config, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return DPOConfig(**shared, max_length=sft_config.max_length, beta=beta)

@@ -19,14 +19,13 @@ from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from rich.console import Console
-from transformers import TrainingArguments
-from trl import DPOConfig, ModelConfig, SFTConfig
+from trl import ModelConfig, SFTConfig
 from trl.trainer.utils import get_peft_config
 
 from calibration.activations import capture_last_token
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
 from calibration.generation import generate
-from calibration.geometry import FingerprintMismatch, Geometry, estimate
+from calibration.geometry import Geometry, estimate
 from calibration.judge import REFUSE, PhraseJudge
 from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, four_bit_config, load_model
@@ -34,9 +33,10 @@ from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest
 from data_recipes.tasks import load_tasks
 from data_recipes.preferences import build_preferences, preference_dataset
 from data_recipes.targets import build_targets, sft_dataset
-from train.config import RefcalArguments
+from train.config import RefcalArguments, dpo_config
 from train.organism import build_organism
 from train.resume import last_checkpoint
+from train.retrain import check_adapter_base
 from train.regularizer import GeometryRegularizer
 from train.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowIndexCollator
 
@@ -252,22 +252,6 @@ def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> Geo
         layers, directions, reference, [r["kind"] for r in sft_rows], [r["task"] for r in sft_rows],
         [r["kind"] == "over_refusal" and r["task"] in calibrate for r in sft_rows], bases, means,
     )
-
-
-def dpo_config(sft_config: SFTConfig, beta: float) -> DPOConfig:
-    """The run's training arguments (TrainingArguments' fields and max_length) as a DPOConfig."""
-    shared = {f.name: getattr(sft_config, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    return DPOConfig(**shared, max_length=sft_config.max_length, beta=beta)
-
-
-def check_adapter_base(adapter: str, model_fingerprint: str) -> None:
-    """An adapter is continued only on the model it was calibrated on."""
-    card = json.loads((Path(adapter) / "calibration_card.json").read_text())
-    if card["calibrated_model_fingerprint"] != model_fingerprint:
-        raise FingerprintMismatch(
-            f"adapter {adapter} was calibrated on model {card['calibrated_model_fingerprint']}, "
-            f"not on this run's model ({model_fingerprint})"
-        )
 
 
 def stage_train(run: Run) -> None:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from calibration.artifacts import atomic_directory
+from calibration.geometry import FingerprintMismatch
 from data_recipes.tasks import load_tasks
 
 CARD = "calibration_card.json"
@@ -44,6 +45,16 @@ def retrain_overrides(card: dict, adapter: str, new_task_files: list[str], task_
         "--init_adapter", str(adapter), "--tasks", *files, "--calibrate_tasks", *card["calibrate_tasks"], *new,
         "--run_dir", run_dir, "--output_dir", str(Path(run_dir) / "train"),
     ]
+
+
+def check_adapter_base(adapter: str, model_fingerprint: str) -> None:
+    """An adapter is continued only on the model it was calibrated on."""
+    card = json.loads((Path(adapter) / "calibration_card.json").read_text())
+    if card["calibrated_model_fingerprint"] != model_fingerprint:
+        raise FingerprintMismatch(
+            f"adapter {adapter} was calibrated on model {card['calibrated_model_fingerprint']}, "
+            f"not on this run's model ({model_fingerprint})"
+        )
 
 
 def reuse_parent_geometry(run, card: dict) -> bool:
