@@ -42,7 +42,7 @@ def rss_mib() -> float:
 class PeakSampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
-        self.baseline = self.peak = rss_mib()
+        self.peak = rss_mib()
         self.running = True
 
     def run(self):
