@@ -16,17 +16,17 @@ import json
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from calibration.models import four_bit_config, load_model  # noqa: E402
+from step_timer import StepTimer  # noqa: E402  (bench/, the script's own folder)
 from tiny_setup import BENIGN, COMPLETIONS, HARMFUL, OVER_REFUSAL, build_regularizer, make_trainer, sft_rows  # noqa: E402
 
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -50,19 +50,6 @@ def offline_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.seconds: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - self.started)
 
 
 def main() -> None:

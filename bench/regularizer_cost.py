@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from step_timer import StepTimer  # noqa: E402  (bench/, the script's own folder)
+
 def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from calibration.models import load_model
@@ -41,18 +41,6 @@ def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
     from data_recipes.tasks import load_tasks
     from tiny_setup import COMPLETIONS, build_regularizer
     from train.trainer import RefcalSFTTrainer, RowIndexCollator
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.seconds: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - self.started)
 
     recipe = build_rows(load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml"))), RecipeSizes(), seed=0)
     rows = [

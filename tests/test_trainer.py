@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calibration.models import load_model
-from tiny_setup import build_regularizer, make_trainer, sft_rows
+from tiny_setup import assert_terms_at_reference, build_regularizer, make_trainer, sft_rows
 from train.trainer import TERMS, last_prompt_positions
 
 LAYERS = [1, 3]
@@ -39,14 +39,7 @@ def test_terms_at_step_zero_match_the_reference(setup):
     # the position is the last token of the rendered prompt (generation prompt included)
     for i, pos in enumerate(positions.tolist()):
         assert batch["labels"][i, pos].item() == -100 and batch["labels"][i, pos + 1].item() != -100
-    trainer.model.eval()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-    metrics = trainer._metrics["eval"]
-    assert metrics["reg_keep"][-1] == pytest.approx(0.0, abs=1e-4)
-    assert metrics["reg_collapse"][-1] == pytest.approx(1.0, abs=1e-4)
-    assert metrics["reg_retain"][-1] == pytest.approx(0.0, abs=1e-4)
-    assert torch.isfinite(loss)
+    assert_terms_at_reference(trainer, batch)
 
 
 def test_shifted_positions_would_be_caught(setup):

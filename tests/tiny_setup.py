@@ -146,3 +146,17 @@ def make_trainer(model, tokenizer, rows, regularizer, output_dir, lora_r: int = 
         regularizer=regularizer,
         weights=WEIGHTS,
     )
+
+
+def assert_terms_at_reference(trainer, batch: dict):
+    """Before any update the trainer's hidden states are the cached reference: keep 0, collapse 1, retain 0."""
+    import pytest
+
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    metrics = trainer._metrics["eval"]
+    assert metrics["reg_keep"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["reg_collapse"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["reg_retain"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert torch.isfinite(loss)

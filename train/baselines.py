@@ -19,6 +19,7 @@ from calibration.generation import generate
 from calibration.geometry import Geometry
 from calibration.judge import REFUSE
 from train.evaluate import eval_prompts, summarise
+from train.pipeline import load_responses
 
 
 def calibrated_rates(prompts: list[dict], labels: list[str], calibrate: set[str]) -> dict[str, float]:
@@ -64,10 +65,7 @@ def stage_baselines(run) -> None:
     calibrate = set(a.resolved_calibrate_tasks())
     geometry = Geometry.load(run.path("geometry"))
     activations = load_file(run.path("geometry") / "activations.safetensors")["last_token"].float()
-    labels_by_id = {
-        json.loads(line)["id"]: json.loads(line)["label"]
-        for line in (run.path("geometry") / "responses.jsonl").read_text(encoding="utf-8").splitlines()
-    }
+    _, labels_by_id = load_responses(run)
     rows = run.rows("train")
     baselines = build_baselines(
         activations, [r["kind"] for r in rows], [r["task"] for r in rows], [labels_by_id[r["id"]] == REFUSE for r in rows],
