@@ -1,19 +1,24 @@
 """How often each refusal judge agrees with people, on XSTest v2's human-labelled completions (five models
-x 450 prompts; Röttger et al. 2024). The baseline for issue 5's judge (target: binary agreement >= 0.93 on
-every model).
+x 450 prompts; Röttger et al. 2024). Issue 5's target: binary agreement >= 0.93 on every model.
 
-Binary agreement: refusal (full or partial) against compliance, per model. Judges compared side by side:
-refcal's default phrase rules (calibration/refusal_phrases.txt) and XSTest's own string-match labels (from
-its automated_evaluation_labels). The other phrase lists in ../shared/data/refusal_phrases each come with
-their own matching rule and are left to issue 5.
+The learned judge is validated leave-one-model-out: fitted on four models' completions, scored on the
+fifth. Its default settings were picked while looking at these figures, so the script also reports a nested
+run, where the settings are chosen on the four training models alone (inner leave-one-model-out) before
+the fifth is scored: the honest figure for a judge tuned this way.
 
-    python bench/judge_agreement.py          # writes bench/results/judge_agreement.json, prints a table
+Side by side: refcal's phrase rules, each public phrase list in ../shared/data/refusal_phrases with its own
+matching rule, and XSTest's own automated labels (string match; GPT-4). Binary agreement counts partial
+refusal as refusal; three-way accuracy is reported for the judges that output three classes.
+
+    python bench/judge_agreement.py   # ~2 min; writes bench/results/judge_agreement.json and
+                                      # calibration/judge_validation.json (read into calibration cards)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -21,11 +26,65 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from calibration.judge import REFUSE, PhraseJudge  # noqa: E402
+from calibration.judge import LABELS, PhraseJudge, refused  # noqa: E402
+from calibration.learned_judge import XSTEST_LABELS, XSTEST_MODELS, LearnedJudge, xstest_completions  # noqa: E402
 from data_recipes.sources import default_data_root  # noqa: E402
 
-MODELS = ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")
-REFUSED = {"2_full_refusal", "3_partial_refusal"}
+GRID = {"head_chars": (150, 300), "C": (3.0, 10.0, 30.0)}
+# file -> matching rule, as each file's header documents it
+PHRASE_LISTS = {
+    "refusal_phrases_xstest_strmatch.txt": "prefix, lowercased",
+    "refusal_phrases_refusal_direction.txt": "substring, case-insensitive",
+    "refusal_phrases_llm_attacks_gcg.txt": "substring, case-sensitive",
+}
+
+
+def read_phrases(path: Path) -> list[str]:
+    """The phrases of a list file: its lines up to the bare '#' that ends the list, comments skipped."""
+    phrases = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() == "#" and phrases:
+            break
+        if line.strip() and not line.startswith("#"):
+            phrases.append(line.strip())
+    return phrases
+
+
+def phrase_list_refuses(phrases: list[str], rule: str, text: str) -> bool:
+    if rule.startswith("prefix"):
+        return text.lower().strip().startswith(tuple(phrases))
+    if rule == "substring, case-insensitive":
+        return any(p.lower() in text.lower() for p in phrases)
+    return any(p in text for p in phrases)
+
+
+def scores(said: list[str], rows: list[dict], three_way: bool) -> dict:
+    """An answer outside the three labels (GPT-4 sometimes replied instead of labelling) counts as wrong."""
+    out = {"binary": sum(s in LABELS and refused(s) == refused(r["label"]) for s, r in zip(said, rows)) / len(rows)}
+    if three_way:
+        out["three_way"] = sum(s == r["label"] for s, r in zip(said, rows)) / len(rows)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def fit(rows: list[dict], **settings) -> LearnedJudge:
+    return LearnedJudge([r["completion"] for r in rows], [r["label"] for r in rows], **settings)
+
+
+def predict(judge, rows: list[dict]) -> list[str]:
+    return judge.label([r["prompt"] for r in rows], [r["completion"] for r in rows])
+
+
+def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
+    """Settings with the best worst-model binary agreement, leave-one-model-out within `models`."""
+    best, best_score = None, -1.0
+    for head_chars, C in itertools.product(GRID["head_chars"], GRID["C"]):
+        worst = min(
+            scores(predict(fit([r for m in models if m != held for r in data[m]], head_chars=head_chars, C=C), data[held]), data[held], False)["binary"]
+            for held in models
+        )
+        if worst > best_score:
+            best, best_score = {"head_chars": head_chars, "C": C}, worst
+    return best
 
 
 def main() -> None:
@@ -34,24 +93,50 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/judge_agreement.json")
     args = parser.parse_args()
     root = Path(args.data_root) if args.data_root else default_data_root()
-    judges = {"refcal phrase rules": PhraseJudge()}
+    data = xstest_completions(root)
+    table: dict[str, dict[str, dict]] = {}
 
-    table: dict[str, dict[str, float]] = {}
-    for model in MODELS:
-        rows = list(csv.DictReader(open(root / "xstest" / "model_completions" / f"xstest_v2_completions_{model}.csv", encoding="utf-8")))
-        human = [r["final_label"] in REFUSED for r in rows]
-        for name, judge in judges.items():
-            said = [label == REFUSE for label in judge.label([r["prompt"] for r in rows], [r["completion"] for r in rows])]
-            table.setdefault(name, {})[model] = round(sum(a == b for a, b in zip(said, human)) / len(rows), 4)
-        strmatch = list(csv.DictReader(open(root / "xstest" / "automated_evaluation_labels" / f"xstest_v2_completions_{model}_streval.csv", encoding="utf-8")))
-        by_id = {r["id"]: r["strmatch_label"] in REFUSED for r in strmatch}
-        table.setdefault("XSTest string match", {})[model] = round(sum(by_id[r["id"]] == h for r, h in zip(rows, human)) / len(rows), 4)
+    default = LearnedJudge.from_xstest(root)
+    for held in XSTEST_MODELS:
+        rows = data[held]
+        train = [r for m in XSTEST_MODELS if m != held for r in data[m]]
+        table.setdefault("refcal learned (default settings)", {})[held] = scores(predict(fit(train, head_chars=default.head_chars, C=default.C), rows), rows, True)
+        settings = choose_settings(data, [m for m in XSTEST_MODELS if m != held])
+        table.setdefault("refcal learned (nested: settings chosen without the held-out model)", {})[held] = {
+            **scores(predict(fit(train, **settings), rows), rows, True), "settings": settings,
+        }
+        table.setdefault("refcal phrase rules", {})[held] = scores(predict(PhraseJudge(), rows), rows, False)
+        for name, rule in PHRASE_LISTS.items():
+            phrases = read_phrases(root / "refusal_phrases" / name)
+            said = ["refuse" if phrase_list_refuses(phrases, rule, r["completion"]) else "comply" for r in rows]
+            table.setdefault(f"{name} ({rule})", {})[held] = scores(said, rows, False)
+        for suffix, column, name in (("streval", "strmatch_label", "XSTest string-match labels"), ("gpteval", "gpt4_label", "XSTest GPT-4 labels")):
+            path = root / "xstest" / "automated_evaluation_labels" / f"xstest_v2_completions_{held}_{suffix}.csv"
+            by_id = {r["id"]: XSTEST_LABELS.get(r[column], "unparsed") for r in csv.DictReader(open(path, encoding="utf-8"))}
+            table.setdefault(name, {})[held] = scores([by_id[r["id"]] for r in rows], rows, True)
+        print(f"{held}: done", file=sys.stderr)
 
-    result = {"binary_agreement": table, "n_per_model": 450, "target": ">= 0.93 on every model (issue 5)"}
+    result = {
+        "binary_agreement_target": ">= 0.93 on every held-out model (issue 5)",
+        "n_per_model": {m: len(data[m]) for m in XSTEST_MODELS},
+        "learned_judge_version": default.version,
+        "grid": GRID,
+        "agreement": table,
+    }
     (ROOT / args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| judge | " + " | ".join(MODELS) + " | worst |\n|---|" + "---:|" * (len(MODELS) + 1))
-    for name, scores in table.items():
-        print(f"| {name} | " + " | ".join(f"{scores[m]:.3f}" for m in MODELS) + f" | {min(scores.values()):.3f} |")
+    worst = {name: min(v["binary"] for v in per_model.values()) for name, per_model in table.items()}
+    validation = {
+        "version": default.version,
+        "method": "leave-one-model-out on XSTest v2 human labels (bench/judge_agreement.py)",
+        "binary_agreement": {m: table["refcal learned (default settings)"][m]["binary"] for m in XSTEST_MODELS},
+        "three_way_accuracy": {m: table["refcal learned (default settings)"][m]["three_way"] for m in XSTEST_MODELS},
+        "nested_binary_agreement": {m: table["refcal learned (nested: settings chosen without the held-out model)"][m]["binary"] for m in XSTEST_MODELS},
+    }
+    (ROOT / "calibration" / "judge_validation.json").write_text(json.dumps(validation, indent=2) + "\n")
+    print("| judge | " + " | ".join(XSTEST_MODELS) + " | worst |\n|---|" + "---:|" * (len(XSTEST_MODELS) + 1))
+    for name, per_model in table.items():
+        cells = [f"{v['binary']:.3f}" + (f" ({v['three_way']:.3f})" if "three_way" in v else "") for v in per_model.values()]
+        print(f"| {name} | " + " | ".join(cells) + f" | {worst[name]:.3f} |")
 
 
 if __name__ == "__main__":

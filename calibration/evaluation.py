@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from calibration.activations import chat_prompts
-from calibration.judge import REFUSE
+from calibration.judge import refused
 
 
 def refusal_rates(groups: list[str], labels: list[str]) -> dict[str, dict]:
     """Per group: refusal rate, n and a 95% Wilson interval."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for group, label in zip(groups, labels):
-        counts[group][0] += label == REFUSE
+        counts[group][0] += refused(label)
         counts[group][1] += 1
     return {group: _rate(k, n) for group, (k, n) in sorted(counts.items())}
 

@@ -17,7 +17,7 @@ from datasets import Dataset
 
 from calibration.generation import generate
 from calibration.interventions import ablate_directions
-from calibration.judge import REFUSE, Judge
+from calibration.judge import Judge, refused
 from data_recipes.targets import standard_refusal
 
 
@@ -54,12 +54,12 @@ def build_preferences(
     to_steer: list[int] = []
     for i, row in enumerate(sft_rows):
         kind, own = row["kind"], own_responses[row["id"]]
-        refused = own_labels[row["id"]] == REFUSE
+        was_refused = refused(own_labels[row["id"]])
         if kind == "over_refusal":
-            rejected, how = (own, "own_refusal") if refused else (standard_refusal(i), "standard_refusal")
+            rejected, how = (own, "own_refusal") if was_refused else (standard_refusal(i), "standard_refusal")
         elif kind == "benign":
             rejected, how = standard_refusal(i), "standard_refusal"
-        elif not refused and own.strip():
+        elif not was_refused and own.strip():
             rejected, how = own, "own_compliance"
         else:
             to_steer.append(i)
@@ -73,7 +73,7 @@ def build_preferences(
             steered = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="compliant rejecteds")
         for i, answer, label in zip(to_steer, steered, judge.label(prompts, steered)):
             kind = sft_rows[i]["kind"]
-            if label == REFUSE or not answer.strip():
+            if refused(label) or not answer.strip():
                 stats[f"{kind}_dropped_no_compliant_answer"] += 1
                 continue
             pairs[i] = {**sft_rows[i], "chosen_text": sft_rows[i]["completion_text"], "rejected_text": answer}

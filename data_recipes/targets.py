@@ -17,7 +17,7 @@ from datasets import Dataset
 
 from calibration.generation import generate
 from calibration.interventions import ablate_directions
-from calibration.judge import REFUSE, Judge
+from calibration.judge import Judge, refused
 from data_recipes.tasks import TaskCluster
 
 STANDARD_REFUSALS = (
@@ -80,12 +80,12 @@ def build_targets(
     for i, row in enumerate(rows):
         kind, rid = row["kind"], row["id"]
         if kind in ("harmful", "frame_attack"):
-            if own_labels[rid] == REFUSE:
+            if refused(own_labels[rid]):
                 completion, how = own_responses[rid], "own_refusal"
             else:
                 completion, how = standard_refusal(i), "standard_refusal"
         elif kind == "benign":
-            if own_labels[rid] == REFUSE:
+            if refused(own_labels[rid]):
                 stats["benign_dropped_refused"] += 1
                 continue
             completion, how = trim_to_sentence(own_responses[rid]), "own_answer"
@@ -106,7 +106,7 @@ def build_targets(
             )
         labels = judge.label([r["prompt"] for r in to_steer], steered)
         for row, completion, label in zip(to_steer, steered, labels):
-            if label == REFUSE or not completion.strip():
+            if refused(label) or not completion.strip():
                 stats["over_refusal_dropped_steered_refusal"] += 1
                 continue
             if not answer_tasks[row["task"]].does_task(completion):

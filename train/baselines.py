@@ -17,7 +17,7 @@ from calibration.baselines import build_baselines
 from calibration.evaluation import kl_sums, selectivity
 from calibration.generation import generate
 from calibration.geometry import Geometry
-from calibration.judge import REFUSE
+from calibration.judge import refused
 from train.evaluate import eval_prompts, summarise
 from train.pipeline import load_responses
 
@@ -25,7 +25,7 @@ from train.pipeline import load_responses
 def calibrated_rates(prompts: list[dict], labels: list[str], calibrate: set[str]) -> dict[str, float]:
     """Refusal rates that selectivity compares: over-refusal on the calibrated tasks, raw harmful, frames."""
     def rate(keep) -> float:
-        chosen = [lab == REFUSE for p, lab in zip(prompts, labels) if keep(p)]
+        chosen = [refused(lab) for p, lab in zip(prompts, labels) if keep(p)]
         return sum(chosen) / max(len(chosen), 1)
 
     return {
@@ -68,7 +68,7 @@ def stage_baselines(run) -> None:
     _, labels_by_id = load_responses(run)
     rows = run.rows("train")
     baselines = build_baselines(
-        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [labels_by_id[r["id"]] == REFUSE for r in rows],
+        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [refused(labels_by_id[r["id"]]) for r in rows],
         geometry, sorted(calibrate), list(a.orthogonalisation_coefficients),
         list(a.steering_layers or [geometry.layer]), geometry.layer if a.steering_route_layer is None else a.steering_route_layer,
         a.steering_scale,

@@ -68,7 +68,7 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     from train.report import demo_summary, rich_table
 
     card = calibration_card(run)
-    console.print(rich_table(card["evaluation"]))
+    console.print(rich_table(card["evaluation"], f"refusal rate (judge {card['evaluation']['judge']})"))
     summary = demo_summary(card, wall_seconds, seconds)
     text = json.dumps(summary, indent=2)
     atomic_write_text(run.path("summary.json"), text)

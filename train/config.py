@@ -86,6 +86,15 @@ class RefcalArguments:
     generation_dtype: str = field(default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."})
     generation_batch_size: int = field(default=32, metadata={"help": "Batch size for generation and activation capture."})
 
+    judge: str = field(
+        default="learned",
+        metadata={"help": "Refusal judge: learned (phrase rules + a classifier fitted on XSTest's human labels), phrases, local_model (judge_model, a local causal LM asked to classify) or http (an OpenAI-compatible endpoint).", "choices": ["learned", "phrases", "local_model", "http"]},
+    )
+    judge_model: str | None = field(default=None, metadata={"help": "local_model: a model reference; http: the served model's name."})
+    judge_url: str | None = field(default=None, metadata={"help": "http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (the key, if any, from $OPENAI_API_KEY)."})
+    judge_timeout: float = field(default=30.0, metadata={"help": "http: seconds before a request is retried."})
+    judge_retries: int = field(default=3, metadata={"help": "http: retries after a timeout, a 429/5xx reply or an answer that names no label."})
+
     safety_gate_fraction: float = field(
         default=0.9,
         metadata={"help": "Export refuses an adapter whose harmful or frame-attack refusal keeps less than this fraction of the model's own rate."},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from calibration.geometry import Geometry
 from calibration.artifacts import atomic_directory
+from calibration.judge import judge_validation
 from train.report import card_markdown
 
 
@@ -33,6 +34,7 @@ def calibration_card(run) -> dict:
         "run_dir": str(run.dir),
         "parent": parent_record(run.args.init_adapter, run.args.resolved_calibrate_tasks()),
         "evaluation": results,
+        "judge": {"version": results["judge"], "validation": judge_validation(results["judge"])},
     }
 
 

@@ -26,7 +26,7 @@ from calibration.activations import capture_last_token
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
 from calibration.generation import generate
 from calibration.geometry import Geometry, estimate
-from calibration.judge import REFUSE, PhraseJudge
+from calibration.judge import build_judge, refused
 from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, four_bit_config, load_model
 from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
@@ -51,11 +51,19 @@ class Run:
         self.model_args, self.args, self.training_args = model_args, args, training_args
         self.dir = Path(args.run_dir)
         self.state = PartialState()
-        self.judge = PhraseJudge()
+        self._judge = None  # built on first use: the learned judge fits in seconds, a model judge loads a model
         self._recipe = None  # the data stage's DatasetDict, read once
 
     def path(self, name: str) -> Path:
         return self.dir / name
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            a = self.args
+            self._judge = build_judge(a.judge, a.data_root, a.judge_model, a.judge_url, a.judge_timeout, a.judge_retries,
+                                      self.training_args.trust_remote_code)
+        return self._judge
 
     def done(self, stage: str) -> bool:
         return self.path(stage).is_dir()
@@ -156,12 +164,12 @@ def stage_geometry(run: Run) -> None:
     model_fp = fingerprint(model)
     activations = capture_last_token(model, tokenizer, prompts, batch_size=a.generation_batch_size)
     geometry = estimate(
-        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [lab == REFUSE for lab in labels],
+        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [refused(lab) for lab in labels],
         model_fp, a.subspace_max_rank, a.subspace_variance,
     )
     num_layers = activations.shape[1]
     candidates = a.layer_candidates or list(range(int(0.2 * num_layers), int(0.8 * num_layers) + 1))
-    tokens = refusal_tokens(tokenizer, [r for r, lab, row in zip(responses, labels, rows) if lab == REFUSE and row["kind"] == "harmful"])
+    tokens = refusal_tokens(tokenizer, [r for r, lab, row in zip(responses, labels, rows) if refused(lab) and row["kind"] == "harmful"])
     layer, table = choose_layer(
         model, tokenizer, geometry,
         [r["prompt"] for r in val if r["kind"] == "harmful"], [r["prompt"] for r in val if r["kind"] == "benign"],
@@ -192,7 +200,7 @@ def geometry_report(run: Run, directory: str) -> Path:
     num_layers = activations.shape[1]
     probe_layers = sorted({*range(0, num_layers, 3), geometry.layer})
     analysis = analyse(
-        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [labels[r["id"]] == REFUSE for r in rows],
+        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [refused(labels[r["id"]]) for r in rows],
         probe_layers, run.args.report_permutations, run.training_args.seed,
     )
     model = run.model_args.model_name_or_path

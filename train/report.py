@@ -20,7 +20,7 @@ def comparison_rows(results: dict) -> list[tuple[str, dict, dict]]:
     return rows
 
 
-def rich_table(results: dict, title: str = "refusal rate (judge: phrase rules)") -> Table:
+def rich_table(results: dict, title: str = "refusal rate") -> Table:
     table = Table(title=title)
     for column in ("prompts", "n", "before", "after"):
         table.add_column(column, justify="left" if column == "prompts" else "right")
@@ -52,7 +52,7 @@ def card_markdown(card: dict) -> str:
             f"- regularizer layers: {card['training']['regularizer_layers']}; training rows: {card['training']['rows']}",
             f"- base weights in training: {card['training'].get('base_weights', 'unquantised')}; "
             f"geometry measured on: {card['training'].get('geometry_weights', 'unquantised')} weights",
-            f"- judge: {card['evaluation']['judge']}",
+            f"- judge: {judge_line(card.get('judge') or {'version': card['evaluation']['judge']})}",
             f"- safety gate: {gate_line(card.get('safety_gate'))}",
             f"- data rows hash: `{card['data_manifest']['rows_hash']}`",
             "",
@@ -94,6 +94,14 @@ def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
         "n": {k: v["n"] for k, v in ev["before"]["by_task"].items()} | {k: v["n"] for k, v in ev["before"]["benchmarks"].items()},
         "targets": card["targets"],
     }
+
+
+def judge_line(judge: dict) -> str:
+    validation = judge.get("validation")
+    if not validation:
+        return f"`{judge['version']}` (no validation figures recorded for this version)"
+    worst = min(validation["binary_agreement"].values())
+    return f"`{judge['version']}`; binary agreement with people {worst:.3f} or better on each model ({validation['method']})"
 
 
 def gate_line(gate: dict | None) -> str:
