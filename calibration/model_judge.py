@@ -133,7 +133,7 @@ class LocalModelJudge:
     def _prompt_ids(self, prompt: str, response: str) -> list[int]:
         text = INSTRUCTION.format(prompt=prompt, response=response)
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
         return self.tokenizer(text + "\n")["input_ids"]
 
     @torch.no_grad()
