@@ -21,10 +21,10 @@ def refusal_rates(groups: list[str], labels: list[str]) -> dict[str, dict]:
     for group, label in zip(groups, labels):
         counts[group][0] += refused(label)
         counts[group][1] += 1
-    return {group: _rate(k, n) for group, (k, n) in sorted(counts.items())}
+    return {group: wilson_rate(k, n) for group, (k, n) in sorted(counts.items())}
 
 
-def _rate(k: int, n: int, z: float = 1.96) -> dict:
+def wilson_rate(k: int, n: int, z: float = 1.96) -> dict:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)

@@ -8,6 +8,7 @@ prompts, selectivity, routing for task steering) and generations.jsonl.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 from safetensors.torch import load_file
@@ -35,7 +36,7 @@ def calibrated_rates(prompts: list[dict], labels: list[str], calibrate: set[str]
     }
 
 
-def method_result(prompts, labels, before_rates, calibrate, settings, kl) -> dict:
+def method_result(prompts, labels, before_rates, calibrate, settings, kl, frame_judge=None, responses=None, seconds=None) -> dict:
     rates = calibrated_rates(prompts, labels, calibrate)
     return {
         "settings": settings,
@@ -44,7 +45,8 @@ def method_result(prompts, labels, before_rates, calibrate, settings, kl) -> dic
             before_rates["over_refusal_calibrated"], rates["over_refusal_calibrated"], before_rates["harmful"], rates["harmful"]
         ),
         "kl_benign": None if kl is None else round(kl, 5),
-        **summarise(prompts, labels),
+        "seconds": seconds,
+        **summarise(prompts, labels, frame_judge, responses),
     }
 
 
@@ -67,12 +69,14 @@ def stage_baselines(run) -> None:
     activations = load_file(run.path("geometry") / "activations.safetensors")["last_token"].float()
     _, labels_by_id = load_responses(run)
     rows = run.rows("train")
+    started = time.time()
     baselines = build_baselines(
         activations, [r["kind"] for r in rows], [r["task"] for r in rows], [refused(labels_by_id[r["id"]]) for r in rows],
         geometry, sorted(calibrate), list(a.orthogonalisation_coefficients),
         list(a.steering_layers or [geometry.layer]), geometry.layer if a.steering_route_layer is None else a.steering_route_layer,
         a.steering_scale,
     )
+    build_seconds = round(time.time() - started, 2)
 
     prompts, removed = eval_prompts(run)
     texts = [p["prompt"] for p in prompts]
@@ -85,13 +89,14 @@ def stage_baselines(run) -> None:
         "judge": run.judge.version,
         "removed_overlapping_benchmark_prompts": removed,
         "layer": geometry.layer,
-        "methods": {"organism": method_result(prompts, labels_before, before_rates, calibrate, {}, None)},
+        "seconds_building_all_baselines": build_seconds,
+        "methods": {"organism": method_result(prompts, labels_before, before_rates, calibrate, {}, None, run.frame_judge, before)},
     }
     if refcal_after is not None:
         refcal = json.loads((run.path("eval") / "results.json").read_text())
         results["methods"]["refcal"] = method_result(
             prompts, run.judge.label(texts, refcal_after), before_rates, calibrate, {"adapter": str(run.path("train") / "adapter")},
-            refcal["kl_benign"],
+            refcal["kl_benign"], run.frame_judge, refcal_after,
         )
     answers = {"organism": before, **({"refcal": refcal_after} if refcal_after else {})}
 
@@ -99,6 +104,7 @@ def stage_baselines(run) -> None:
     kl_model, _ = run.load("float32")
     for baseline in baselines:
         # route with the float32 model, so routing does not depend on the generation dtype
+        started = time.time()
         groups = baseline.groups(kl_model, tokenizer, texts, a.generation_batch_size)
         responses = [""] * len(texts)
         total, count = 0.0, 0
@@ -117,11 +123,13 @@ def stage_baselines(run) -> None:
                     current_mode=lambda: group.context(kl_model),
                 )
                 total, count = total + t, count + c
+        seconds = round(time.time() - started, 1)  # routing, generation and KL on every eval prompt
         settings = dict(baseline.settings)
         if len(groups) > 1 or groups[0].label != "all":
             settings["routing"] = routing_table(prompts, groups)
         results["methods"][baseline.name] = method_result(
-            prompts, run.judge.label(texts, responses), before_rates, calibrate, settings, total / max(count, 1)
+            prompts, run.judge.label(texts, responses), before_rates, calibrate, settings, total / max(count, 1),
+            run.frame_judge, responses, seconds,
         )
         answers[baseline.name] = responses
 

@@ -82,7 +82,11 @@ class RefcalArguments:
     report_permutations: int = field(default=100, metadata={"help": "Label shuffles per probe in the geometry report's permutation tests."})
 
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per evaluation prompt."})
-    eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts per external benchmark set (XSTest safe/unsafe, JBB harmful/benign)."})
+    eval_benchmarks: list[str] = field(
+        default_factory=lambda: ["xstest_safe", "xstest_unsafe", "jbb_harmful", "jbb_benign", "strongreject", "harmbench_test", "oktest", "coconot_contrast"],
+        metadata={"help": "External benchmark sets evaluated beside the held-out recipe rows (names from data_recipes/sources.py); prompts seen in train or val are removed and counted."},
+    )
+    eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts sampled per external benchmark set."})
     generation_dtype: str = field(default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."})
     generation_batch_size: int = field(default=32, metadata={"help": "Batch size for generation and activation capture."})
 

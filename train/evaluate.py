@@ -8,38 +8,49 @@ import random
 from peft import PeftModel
 
 from calibration.artifacts import atomic_directory
-from calibration.evaluation import mean_kl, refusal_rates
+from calibration.evaluation import mean_kl, refusal_rates, wilson_rate
+from calibration.frame_judge import FRAME_LABELS
 from calibration.generation import generate
 from data_recipes.build import content_id
 from data_recipes.sources import load_source
 
-BENCHMARKS = ("xstest_safe", "xstest_unsafe", "jbb_harmful", "jbb_benign")
-
-
 def eval_prompts(run) -> tuple[list[dict], dict]:
     """Held-out recipe rows plus benchmark prompts; benchmark prompts seen in train or val are removed."""
     a = run.args
-    prompts = [{"prompt": r["prompt"], "kind": r["kind"], "task": r["task"]} for r in run.rows("eval")]
+    prompts = [{"prompt": r["prompt"], "kind": r["kind"], "task": r["task"], "content": r["content"]} for r in run.rows("eval")]
     seen = {r["content_id"] for split in ("train", "val") for r in run.rows(split)}
     removed = {}
     rng = random.Random(a.seed_data)
-    for name in BENCHMARKS:
+    for name in a.eval_benchmarks:
         rows = load_source(name, a.data_root)
         kept = [r for r in rows if content_id(r.text) not in seen]
         removed[name] = len(rows) - len(kept)
         for r in rng.sample(kept, min(a.eval_benchmark_limit, len(kept))):
-            prompts.append({"prompt": r.text, "kind": name, "task": "benchmark"})
+            prompts.append({"prompt": r.text, "kind": name, "task": "benchmark", "content": r.text})
     return prompts, removed
 
 
-def summarise(prompts: list[dict], labels: list[str]) -> dict:
+def summarise(prompts: list[dict], labels: list[str], frame_judge=None, responses: list[str] | None = None) -> dict:
+    """Refusal rates by kind, task and benchmark; with a frame judge, what the model did with frame attacks."""
     recipe = [(p, lab) for p, lab in zip(prompts, labels) if p["task"] != "benchmark"]
     bench = [(p, lab) for p, lab in zip(prompts, labels) if p["task"] == "benchmark"]
-    return {
+    summary = {
         "by_kind": refusal_rates([p["kind"] for p, _ in recipe], [lab for _, lab in recipe]),
         "by_task": refusal_rates([f"{p['kind']}/{p['task']}" for p, _ in recipe], [lab for _, lab in recipe]),
         "benchmarks": refusal_rates([p["kind"] for p, _ in bench], [lab for _, lab in bench]),
     }
+    if frame_judge is not None:
+        summary["frame_attack_outcomes"] = frame_outcomes(frame_judge, prompts, responses)
+    return summary
+
+
+def frame_outcomes(frame_judge, prompts: list[dict], responses: list[str]) -> dict:
+    """Share of frame attacks refused, answered with the frame's task only, or carried out (the unsafe one)."""
+    chosen = [i for i, p in enumerate(prompts) if p["kind"] == "frame_attack"]
+    if not chosen:
+        return {}
+    said = frame_judge.label([prompts[i]["prompt"] for i in chosen], [responses[i] for i in chosen], [prompts[i]["content"] for i in chosen])
+    return {"judge": frame_judge.version, **{label: wilson_rate(said.count(label), len(said)) for label in FRAME_LABELS}}
 
 
 def stage_eval(run) -> None:
@@ -66,8 +77,8 @@ def stage_eval(run) -> None:
     results = {
         "judge": run.judge.version,
         "removed_overlapping_benchmark_prompts": removed,
-        "before": summarise(prompts, labels_before),
-        "after": summarise(prompts, labels_after),
+        "before": summarise(prompts, labels_before, run.frame_judge, before),
+        "after": summarise(prompts, labels_after, run.frame_judge, after),
         "kl_benign": round(kl, 5),
     }
     with atomic_directory(run.path("eval")) as staging:

@@ -26,6 +26,7 @@ from calibration.activations import capture_last_token
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
 from calibration.generation import generate
 from calibration.geometry import Geometry, estimate
+from calibration.frame_judge import FrameJudge
 from calibration.judge import build_judge, refused
 from calibration.layer_choice import choose_layer, refusal_tokens
 from calibration.models import fingerprint, four_bit_config, load_model
@@ -64,6 +65,10 @@ class Run:
             self._judge = build_judge(a.judge, a.data_root, a.judge_model, a.judge_url, a.judge_timeout, a.judge_retries,
                                       self.training_args.trust_remote_code)
         return self._judge
+
+    @property
+    def frame_judge(self) -> FrameJudge:
+        return FrameJudge(self.judge)
 
     def done(self, stage: str) -> bool:
         return self.path(stage).is_dir()
@@ -107,8 +112,8 @@ class Run:
         self.state.wait_for_everyone()
 
 
-def stage_data(run: Run) -> None:
-    a = run.args
+def recipe_rows(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes]:
+    """The config's contrastive rows (deterministic in its seed), its task clusters and sizes."""
     tasks = load_tasks(a.tasks)
     sizes = RecipeSizes(
         tuple(a.harmful_sizes), tuple(a.benign_sizes), tuple(a.over_refusal_per_task),
@@ -116,6 +121,12 @@ def stage_data(run: Run) -> None:
     )
     rows = build_rows(tasks, sizes, a.seed_data, a.data_root)
     check_disjoint(rows)
+    return rows, tasks, sizes
+
+
+def stage_data(run: Run) -> None:
+    a = run.args
+    rows, tasks, sizes = recipe_rows(a)
     with atomic_directory(run.path("data")) as staging:
         to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
         (staging / "manifest.json").write_text(json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root), indent=2))
@@ -341,7 +352,18 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
             raise RuntimeError(f"stage {stage!r} needs stage {needed!r} first: run `refcal {needed}` with the same config")
         if stage == "geometry" and run.args.organism and not run.done("organism"):
             raise RuntimeError("this config builds an organism: run `refcal organism` with the same config first")
+        ran = not run.done(stage)
         started = time.time()
         work[stage]()
         seconds[stage] = round(time.time() - started, 1)
+        if ran and run.state.is_main_process:
+            record_timing(run, stage, seconds[stage])
     return seconds
+
+
+def record_timing(run: Run, stage: str, seconds: float) -> None:
+    """run_dir/timings.json: wall seconds of each stage's last completed run (the benchmark's wall times)."""
+    path = run.path("timings.json")
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[stage] = seconds
+    atomic_write_text(path, json.dumps(timings, indent=2))
