@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf runs/demo
 	PYTHONWARNINGS=ignore $(PY) train.py --config configs/demo_smollm2.yaml --summary_json bench/results/demo.json
+
+# The judge's validation and the benchmark table (bench/results/); each part reuses what it already ran.
+bench: $(STAMP)
+	PYTHONWARNINGS=ignore $(PY) bench/judge_agreement.py
+	PYTHONWARNINGS=ignore $(PY) bench/frame_labels.py
+	PYTHONWARNINGS=ignore $(PY) bench/calibration_table.py
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
 from peft import PeftModel
 
-from calibration.artifacts import atomic_directory
+from calibration.artifacts import atomic_directory, atomic_write_text
 from calibration.evaluation import mean_kl, refusal_rates, wilson_rate
 from calibration.frame_judge import FRAME_LABELS
 from calibration.generation import generate
@@ -53,6 +54,19 @@ def frame_outcomes(frame_judge, prompts: list[dict], responses: list[str]) -> di
     return {"judge": frame_judge.version, **{label: wilson_rate(said.count(label), len(said)) for label in FRAME_LABELS}}
 
 
+def frozen_generations(run, texts: list[str], produce) -> list[str]:
+    """The frozen model's answers, cached in run_dir/cache under a key of everything they depend on, so
+    runs that share a model and prompts (the benchmark's variants copy the cache) generate them once."""
+    a = run.args
+    key = hashlib.sha256(json.dumps([run.model_reference, texts, a.eval_max_new_tokens, a.generation_dtype]).encode()).hexdigest()[:16]
+    path = run.path("cache") / f"frozen-generations-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    answers = produce()
+    atomic_write_text(path, json.dumps(answers))
+    return answers
+
+
 def stage_eval(run) -> None:
     a = run.args
     prompts, removed = eval_prompts(run)
@@ -60,7 +74,7 @@ def stage_eval(run) -> None:
     adapter = run.path("train") / "adapter"
 
     model, tokenizer = run.load(a.generation_dtype)
-    before = generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before")
+    before = frozen_generations(run, texts, lambda: generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before"))
     calibrated = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval after")
     del model, calibrated
