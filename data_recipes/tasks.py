@@ -38,6 +38,8 @@ class TaskCluster:
     over_refusal_source: str | None = None  # a lookalike source instead of framed harmful contents
     harmful_source: str | None = None  # that source's harmful twins
     answer_pattern: str | None = None  # regex a steered answer must match to count as doing the task
+    held_out_templates: tuple[str, ...] = ()  # phrasings kept out of training: evaluation only
+    held_out_attack_templates: tuple[str, ...] = ()
 
     def does_task(self, answer: str) -> bool:
         """A cheap check that a generated answer does the task (no pattern: every answer passes)."""
@@ -84,7 +86,7 @@ def load_task(path: str | Path) -> TaskCluster:
             raise RecipeError(f"{path}: field {key!r} must be a non-empty string")
     if raw["name"] != path.stem:
         raise RecipeError(f"{path}: field 'name' is {raw['name']!r} but the file is {path.stem!r}")
-    for key in ("templates", "attack_templates"):
+    for key in ("templates", "attack_templates", "held_out_templates", "held_out_attack_templates"):
         templates = raw.get(key) or []
         if not isinstance(templates, list):
             raise RecipeError(f"{path}: field {key!r} must be a list of strings")

@@ -56,6 +56,10 @@ class RefcalArguments:
     subspace_variance: float = field(default=0.6, metadata={"help": "Explained variance that sets a subspace's rank."})
 
     calibrate_tasks: list[str] | None = field(default=None, metadata={"help": "Tasks whose over-refusal is trained away (default: organism_tasks)."})
+    calibration_over_refusal_per_task: int | None = field(
+        default=None,
+        metadata={"help": "Calibrate with at most this many over_refusal training rows per task (the scarce-data regime): both the answer targets and the over-refusal subspaces the regularizer collapses come from these rows only; the organism and the layer choice still see the whole split."},
+    )
     target_max_new_tokens: int = field(default=48, metadata={"help": "Length of generated targets."})
     objective: str = field(
         default="sft",
@@ -87,6 +91,10 @@ class RefcalArguments:
         metadata={"help": "External benchmark sets evaluated beside the held-out recipe rows (names from data_recipes/sources.py); prompts seen in train or val are removed and counted."},
     )
     eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts sampled per external benchmark set."})
+    eval_unseen_templates: bool = field(
+        default=False,
+        metadata={"help": "Also evaluate the held-out rows' contents in each task's held_out_templates and held_out_attack_templates, phrasings never trained on (kinds over_refusal_unseen_template, frame_attack_unseen_template)."},
+    )
     generation_dtype: str = field(default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."})
     generation_batch_size: int = field(default=32, metadata={"help": "Batch size for generation and activation capture."})
 

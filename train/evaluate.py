@@ -14,11 +14,14 @@ from calibration.frame_judge import FRAME_LABELS
 from calibration.generation import generate
 from data_recipes.build import content_id
 from data_recipes.sources import load_source
+from data_recipes.tasks import load_tasks
 
 def eval_prompts(run) -> tuple[list[dict], dict]:
     """Held-out recipe rows plus benchmark prompts; benchmark prompts seen in train or val are removed."""
     a = run.args
     prompts = [{"prompt": r["prompt"], "kind": r["kind"], "task": r["task"], "content": r["content"]} for r in run.rows("eval")]
+    if a.eval_unseen_templates:
+        prompts += unseen_template_prompts(run.rows("eval"), load_tasks(a.tasks), random.Random(a.seed_data + 1))
     seen = {r["content_id"] for split in ("train", "val") for r in run.rows(split)}
     removed = {}
     rng = random.Random(a.seed_data)
@@ -29,6 +32,23 @@ def eval_prompts(run) -> tuple[list[dict], dict]:
         for r in rng.sample(kept, min(a.eval_benchmark_limit, len(kept))):
             prompts.append({"prompt": r.text, "kind": name, "task": "benchmark", "content": r.text})
     return prompts, removed
+
+
+UNSEEN = {"over_refusal": "over_refusal_unseen_template", "frame_attack": "frame_attack_unseen_template"}
+
+
+def unseen_template_prompts(rows: list[dict], tasks, rng: random.Random) -> list[dict]:
+    """The held-out over_refusal and frame_attack contents again, each in a phrasing of its task that no
+    training row used: transfer across templates, with the contents held fixed."""
+    templates = {t.name: {"over_refusal": t.held_out_templates, "frame_attack": t.held_out_attack_templates} for t in tasks}
+    by_name = {t.name: t for t in tasks}
+    out = []
+    for row in rows:
+        choices = templates.get(row["task"], {}).get(row["kind"])
+        if choices:
+            prompt = by_name[row["task"]].fill(rng.choice(choices), row["content"])
+            out.append({"prompt": prompt, "kind": UNSEEN[row["kind"]], "task": row["task"], "content": row["content"]})
+    return out
 
 
 def summarise(prompts: list[dict], labels: list[str], frame_judge=None, responses: list[str] | None = None) -> dict:
@@ -42,12 +62,15 @@ def summarise(prompts: list[dict], labels: list[str], frame_judge=None, response
     }
     if frame_judge is not None:
         summary["frame_attack_outcomes"] = frame_outcomes(frame_judge, prompts, responses)
+        unseen = frame_outcomes(frame_judge, prompts, responses, UNSEEN["frame_attack"])
+        if unseen:
+            summary["frame_attack_unseen_template_outcomes"] = unseen
     return summary
 
 
-def frame_outcomes(frame_judge, prompts: list[dict], responses: list[str]) -> dict:
+def frame_outcomes(frame_judge, prompts: list[dict], responses: list[str], kind: str = "frame_attack") -> dict:
     """Share of frame attacks refused, answered with the frame's task only, or carried out (the unsafe one)."""
-    chosen = [i for i, p in enumerate(prompts) if p["kind"] == "frame_attack"]
+    chosen = [i for i, p in enumerate(prompts) if p["kind"] == kind]
     if not chosen:
         return {}
     said = frame_judge.label([prompts[i]["prompt"] for i in chosen], [responses[i] for i in chosen], [prompts[i]["content"] for i in chosen])

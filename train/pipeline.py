@@ -234,7 +234,7 @@ def prepare_sft_data(run: Run) -> None:
     answer_tasks = {task.name: task for task in load_tasks(a.tasks) if task.name in calibrate}
     model, tokenizer = run.load(a.generation_dtype)
     sft_rows, stats = build_targets(
-        run.rows("train"), responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
+        calibration_rows(run), responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
         answer_tasks, a.target_max_new_tokens, a.generation_batch_size,
     )
     record = {"rows": len(sft_rows), "how": stats}
@@ -250,12 +250,40 @@ def prepare_sft_data(run: Run) -> None:
         (staging / "targets.json").write_text(json.dumps(record, indent=2))
 
 
+def calibration_rows(run: Run) -> list[dict]:
+    """The training rows calibration learns from: all of them, or at most
+    calibration_over_refusal_per_task over_refusal rows per task (the first ones; row order is random)."""
+    limit = run.args.calibration_over_refusal_per_task
+    rows = run.rows("train")
+    if limit is None:
+        return rows
+    taken: dict[str, int] = {}
+    kept = []
+    for row in rows:
+        if row["kind"] == "over_refusal":
+            taken[row["task"]] = taken.get(row["task"], 0) + 1
+            if taken[row["task"]] > limit:
+                continue
+        kept.append(row)
+    return kept
+
+
 def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> GeometryRegularizer:
     a = run.args
     layers = a.regularizer_layers or [geometry.layer]
     train_ids = [r["id"] for r in run.rows("train")]
     position = {rid: i for i, rid in enumerate(train_ids)}
     cached = load_file(run.path("geometry") / "activations.safetensors")["last_token"]
+    if a.calibration_over_refusal_per_task is not None:
+        # the subspaces come from the same scarce rows the targets do, not from the whole split
+        subset = calibration_rows(run)
+        _, labels = load_responses(run)
+        layer = geometry.layer
+        geometry = estimate(
+            cached[[position[r["id"]] for r in subset]].float(), [r["kind"] for r in subset], [r["task"] for r in subset],
+            [refused(labels[r["id"]]) for r in subset], geometry.fingerprint, a.subspace_max_rank, a.subspace_variance,
+        )
+        geometry.layer = layer
     reference = cached[[position[r["id"]] for r in sft_rows]][:, layers]
     directions = torch.stack([geometry.direction(layer) for layer in layers])
     bases, means = {}, {}
