@@ -119,3 +119,11 @@ def test_validation_figures_belong_to_one_judge_version(learned):
     assert record is not None, "calibration/judge_validation.json is stale: rerun python bench/judge_agreement.py"
     assert min(record["binary_agreement"].values()) >= 0.93
     assert judge_validation("learned-v1-other") is None
+
+
+def test_card_line_reports_the_judges_validation(learned):
+    from train.report import judge_line
+
+    line = judge_line({"version": learned.version, "validation": judge_validation(learned.version)})
+    assert learned.version in line and "binary agreement with people 0.9" in line and "frame-attack outcome agreement" in line
+    assert "no validation figures" in judge_line({"version": "phrases-v1-1s1a", "validation": None})

@@ -12,22 +12,24 @@ from calibration.artifacts import atomic_directory, atomic_write_text
 from calibration.evaluation import mean_kl, refusal_rates, wilson_rate
 from calibration.frame_judge import FRAME_LABELS
 from calibration.generation import generate
-from data_recipes.build import content_id
+from data_recipes.overlap import RULE as OVERLAP_RULE
+from data_recipes.overlap import OverlapIndex
 from data_recipes.sources import load_source
 from data_recipes.tasks import load_tasks
 
 def eval_prompts(run) -> tuple[list[dict], dict]:
-    """Held-out recipe rows plus benchmark prompts; benchmark prompts seen in train or val are removed."""
+    """Held-out recipe rows plus benchmark prompts; benchmark prompts that overlap a train or val content
+    (data_recipes/overlap.py) are removed before sampling, and counted."""
     a = run.args
     prompts = [{"prompt": r["prompt"], "kind": r["kind"], "task": r["task"], "content": r["content"]} for r in run.rows("eval")]
     if a.eval_unseen_templates:
         prompts += unseen_template_prompts(run.rows("eval"), load_tasks(a.tasks), random.Random(a.seed_data + 1))
-    seen = {r["content_id"] for split in ("train", "val") for r in run.rows(split)}
+    seen = OverlapIndex([r["content"] for split in ("train", "val") for r in run.rows(split)])
     removed = {}
     rng = random.Random(a.seed_data)
     for name in a.eval_benchmarks:
         rows = load_source(name, a.data_root)
-        kept = [r for r in rows if content_id(r.text) not in seen]
+        kept = [r for r in rows if not seen.overlaps(r.text)]
         removed[name] = len(rows) - len(kept)
         for r in rng.sample(kept, min(a.eval_benchmark_limit, len(kept))):
             prompts.append({"prompt": r.text, "kind": name, "task": "benchmark", "content": r.text})
@@ -114,6 +116,7 @@ def stage_eval(run) -> None:
     results = {
         "judge": run.judge.version,
         "removed_overlapping_benchmark_prompts": removed,
+        "overlap_rule": OVERLAP_RULE,
         "before": summarise(prompts, labels_before, run.frame_judge, before),
         "after": summarise(prompts, labels_after, run.frame_judge, after),
         "kl_benign": round(kl, 5),

@@ -101,7 +101,11 @@ def judge_line(judge: dict) -> str:
     if not validation:
         return f"`{judge['version']}` (no validation figures recorded for this version)"
     worst = min(validation["binary_agreement"].values())
-    return f"`{judge['version']}`; binary agreement with people {worst:.3f} or better on each model ({validation['method']})"
+    line = f"`{judge['version']}`; binary agreement with people {worst:.3f} or better on each model ({validation['method']})"
+    frame = validation.get("frame_attack_label")
+    if frame:
+        line += f"; frame-attack outcome agreement {frame['three_way_agreement']['rate']:.3f} on {frame['three_way_agreement']['n']} held-out hand labels"
+    return line
 
 
 def gate_line(gate: dict | None) -> str:
