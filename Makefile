@@ -27,6 +27,7 @@ bench: $(STAMP)
 	PYTHONWARNINGS=ignore $(PY) bench/judge_agreement.py
 	PYTHONWARNINGS=ignore $(PY) bench/frame_labels.py
 	PYTHONWARNINGS=ignore $(PY) bench/calibration_table.py
+	PYTHONWARNINGS=ignore $(PY) bench/regimes.py
 
 test: $(STAMP)
 	$(PY) -m pytest

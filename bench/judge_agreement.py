@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import sys
@@ -87,12 +88,28 @@ def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
     return best
 
 
+def inputs_key(root: Path) -> str:
+    """A hash of everything the figures depend on: the judges' code, this script and the labelled data."""
+    files = [ROOT / "calibration" / name for name in ("judge.py", "learned_judge.py", "refusal_phrases.txt")] + [Path(__file__)]
+    files += sorted((root / "xstest").rglob("*.csv")) + sorted((root / "refusal_phrases").glob("*.txt"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default=None)
     parser.add_argument("--out", default="bench/results/judge_agreement.json")
+    parser.add_argument("--force", action="store_true", help="Recompute even when the inputs are unchanged.")
     args = parser.parse_args()
     root = Path(args.data_root) if args.data_root else default_data_root()
+    key = inputs_key(root)
+    previous = ROOT / args.out
+    if not args.force and previous.exists() and json.loads(previous.read_text()).get("inputs_key") == key:
+        print(f"{args.out} is up to date (same code and data); --force recomputes it")
+        return
     data = xstest_completions(root)
     table: dict[str, dict[str, dict]] = {}
 
@@ -117,6 +134,7 @@ def main() -> None:
         print(f"{held}: done", file=sys.stderr)
 
     result = {
+        "inputs_key": key,
         "binary_agreement_target": ">= 0.93 on every held-out model (issue 5)",
         "n_per_model": {m: len(data[m]) for m in XSTEST_MODELS},
         "learned_judge_version": default.version,
@@ -132,7 +150,12 @@ def main() -> None:
         "three_way_accuracy": {m: table["refcal learned (default settings)"][m]["three_way"] for m in XSTEST_MODELS},
         "nested_binary_agreement": {m: table["refcal learned (nested: settings chosen without the held-out model)"][m]["binary"] for m in XSTEST_MODELS},
     }
-    (ROOT / "calibration" / "judge_validation.json").write_text(json.dumps(validation, indent=2) + "\n")
+    validation_path = ROOT / "calibration" / "judge_validation.json"
+    if validation_path.exists():  # bench/frame_labels.py's figures for the same judge stay
+        earlier = json.loads(validation_path.read_text())
+        if earlier.get("version") == default.version and "frame_attack_label" in earlier:
+            validation["frame_attack_label"] = earlier["frame_attack_label"]
+    validation_path.write_text(json.dumps(validation, indent=2) + "\n")
     print("| judge | " + " | ".join(XSTEST_MODELS) + " | worst |\n|---|" + "---:|" * (len(XSTEST_MODELS) + 1))
     for name, per_model in table.items():
         cells = [f"{v['binary']:.3f}" + (f" ({v['three_way']:.3f})" if "three_way" in v else "") for v in per_model.values()]

@@ -94,6 +94,7 @@ class LearnedJudge:
         self.model = make_pipeline(features, LogisticRegression(C=C, max_iter=5000, class_weight="balanced"))
         self.model.fit(responses, labels)
         digest = hashlib.sha256("\x1f".join(f"{r}\x1e{lab}" for r, lab in zip(responses, labels)).encode()).hexdigest()
+        # v1 names the features and the phrase rules in front: change either, bump it (the hash covers the labels)
         self.version = f"learned-v1-h{head_chars}-C{C:g}-{digest[:10]}"
 
     @classmethod
