@@ -3,6 +3,7 @@ the preference pairs built from SFT targets."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig
 
@@ -26,7 +27,7 @@ def pairs() -> list[dict]:
     return out
 
 
-def make_dpo_trainer(tiny_model_dir, tmp_path, **overrides):
+def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, **overrides):
     from trl import SFTConfig
 
     model, tokenizer = load_model(str(tiny_model_dir))
@@ -41,7 +42,7 @@ def make_dpo_trainer(tiny_model_dir, tmp_path, **overrides):
     model.train()
     trainer = RefcalDPOTrainer(
         model=model,
-        args=dpo_config(SFTConfig(**settings), beta=0.1),
+        args=dpo_config(SFTConfig(**settings), beta=0.1, sft_weight=sft_weight),
         train_dataset=preference_dataset(rows),
         processing_class=tokenizer,
         data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=True),
@@ -58,6 +59,8 @@ def test_dpo_config_keeps_the_run_settings_and_dpo_defaults(tmp_path):
     config = dpo_config(SFTConfig(output_dir=str(tmp_path), use_cpu=True, learning_rate=3e-4, max_length=128, seed=7), beta=0.2)
     assert (config.learning_rate, config.max_length, config.seed, config.beta) == (3e-4, 128, 7, 0.2)
     assert config.loss_type == ["sigmoid"]  # DPO's own loss, not SFTConfig's "nll"
+    anchored = dpo_config(SFTConfig(output_dir=str(tmp_path), use_cpu=True), beta=0.1, sft_weight=0.5)
+    assert anchored.loss_type == ["sigmoid", "sft"] and anchored.loss_weights == [1.0, 0.5]
 
 
 def test_step_zero_terms_and_positions(tiny_model_dir, tmp_path):
@@ -71,8 +74,9 @@ def test_step_zero_terms_and_positions(tiny_model_dir, tmp_path):
     assert_terms_at_reference(trainer, batch)
 
 
-def test_dpo_training_moves_the_adapter_and_logs_both(tiny_model_dir, tmp_path):
-    trainer, _ = make_dpo_trainer(tiny_model_dir, tmp_path)
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_dpo_training_moves_the_adapter_and_logs_both(tiny_model_dir, tmp_path, sft_weight):
+    trainer, _ = make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight=sft_weight)
     trainer.train()
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"reg_keep", "reg_collapse", "reg_retain"} <= logged

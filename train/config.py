@@ -66,6 +66,10 @@ class RefcalArguments:
         metadata={"help": "Training objective, both with the geometry regularizer: sft (targets) or dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows).", "choices": ["sft", "dpo"]},
     )
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference (the model without the adapter)."})
+    dpo_sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "DPO: weight of an SFT loss on the chosen answers beside DPO's (RPO; TRL loss_type [sigmoid, sft]). It anchors their likelihood, which plain DPO can push down when chosen and rejected answers look alike (two refusal texts)."},
+    )
     init_adapter: str | None = field(
         default=None, metadata={"help": "Train this adapter further instead of a fresh LoRA (`refcal retrain` sets it)."}
     )
@@ -126,7 +130,9 @@ def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, 
     return model_args, refcal_args, training_args
 
 
-def dpo_config(sft_config: SFTConfig, beta: float) -> DPOConfig:
-    """The run's training arguments (TrainingArguments' fields and max_length) as a DPOConfig."""
+def dpo_config(sft_config: SFTConfig, beta: float, sft_weight: float = 0.0) -> DPOConfig:
+    """The run's training arguments (TrainingArguments' fields and max_length) as a DPOConfig; with
+    `sft_weight`, DPO's loss plus that much SFT loss on the chosen answers."""
     shared = {f.name: getattr(sft_config, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    return DPOConfig(**shared, max_length=sft_config.max_length, beta=beta)
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight > 0 else {}
+    return DPOConfig(**shared, max_length=sft_config.max_length, beta=beta, **losses)

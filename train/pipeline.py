@@ -325,7 +325,7 @@ def stage_train(run: Run) -> None:
     trainer_class = RefcalDPOTrainer if dpo else RefcalSFTTrainer
     trainer = trainer_class(
         model=model,
-        args=dpo_config(t, a.dpo_beta) if dpo else t,
+        args=dpo_config(t, a.dpo_beta, a.dpo_sft_weight) if dpo else t,
         train_dataset=preference_dataset(train_rows) if dpo else sft_dataset(train_rows),
         processing_class=tokenizer,
         data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=dpo),
