@@ -19,6 +19,8 @@ LABELS = (COMPLY, PARTIAL, REFUSE)
 def refused(label: str) -> bool:
     """The binary view: a partial refusal counts as a refusal."""
     return label in (REFUSE, PARTIAL)
+
+
 DEFAULT_PHRASES = Path(__file__).with_name("refusal_phrases.txt")
 
 

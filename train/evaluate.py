@@ -17,6 +17,7 @@ from data_recipes.overlap import OverlapIndex
 from data_recipes.sources import load_source
 from data_recipes.tasks import load_tasks
 
+
 def eval_prompts(run) -> tuple[list[dict], dict]:
     """Held-out recipe rows plus benchmark prompts; benchmark prompts that overlap a train or val content
     (data_recipes/overlap.py) are removed before sampling, and counted."""
