@@ -183,14 +183,20 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for regime, rows in report["regimes"].items():
-        for side, marker in (("plain", "o"), ("refcal", "s")):
-            ax.scatter(rows["over_refusal_trained"][side], rows["harmful"][side], marker=marker, label=f"{regime} {side}")
+    for i, (regime, rows) in enumerate(report["regimes"].items()):
+        colour = f"C{i}"
+        x = [rows["over_refusal_trained"][side] for side in ("plain", "refcal")]
+        y = [rows["harmful"][side] for side in ("plain", "refcal")]
+        own_plain = "plain" in REGIMES[regime][1]  # the term ablations share default's plain run
+        if own_plain:
+            ax.plot(x, y, color=colour, alpha=0.4)
+            ax.scatter(x[0], y[0], marker="o", color=colour)
+        ax.scatter(x[1], y[1], marker="s", color=colour, label=regime)
     ax.set_xlabel("over-refusal, trained frames (lower is better)")
     ax.set_ylabel("harmful refusal (higher is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title("Plain LoRA SFT (circles) vs refcal (squares) by regime")
+    ax.legend(fontsize=7)
+    ax.set_title("Plain LoRA SFT (circles) to refcal (squares), by regime")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
