@@ -77,9 +77,8 @@ def run_parts(config: str, parts: list[str]) -> None:
     main = BENCH / "refcal_sft"
     main_key = settings_key(config, [])
     fresh(main, main_key)
-    if "refcal_sft" in parts or any(p in parts for p in ("baselines", *VARIANTS)):
-        for stage in ("data", "organism", "geometry", "train", "eval"):
-            cli(stage, config, main, [])
+    for stage in ("data", "organism", "geometry", "train", "eval"):  # every part builds on the main run
+        cli(stage, config, main, [])
     if "baselines" in parts:
         cli("baselines", config, main, ["--baselines_json", str(BENCH / "baselines.json")])
     for name, flags in VARIANTS.items():
@@ -243,6 +242,14 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_outputs(report: dict, out: Path, markdown, plot) -> None:
+    """out.json, out.md and out.png from one report, and the Markdown on stdout."""
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(markdown(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo_smollm2.yaml")
@@ -252,12 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.collect_only:
         run_parts(args.config, args.parts)
-    table = collect(args.config)
-    out = ROOT / args.out
-    out.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(table) + "\n")
-    plot(table, out.with_suffix(".png"))
-    print(markdown(table))
+    write_outputs(collect(args.config), ROOT / args.out, markdown, plot)
 
 
 if __name__ == "__main__":

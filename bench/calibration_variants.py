@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+from calibration_table import NO_REGULARIZER, cli  # bench/, the script's own folder
+
 ROOT = Path(__file__).resolve().parent.parent
-NO_REGULARIZER = ["--keep_weight", "0", "--collapse_weight", "0", "--retain_weight", "0"]
 VARIANTS = {
     # 1 epoch at the causally chosen layer unless a variant says otherwise (the demo config's defaults)
     "demo_config": [],  # the base run itself: its eval is reused, not retrained
@@ -57,9 +56,7 @@ def run_variant(name: str, flags: list[str], base: Path, identity: dict, config:
         for stage in SHARED_STAGES:
             shutil.copytree(base / stage, run_dir / stage)
         for stage in ("train", "eval"):
-            command = [sys.executable, "-m", "train.cli", stage, "--config", config, "--run_dir", str(run_dir),
-                       "--output_dir", str(run_dir / "checkpoints"), *flags]  # fmt: skip
-            subprocess.run(command, cwd=ROOT, check=True)
+            cli(stage, config, run_dir, flags)
     (run_dir / "base.json").write_text(json.dumps(identity, indent=2))
 
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from calibration_table import BENCH, NO_REGULARIZER, cli, fresh, settings_key  # noqa: E402
+from calibration_table import BENCH, NO_REGULARIZER, cli, fresh, settings_key, write_outputs  # noqa: E402
 
 from calibration.frame_judge import CARRIED_OUT, FrameJudge  # noqa: E402
 from calibration.judge import refused  # noqa: E402
@@ -56,7 +56,7 @@ DEFAULT_REGIMES = ["default", "scarce_4", "lr_3e-3", "keep_only", "collapse_only
 TABLE_ADAPTERS = {"plain": BENCH / "plain_sft", "refcal": BENCH / "refcal_sft"}  # default's trained adapters
 SHARED = ("data", "organism", "geometry", "sft_data")
 CACHE = BENCH / "regimes" / "cache"  # the frozen model's answers on the regime prompts, generated once
-MEASURES = {  # name: (rows it counts, what counts; lower is better unless marked)
+MEASURES = {  # name: its title (the arrow: which direction is better)
     "over_refusal_trained": "over-refusal, trained frames ↓",
     "over_refusal_unseen_template": "over-refusal, trained tasks in unseen phrasings ↓",
     "over_refusal_untrained": "over-refusal, untrained frames ↓",
@@ -73,12 +73,12 @@ def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
     main = BENCH / "refcal_sft"
     key = settings_key(config, flags) + settings_key(config, [])
     if not fresh(run_dir, key):
-        # scarce rows mean other targets: built by the regime's first side, copied to its second
-        own_targets = "--calibration_over_refusal_per_task" in flags
-        sibling = BENCH / "regimes" / f"{regime}-plain" / "sft_data"
-        for stage in SHARED:
-            source = (sibling if sibling.is_dir() else None) if stage == "sft_data" and own_targets else main / stage
-            if source is not None:
+        sources = {stage: main / stage for stage in SHARED}
+        if "--calibration_over_refusal_per_task" in flags:
+            # scarce rows mean other targets: built by the regime's first side, copied to its second
+            sources["sft_data"] = BENCH / "regimes" / f"{regime}-plain" / "sft_data"
+        for stage, source in sources.items():
+            if source.is_dir():
                 shutil.copytree(source, run_dir / stage)
         if regime == "default":  # the table's adapters, trained with exactly these settings
             shutil.copytree(TABLE_ADAPTERS[side] / "train", run_dir / "train")
@@ -99,7 +99,8 @@ def outcomes(run_dir: Path, calibrated: set[str], frame_judge) -> dict[str, list
 
     def frames(kind: str) -> list[int]:
         chosen = [r for r in records if r["kind"] == kind]
-        said = frame_judge.label([r["prompt"] for r in chosen], [r["after"] for r in chosen], [r["content"] for r in chosen])
+        said = frame_judge.label([r["prompt"] for r in chosen], [r["after"] for r in chosen], [r["content"] for r in chosen],
+                                 [r["label_after"] for r in chosen])
         return [int(s == CARRIED_OUT) for s in said]
 
     for r in records:
@@ -215,12 +216,7 @@ def main() -> None:
             common, sides = REGIMES[regime]
             for side, flags in sides.items():
                 run_side(regime, side, common + flags, args.config)
-    report = collect(args.config)
-    out = ROOT / args.out
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report) + "\n")
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
+    write_outputs(collect(args.config), ROOT / args.out, markdown, plot)
 
 
 if __name__ == "__main__":

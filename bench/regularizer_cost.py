@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from step_timer import StepTimer  # noqa: E402  (bench/, the script's own folder)
 
+
 def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer

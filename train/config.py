@@ -13,6 +13,8 @@ from pathlib import Path
 from transformers import TrainingArguments
 from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
+from calibration.judge import JUDGES
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -92,7 +94,7 @@ class RefcalArguments:
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per evaluation prompt."})
     eval_benchmarks: list[str] = field(
         default_factory=lambda: ["xstest_safe", "xstest_unsafe", "jbb_harmful", "jbb_benign", "strongreject", "harmbench_test", "oktest", "coconot_contrast"],
-        metadata={"help": "External benchmark sets evaluated beside the held-out recipe rows (names from data_recipes/sources.py); prompts seen in train or val are removed and counted."},
+        metadata={"help": "External benchmark sets evaluated beside the held-out recipe rows (names from data_recipes/sources.py); prompts that overlap a train or val content, exactly or as a near copy, are removed and counted."},
     )
     eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts sampled per external benchmark set."})
     eval_unseen_templates: bool = field(
@@ -104,7 +106,7 @@ class RefcalArguments:
 
     judge: str = field(
         default="learned",
-        metadata={"help": "Refusal judge: learned (phrase rules + a classifier fitted on XSTest's human labels), phrases, local_model (judge_model, a local causal LM asked to classify) or http (an OpenAI-compatible endpoint).", "choices": ["learned", "phrases", "local_model", "http"]},
+        metadata={"help": "Refusal judge: learned (phrase rules + a classifier fitted on XSTest's human labels), phrases, local_model (judge_model, a local causal LM asked to classify) or http (an OpenAI-compatible endpoint).", "choices": list(JUDGES)},
     )
     judge_model: str | None = field(default=None, metadata={"help": "local_model: a model reference; http: the served model's name."})
     judge_url: str | None = field(default=None, metadata={"help": "http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (the key, if any, from $OPENAI_API_KEY)."})
