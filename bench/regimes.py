@@ -7,12 +7,16 @@ targets) and is evaluated on the held-out recipe rows plus the same contents in 
   default        the table's own adapters (16 over_refusal rows per task, learning rate 1e-3, 1 epoch),
                  evaluated again here: the unseen-template regime, and the reference point of the others;
   scarce_4       4 over_refusal rows per task (targets and subspaces from those rows only);
+  rows_64        64 over_refusal rows per task. The demo organism's training split holds 16 per task, so
+                 this regime builds its own data (64 harmful training contents), organism and geometry:
+                 its plain and refcal runs are compared with each other, not with the other regimes';
   lr_3e-3, lr_1e-2  over-training: the same rows and steps at a larger learning rate;
   keep_only, collapse_only, retain_only   each regularizer term alone (refcal side only; plain SFT is
-                 the same run as default's).
-lr_1e-2 and retain_only are defined but left out of the default list, to keep `make bench` near an hour.
-Not run here, and why: 64 rows per task needs a larger training split than the demo organism's (16 per
-task), i.e. another organism; new clusters added later is bench/retrain_new_clusters.py (refcal only).
+                 the same run as default's);
+  new_clusters   the four task clusters held out of calibration (entities, grammar, passage_qa,
+                 summarisation) added later, as `refcal retrain` does: each side continues its own
+                 default adapter (plain from plain, refcal from refcal) on old and new tasks' rows. Here
+                 "trained frames" are the old clusters (forgetting) and "untrained frames" the new ones.
 
 Each comparison is paired (same prompts): the difference in rate, refcal minus plain, with a 95% paired
 bootstrap interval over prompts; a regime is a win or a loss for the regularizer on a measure when the
@@ -43,18 +47,26 @@ from calibration.learned_judge import LearnedJudge  # noqa: E402
 from data_recipes.sources import default_data_root  # noqa: E402
 
 EVAL = ["--eval_benchmark_limit", "0", "--eval_unseen_templates", "true"]
+OLD_TASKS = ["sentiment", "translation", "cipher", "lookalike"]  # the demo's organism_tasks, calibrated by default
+NEW_TASKS = ["entities", "grammar", "passage_qa", "summarisation"]
 REGIMES = {  # name: (flags for both sides, {side: extra flags}); a side absent here reuses default's run
     "default": ([], {"plain": NO_REGULARIZER, "refcal": []}),
     "scarce_4": (["--calibration_over_refusal_per_task", "4"], {"plain": NO_REGULARIZER, "refcal": []}),
+    "rows_64": (["--harmful_sizes", "64", "24", "60", "--over_refusal_per_task", "64", "0", "12"],
+                {"plain": NO_REGULARIZER, "refcal": []}),
     "lr_3e-3": (["--learning_rate", "3e-3"], {"plain": NO_REGULARIZER, "refcal": []}),
     "lr_1e-2": (["--learning_rate", "1e-2"], {"plain": NO_REGULARIZER, "refcal": []}),
     "keep_only": ([], {"refcal": ["--collapse_weight", "0", "--retain_weight", "0"]}),
     "collapse_only": ([], {"refcal": ["--keep_weight", "0", "--retain_weight", "0"]}),
     "retain_only": ([], {"refcal": ["--keep_weight", "0", "--collapse_weight", "0"]}),
+    "new_clusters": (["--calibrate_tasks", *OLD_TASKS, *NEW_TASKS],
+                     {"plain": [*NO_REGULARIZER, "--init_adapter", "PARENT"], "refcal": ["--init_adapter", "PARENT"]}),
 }
-DEFAULT_REGIMES = ["default", "scarce_4", "lr_3e-3", "keep_only", "collapse_only"]
 TABLE_ADAPTERS = {"plain": BENCH / "plain_sft", "refcal": BENCH / "refcal_sft"}  # default's trained adapters
+TABLE_FLAGS = {"plain": NO_REGULARIZER, "refcal": []}
 SHARED = ("data", "organism", "geometry", "sft_data")
+DATA_FLAGS = ("--harmful_sizes", "--over_refusal_per_task")  # the regime builds its own rows, organism, geometry
+TARGET_FLAGS = ("--calibration_over_refusal_per_task", "--calibrate_tasks")  # the regime builds its own targets
 CACHE = BENCH / "regimes" / "cache"  # the frozen model's answers on the regime prompts, generated once
 MEASURES = {  # name: its title (the arrow: which direction is better)
     "over_refusal_trained": "over-refusal, trained frames ↓",
@@ -68,15 +80,28 @@ MEASURES = {  # name: its title (the arrow: which direction is better)
 HIGHER_IS_BETTER = {"harmful"}
 
 
+def parent_adapter(side: str, config: str) -> str:
+    """The table's adapter of one side, exported (the safety gate is recorded, not enforced: a bench input)."""
+    run_dir = TABLE_ADAPTERS[side]
+    if not (run_dir / "export" / "adapter").is_dir():
+        cli("export", config, run_dir, [*TABLE_FLAGS[side], "--force_export", "true"])
+    return str(run_dir / "export" / "adapter")
+
+
 def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
     run_dir = BENCH / "regimes" / f"{regime}-{side}"
-    main = BENCH / "refcal_sft"
+    first = BENCH / "regimes" / f"{regime}-plain"  # a regime's first side builds what both sides share
+    own_rows = any(flag in flags for flag in DATA_FLAGS)
+    if "PARENT" in flags:
+        flags = [parent_adapter(side, config) if flag == "PARENT" else flag for flag in flags]
     key = settings_key(config, flags) + settings_key(config, [])
     if not fresh(run_dir, key):
-        sources = {stage: main / stage for stage in SHARED}
-        if "--calibration_over_refusal_per_task" in flags:
-            # scarce rows mean other targets: built by the regime's first side, copied to its second
-            sources["sft_data"] = BENCH / "regimes" / f"{regime}-plain" / "sft_data"
+        if own_rows and side == "plain":
+            sources = {}
+        else:
+            sources = {stage: (first if own_rows else BENCH / "refcal_sft") / stage for stage in SHARED}
+            if any(flag in flags for flag in TARGET_FLAGS):
+                sources["sft_data"] = first / "sft_data"
         for stage, source in sources.items():
             if source.is_dir():
                 shutil.copytree(source, run_dir / stage)
@@ -85,7 +110,8 @@ def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
             shutil.copy(TABLE_ADAPTERS[side] / "timings.json", run_dir / "timings.json")
     if CACHE.is_dir() and not (run_dir / "eval").exists():
         shutil.copytree(CACHE, run_dir / "cache", dirs_exist_ok=True)
-    for stage in ("train", "eval"):
+    stages = ("data", "organism", "geometry", "train", "eval") if own_rows and side == "plain" else ("train", "eval")
+    for stage in stages:
         cli(stage, config, run_dir, flags + EVAL)
     if (run_dir / "cache").is_dir():
         shutil.copytree(run_dir / "cache", CACHE, dirs_exist_ok=True)
@@ -206,8 +232,7 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo_smollm2.yaml")
-    parser.add_argument("--regimes", nargs="+", default=DEFAULT_REGIMES, choices=list(REGIMES),
-                        help="Regimes to run (default: all but lr_1e-2 and retain_only, to fit make bench in about an hour).")
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="Regimes to run (default: all).")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--out", default="bench/results/regimes")
     args = parser.parse_args()
