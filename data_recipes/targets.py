@@ -6,6 +6,9 @@
   answer is still a refusal, or fails the task's answer_pattern (it does not do the task), are dropped
   and counted.
 - benign: the model's own answer; rows it refused are dropped and counted.
+
+Target-free calibration (objective: geometry) gives over_refusal rows no answer: they keep the model's own
+response only to mark where the prompt ends, with `supervised` false, and the regularizer alone moves them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def chat_row(prompt: str, completion: str, **extra) -> dict:
 
 def sft_dataset(rows: list[dict]) -> Dataset:
     """Target rows as the trainer's dataset; `row_index` links each example to its cached reference values."""
-    return Dataset.from_list([chat_row(r["prompt"], r["completion_text"], row_index=i) for i, r in enumerate(rows)])
+    return Dataset.from_list(
+        [chat_row(r["prompt"], r["completion_text"], row_index=i, supervised=r.get("supervised", True)) for i, r in enumerate(rows)]
+    )
 
 
 def standard_refusal(index: int) -> str:
@@ -72,8 +77,10 @@ def build_targets(
     answer_tasks: dict[str, TaskCluster],
     max_new_tokens: int,
     batch_size: int,
+    target_free: bool = False,
 ) -> tuple[list[dict], dict]:
-    """SFT rows (prompt, completion, kind, task, id) and a count of how each target was obtained."""
+    """SFT rows (prompt, completion, kind, task, id, supervised) and a count of how each target was obtained.
+    target_free: over_refusal rows of answer_tasks get no target (their own response, unsupervised)."""
     stats: Counter = Counter()
     out: list[dict] = []
     to_steer: list[dict] = []
@@ -90,6 +97,10 @@ def build_targets(
                 continue
             completion, how = trim_to_sentence(own_responses[rid]), "own_answer"
         elif row["task"] not in answer_tasks:
+            continue
+        elif target_free:
+            stats["over_refusal_target_free"] += 1
+            out.append({**row, "completion_text": own_responses[rid], "supervised": False})
             continue
         elif row["reference"]:
             completion, how = reference_answer(row), "reference_answer"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from calibration.judge import PhraseJudge
@@ -53,3 +54,22 @@ def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
         "over_refusal_reference_answer": 1, "over_refusal_steered_answer": 1,
         "over_refusal_dropped_off_task": 1, "over_refusal_dropped_steered_refusal": 1,
     }  # fmt: skip
+
+
+def test_target_free_over_refusal_rows_keep_their_own_response_unsupervised(tiny_model_dir, monkeypatch):
+    """objective: geometry generates no targets: every calibrated over_refusal row stays, unsupervised."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    monkeypatch.setattr(targets, "generate", lambda *a, **k: pytest.fail("target-free calibration generates nothing"))
+    tasks = {"labels": TaskCluster("labels", "x", ("{content}",))}
+    rows = [row("h", "harmful", "none"), row("s1", "over_refusal", "labels"), row("x", "over_refusal", "not_calibrated")]
+    own = {"h": "I'm sorry, I can't.", "s1": "I cannot classify that."}
+    labels = {"h": "refuse", "s1": "refuse"}
+    out, stats = targets.build_targets(
+        rows, own, labels, model, tokenizer, PhraseJudge(), torch.randn(model.config.hidden_size), tasks,
+        max_new_tokens=6, batch_size=4, target_free=True,
+    )  # fmt: skip
+    assert [(r["id"], r["completion_text"], r.get("supervised", True)) for r in out] == [
+        ("h", "I'm sorry, I can't.", True), ("s1", "I cannot classify that.", False),
+    ]  # fmt: skip
+    assert stats == {"harmful_own_refusal": 1, "over_refusal_target_free": 1}
+    assert targets.sft_dataset(out)["supervised"] == [True, False]

@@ -36,6 +36,7 @@ def test_terms_at_step_zero_match_the_reference(setup):
     batch = first_batch(trainer)
     assert batch["row_index"].tolist() == [0, 1, 2, 3]
     positions = last_prompt_positions(batch["labels"] != -100)
+    assert batch["last_prompt"].tolist() == positions.tolist()
     # the position is the last token of the rendered prompt (generation prompt included)
     for i, pos in enumerate(positions.tolist()):
         assert batch["labels"][i, pos].item() == -100 and batch["labels"][i, pos + 1].item() != -100
@@ -46,12 +47,9 @@ def test_shifted_positions_would_be_caught(setup):
     """The step-0 check is sensitive: one token off, the hidden states no longer match the reference."""
     trainer, rows = setup
     batch = first_batch(trainer)
-    labels = batch["labels"].clone()
-    first = (labels != -100).float().argmax(dim=1)
-    labels[torch.arange(len(labels)), first] = -100  # shift the first supervised token by one
     trainer.model.eval()
     with torch.no_grad():
-        trainer.compute_loss(trainer.model, {**batch, "labels": labels})
+        trainer.compute_loss(trainer.model, {**batch, "last_prompt": batch["last_prompt"] + 1})
     metrics = trainer._metrics["eval"]
     assert metrics["reg_retain"][-1] > 1e-3 or abs(metrics["reg_collapse"][-1] - 1) > 1e-3
 
@@ -118,3 +116,41 @@ def test_last_prompt_positions_rejects_rows_without_completion():
     with pytest.raises(ValueError, match="no completion tokens"):
         last_prompt_positions(labels != -100)
     assert last_prompt_positions(labels[:1] != -100).tolist() == [1]
+
+
+@pytest.fixture
+def target_free(tiny_model_dir, tmp_path):
+    """objective: geometry's rows: over_refusal rows carry a completion but no answer target."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    rows = [{**r, "supervised": r["kind"] != "over_refusal"} for r in sft_rows()]
+    regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
+    trainer = make_trainer(model, tokenizer, rows, regularizer, tmp_path / "out", train_sampling_strategy="sequential")
+    return trainer, rows
+
+
+def test_target_free_rows_have_no_labels_but_keep_their_position(target_free):
+    trainer, rows = target_free
+    batch = first_batch(trainer)
+    supervised = [rows[i]["supervised"] for i in batch["row_index"].tolist()]
+    assert supervised.count(False) >= 1
+    for i, has_target in enumerate(supervised):
+        assert (batch["labels"][i] != -100).any().item() == has_target
+    # the position still is the last prompt token, as for the answered rows (the step-0 reference match)
+    assert_terms_at_reference(trainer, batch)
+
+
+def test_a_batch_of_target_free_rows_trains_through_the_regularizer_alone(target_free):
+    trainer, rows = target_free
+    batch = first_batch(trainer)
+    only = [i for i, r in enumerate(batch["row_index"].tolist()) if not rows[r]["supervised"]]
+    batch = {k: v[only] for k, v in batch.items()}
+    trainer.model.train()
+    for name, parameter in trainer.model.named_parameters():
+        if "lora_" in name:
+            with torch.no_grad():
+                parameter.normal_(0, 0.1)  # off the reference, so the collapse term has a gradient
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_" in n)

@@ -65,7 +65,7 @@ class RefcalArguments:
     target_max_new_tokens: int = field(default=48, metadata={"help": "Length of generated targets."})
     objective: str = field(
         default="sft",
-        metadata={"help": "Training objective, both with the geometry regularizer: sft (targets) or dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows).", "choices": ["sft", "dpo"]},
+        metadata={"help": "Training objective, each with the geometry regularizer: sft (answer targets), dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows) or geometry (target-free: over_refusal rows get no answer and only the regularizer moves them; the other rows keep their SFT targets).", "choices": ["sft", "dpo", "geometry"]},
     )
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference (the model without the adapter)."})
     dpo_sft_weight: float = field(

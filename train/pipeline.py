@@ -235,9 +235,9 @@ def prepare_sft_data(run: Run) -> None:
     model, tokenizer = run.load(a.generation_dtype)
     sft_rows, stats = build_targets(
         calibration_rows(run), responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
-        answer_tasks, a.target_max_new_tokens, a.generation_batch_size,
+        answer_tasks, a.target_max_new_tokens, a.generation_batch_size, target_free=a.objective == "geometry",
     )
-    record = {"rows": len(sft_rows), "how": stats}
+    record = {"objective": a.objective, "rows": len(sft_rows), "how": stats}
     if a.objective == "dpo":
         pairs, record["preferences"] = build_preferences(
             sft_rows, responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
@@ -301,14 +301,23 @@ def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> Geo
     )
 
 
+def sft_data_fits(folder: Path, objective: str) -> bool:
+    """Whether training data built for one objective serves another: DPO needs its preference pairs, and
+    target-free rows (geometry) differ from answered ones (sft, dpo)."""
+    built = json.loads((folder / "targets.json").read_text()).get("objective", "sft")
+    if objective == "dpo":
+        return (folder / "preferences").is_dir()
+    return (built == "geometry") == (objective == "geometry")
+
+
 def stage_train(run: Run) -> None:
     """Distributed: TRL training with the regularizer; the adapter lands in run_dir/train."""
     if run.done("train"):
         return
     a, t = run.args, run.training_args
     dpo = a.objective == "dpo"
-    if dpo and run.done("sft_data") and not (run.path("sft_data") / "preferences").is_dir() and run.state.is_main_process:
-        shutil.rmtree(run.path("sft_data"))  # built for SFT: build it again with the preference pairs
+    if run.done("sft_data") and run.state.is_main_process and not sft_data_fits(run.path("sft_data"), a.objective):
+        shutil.rmtree(run.path("sft_data"))  # built for another objective: build it again
     run.state.wait_for_everyone()
     run.main_only("sft_data", lambda: prepare_sft_data(run))
     model, tokenizer = run.load("float32", qlora=True)

@@ -18,16 +18,27 @@ TERMS = ("keep", "collapse", "retain")
 
 class RowIndexCollator:
     """A TRL collator (language modelling, or preference pairs), carrying each example's `row_index`
-    through as a tensor."""
+    through as a tensor.
+
+    Language modelling batches also carry `last_prompt` (each row's last prompt token), and rows whose
+    `supervised` is false have their labels masked: their completion only marks where the prompt ends,
+    so the regularizer acts on them without an answer target (objective: geometry)."""
+
+    EXTRA = ("row_index", "supervised")
 
     def __init__(self, pad_token_id: int, preference: bool = False):
         collator = DataCollatorForPreference if preference else DataCollatorForLanguageModeling
         self.inner = collator(pad_token_id=pad_token_id)
+        self.preference = preference
 
     def __call__(self, examples: list[dict]) -> dict:
         rows = torch.tensor([example["row_index"] for example in examples])
-        batch = self.inner([{k: v for k, v in e.items() if k != "row_index"} for e in examples])
+        batch = self.inner([{k: v for k, v in e.items() if k not in self.EXTRA} for e in examples])
         batch["row_index"] = rows
+        if not self.preference:
+            batch["last_prompt"] = last_prompt_positions(batch["labels"] != -100)
+            unsupervised = torch.tensor([not example.get("supervised", True) for example in examples])
+            batch["labels"][unsupervised] = -100
         return batch
 
 
@@ -56,8 +67,8 @@ class GeometryRegularized:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "row_index" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "row_index"]
+        extra = [column for column in RowIndexCollator.EXTRA if column not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     @contextmanager
     def _capture(self, model):
@@ -102,12 +113,15 @@ class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):
     """TRL's SFTTrainer plus the geometry regularizer."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        row_index = inputs.pop("row_index")
-        supervised = inputs["labels"] != -100
+        row_index, positions = inputs.pop("row_index"), inputs.pop("last_prompt")
         with self._capture(model) as captured:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
-        loss = self._regularized(model, loss, captured, last_prompt_positions(supervised), row_index, num_items_in_batch)
+            if (inputs["labels"] != -100).any():
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:  # only target-free rows: no language-modelling loss, the regularizer alone
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                result = (outputs.logits.sum() * 0, outputs)
+        loss = result[0] if isinstance(result, tuple) else result
+        loss = self._regularized(model, loss, captured, positions, row_index, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
 
 
