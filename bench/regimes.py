@@ -105,7 +105,7 @@ def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
         for stage, source in sources.items():
             if source.is_dir():
                 shutil.copytree(source, run_dir / stage)
-        if regime == "default":  # the table's adapters, trained with exactly these settings
+        if regime == "default" and side in TABLE_ADAPTERS:  # the table's adapters, trained with exactly these settings
             shutil.copytree(TABLE_ADAPTERS[side] / "train", run_dir / "train")
             shutil.copy(TABLE_ADAPTERS[side] / "timings.json", run_dir / "timings.json")
     if CACHE.is_dir() and not (run_dir / "eval").exists():
@@ -118,9 +118,11 @@ def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
     return run_dir
 
 
-def outcomes(run_dir: Path, calibrated: set[str], frame_judge) -> dict[str, list[int]]:
-    """Per measure, one 0/1 outcome per prompt, in prompt order (the same prompts in every run)."""
+def outcomes(run_dir: Path, calibrated: set[str], frame_judge, keep=None) -> dict[str, list[int]]:
+    """Per measure, one 0/1 outcome per prompt, in prompt order (the same prompts in every run);
+    keep(record) -> bool limits them to some prompts (a validation or test half)."""
     records = [json.loads(line) for line in (run_dir / "eval" / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [r for r in records if keep is None or keep(r)]
     out = {name: [] for name in MEASURES}
 
     def frames(kind: str) -> list[int]:
