@@ -56,6 +56,7 @@ VARIANTS = {  # name: flags on top of refcal's default (the regimes' refcal side
     "refcal": [],
     "geometry": ["--objective", "geometry"],  # target-free: no answers for over_refusal rows
     "band": ["--regularizer_layers", *BAND],
+    "tail": ["--regularizer_positions", "tail"],  # every post-instruction token, not only the last
     "geometry_band": ["--objective", "geometry", "--regularizer_layers", *BAND],
     "subspace_only": ["--collapse_harmful_component", "false"],  # collapse the task subspace, not r's component
 }

@@ -1,4 +1,4 @@
-"""Batched capture of residual-stream activations at the last prompt token."""
+"""Batched capture of residual-stream activations at the last prompt token (or the prompt's last few)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
+
+
+def template_tail_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many tokens the chat template puts after the user's message (end of turn, assistant header):
+    the post-instruction positions, of which the last prompt token is the last."""
+    marker = "refcal-end-of-instruction"
+    text = chat_prompts(tokenizer, [marker])[0]
+    tail = text[text.rindex(marker) + len(marker) :]
+    return max(1, len(tokenizer(tail, add_special_tokens=False)["input_ids"]))
 
 
 def encode_left_padded(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dict[str, torch.Tensor]:
@@ -55,16 +64,19 @@ def last_token_batches(
     batch_size: int = 32,
     desc: str = "capture",
     progress: bool = True,
+    tail: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Residual stream after each of `layers`, at the last prompt token, one batch at a time:
-    [batch, n_layers, hidden] float32 on the CPU, checked finite."""
+    [batch, n_layers, hidden] float32 on the CPU, checked finite. With `tail`, at the last `tail` prompt
+    tokens: [batch, tail, n_layers, hidden]."""
     blocks = decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
+    keep = slice(-1, None) if tail is None else slice(-tail, None)
 
     def keep_last_token(layer: int):
         def hook(_module, _inputs, output):
-            # a copy of the last token only: a view would keep the layer's whole output alive
-            captured[layer] = layer_output(output)[:, -1, :].float().cpu().contiguous()
+            # a copy of the last tokens only: a view would keep the layer's whole output alive
+            captured[layer] = layer_output(output)[:, keep, :].float().cpu().contiguous()
 
         return hook
 
@@ -76,11 +88,11 @@ def last_token_batches(
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
             batch = encode_left_padded(tokenizer, texts[start : start + batch_size], device)
             body(**batch, use_cache=False)
-            chunk = torch.stack([captured[layer] for layer in layers], dim=1)
+            chunk = torch.stack([captured[layer] for layer in layers], dim=2)  # [batch, positions, layers, hidden]
             if not torch.isfinite(chunk).all():
-                bad = sorted({layers[j] for j in torch.nonzero(~torch.isfinite(chunk))[:, 1].tolist()})
+                bad = sorted({layers[j] for j in torch.nonzero(~torch.isfinite(chunk))[:, 2].tolist()})
                 raise FloatingPointError(f"non-finite activations at layer(s) {bad} (prompts {start}-{start + len(chunk) - 1})")
-            yield chunk
+            yield chunk[:, 0] if tail is None else chunk
     finally:
         for hook in hooks:
             hook.remove()
@@ -98,15 +110,18 @@ def capture_last_token(
     batch_size: int = 32,
     desc: str = "capture",
     progress: bool = True,
+    tail: int | None = None,
 ) -> torch.Tensor:
-    """Residual stream after each chosen layer, at the last prompt token: [n_prompts, n_layers, hidden].
+    """Residual stream after each chosen layer, at the last prompt token: [n_prompts, n_layers, hidden];
+    with `tail`, at the last `tail` prompt tokens: [n_prompts, tail, n_layers, hidden].
 
     Preallocated and filled batch by batch, so memory holds the result once (no list of chunks to join).
     """
     layers = _layers(model, layers)
-    activations = torch.empty(len(prompts), len(layers), model.config.hidden_size)
+    shape = (len(layers), model.config.hidden_size) if tail is None else (tail, len(layers), model.config.hidden_size)
+    activations = torch.empty(len(prompts), *shape)
     row = 0
-    for chunk in last_token_batches(model, tokenizer, prompts, layers, batch_size, desc, progress):
+    for chunk in last_token_batches(model, tokenizer, prompts, layers, batch_size, desc, progress, tail):
         activations[row : row + len(chunk)] = chunk
         row += len(chunk)
     return activations

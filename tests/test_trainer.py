@@ -154,3 +154,32 @@ def test_a_batch_of_target_free_rows_trains_through_the_regularizer_alone(target
     assert math.isfinite(loss.item()) and loss.item() > 0
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_" in n)
+
+
+def test_template_tail_is_the_post_instruction_tokens(tokenizer):
+    from calibration.activations import template_tail_length
+
+    tail = template_tail_length(tokenizer)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # SmolLM2's template: "<|im_end|>", "\n", "<|im_start|>", "ass", "istant", "\n" follow the message
+    assert tail == 6
+    assert tokenizer.decode(ids[-tail:]) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tail_positions_match_their_references_at_step_zero(tiny_model_dir, tmp_path):
+    """At every post-instruction token, not only the last, the trainer reads the state the capture saw."""
+    from calibration.activations import template_tail_length
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    rows = sft_rows()
+    span = template_tail_length(tokenizer)
+    regularizer = build_regularizer(model, tokenizer, rows, LAYERS, tail=span)
+    assert regularizer.positions == span and len(regularizer.kind) == span * len(rows)
+    trainer = make_trainer(model, tokenizer, rows, regularizer, tmp_path / "out", train_sampling_strategy="sequential")
+    batch = first_batch(trainer)
+    assert_terms_at_reference(trainer, batch)
+    trainer.model.eval()
+    with torch.no_grad():  # one token early, the references no longer match
+        trainer.compute_loss(trainer.model, {**batch, "last_prompt": batch["last_prompt"] - 1})
+    assert trainer._metrics["eval"]["reg_retain"][-1] > 1e-3

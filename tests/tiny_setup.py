@@ -71,12 +71,14 @@ def sft_rows(repeat: int = 1) -> list[dict]:
     return rows
 
 
-def build_regularizer(model, tokenizer, rows: list[dict], layers: list[int], rank: int = 2, seed: int = 0):
-    """Reference activations of the frozen model, r = harmful minus benign mean, a random basis per task."""
+def build_regularizer(model, tokenizer, rows: list[dict], layers: list[int], rank: int = 2, seed: int = 0, tail: int | None = None):
+    """Reference activations of the frozen model, r = harmful minus benign mean, a random basis per task;
+    with `tail`, references at each row's last `tail` prompt tokens (r and the means from the last one)."""
     was_training = model.training
     model.eval()
-    reference = capture_last_token(model, tokenizer, [r["prompt"] for r in rows], layers=layers, progress=False)
+    captured = capture_last_token(model, tokenizer, [r["prompt"] for r in rows], layers=layers, progress=False, tail=tail)
     model.train(was_training)
+    reference = captured if tail is None else captured[:, -1]
     kinds = [r["kind"] for r in rows]
     harmful = torch.tensor([k == "harmful" for k in kinds])
     benign = torch.tensor([k == "benign" for k in kinds])
@@ -93,16 +95,10 @@ def build_regularizer(model, tokenizer, rows: list[dict], layers: list[int], ran
             per_layer.append(q.T.contiguous())
         bases[task] = torch.stack(per_layer)
         means[task] = reference[benign].mean(0)
-    return GeometryRegularizer(
-        layers,
-        directions,
-        reference,
-        kinds,
-        [r["task"] for r in rows],
-        [k == "over_refusal" for k in kinds],
-        bases,
-        means,
-    )
+    span = tail or 1
+    per_item = [[value for value in values for _ in range(span)] for values in (kinds, [r["task"] for r in rows], [k == "over_refusal" for k in kinds])]
+    items = reference if tail is None else captured.flatten(0, 1)
+    return GeometryRegularizer(layers, directions, items, *per_item, bases, means, positions=span)
 
 
 WEIGHTS = {"keep": 1.0, "collapse": 1.0, "retain": 1.0}

@@ -76,6 +76,10 @@ class RefcalArguments:
         default=None, metadata={"help": "Train this adapter further instead of a fresh LoRA (`refcal retrain` sets it)."}
     )
     regularizer_layers: list[int] | None = field(default=None, metadata={"help": "Layers the regularizer acts on (default: the causally chosen layer)."})
+    regularizer_positions: str = field(
+        default="last",
+        metadata={"help": "Prompt tokens the regularizer acts on: the last one, or the chat template's post-instruction tail (end of the user turn and the assistant header).", "choices": ["last", "tail"]},
+    )
     keep_weight: float = field(default=1.0, metadata={"help": "Weight of the keep term."})
     collapse_weight: float = field(default=1.0, metadata={"help": "Weight of the collapse term."})
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term."})

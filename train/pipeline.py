@@ -22,7 +22,7 @@ from rich.console import Console
 from trl import ModelConfig, SFTConfig
 from trl.trainer.utils import get_peft_config
 
-from calibration.activations import capture_last_token
+from calibration.activations import capture_last_token, template_tail_length
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
 from calibration.generation import generate
 from calibration.geometry import Geometry, estimate
@@ -268,7 +268,9 @@ def calibration_rows(run: Run) -> list[dict]:
     return kept
 
 
-def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> GeometryRegularizer:
+def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry, model=None, tokenizer=None) -> GeometryRegularizer:
+    """The regularizer's references: the geometry run's cached last-token activations, or (positions:
+    tail) the frozen `model`'s activations at each row's post-instruction tokens, captured here."""
     a = run.args
     layers = a.regularizer_layers or [geometry.layer]
     train_ids = [r["id"] for r in run.rows("train")]
@@ -295,10 +297,17 @@ def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry) -> Geo
         bases[task] = torch.stack([torch.cat([b, b.new_zeros(rank - len(b), b.shape[1])]) for b in chosen])
         means[task] = geometry.answered_means[task][layers]
     calibrate = set(a.resolved_calibrate_tasks())
-    return GeometryRegularizer(
-        layers, directions, reference, [r["kind"] for r in sft_rows], [r["task"] for r in sft_rows],
-        [r["kind"] == "over_refusal" and r["task"] in calibrate for r in sft_rows], bases, means,
-    )
+    kinds, tasks = [r["kind"] for r in sft_rows], [r["task"] for r in sft_rows]
+    collapse = [r["kind"] == "over_refusal" and r["task"] in calibrate for r in sft_rows]
+    span = 1
+    if a.regularizer_positions == "tail":
+        span = template_tail_length(tokenizer)
+        model.eval()
+        reference = capture_last_token(
+            model, tokenizer, [r["prompt"] for r in sft_rows], layers, desc="reference: prompt tails", tail=span
+        ).flatten(0, 1)
+        kinds, tasks, collapse = ([value for value in values for _ in range(span)] for values in (kinds, tasks, collapse))
+    return GeometryRegularizer(layers, directions, reference, kinds, tasks, collapse, bases, means, positions=span)
 
 
 def sft_data_fits(folder: Path, objective: str) -> bool:
@@ -324,7 +333,7 @@ def stage_train(run: Run) -> None:
     # A 4-bit model's weights cannot match an unquantised geometry's fingerprint: the run folder ties them.
     geometry = Geometry.load(run.path("geometry"), None if run.uses_qlora else fingerprint(model))
     train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
-    regularizer = build_regularizer(run, train_rows, geometry)
+    regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
     peft_config = get_peft_config(run.model_args)
     if a.init_adapter:  # retraining: continue the parent adapter
         check_adapter_base(a.init_adapter, geometry.fingerprint)

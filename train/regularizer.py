@@ -1,7 +1,9 @@
 """The geometry regularizer: keep, collapse and retain, as plain torch functions plus one module.
 
-All terms read the residual stream h at the last prompt token of chosen layers, against reference
-values cached from the frozen model (no second model in memory):
+All terms read the residual stream h at the last prompt token of chosen layers (or at each of the
+prompt's last few tokens, the chat template's post-instruction tail: then every (row, position) is an
+item with its own reference), against reference values cached from the frozen model (no second model in
+memory):
 - keep: harmful and frame_attack rows' projection on r must not fall below the reference; benign and
   over_refusal rows' projection must not rise above it. One-sided, divided by the reference gap
   between harmful and benign projections, squared. 0 when every projection is on its allowed side.
@@ -49,7 +51,8 @@ class GeometryRegularizer(nn.Module):
     """Reference values for every training row (indexed by row_index) at the regularizer's layers.
 
     Built once from the geometry artifact and the frozen model's cached activations of the training
-    rows; in training it turns captured hidden states into per-term (sum, count) pairs.
+    rows; in training it turns captured hidden states into per-term (sum, count) pairs. With `positions`
+    > 1 the per-row arguments are per item: row i's position k (k = 0 the earliest) is item i * positions + k.
     """
 
     def __init__(
@@ -62,9 +65,11 @@ class GeometryRegularizer(nn.Module):
         collapse_rows: list[bool],  # which rows the collapse term applies to
         bases: dict[str, torch.Tensor],  # task -> [Lr, k, d] (zero-padded rows are harmless)
         answered_means: dict[str, torch.Tensor],  # task -> [Lr, d]
+        positions: int = 1,  # prompt tokens per row, ending at the last one
     ):
         super().__init__()
         self.layers = list(layers)
+        self.positions = positions
         self.task_names = sorted(bases)
         task_index = {t: i for i, t in enumerate(self.task_names)}
         self.register_buffer("directions", directions.float())

@@ -53,7 +53,7 @@ def last_prompt_positions(supervised: torch.Tensor) -> torch.Tensor:
 
 class GeometryRegularized:
     """Mixin for a TRL trainer: weighted keep / collapse / retain terms on the hidden state at the last
-    prompt token, each logged every step.
+    prompt token (or the prompt's last few: regularizer.positions), each logged every step.
 
     The reference values live in `regularizer` (cached from the frozen model), so no second model is
     held in memory. Under DDP each term is a global mean: local sums are divided by the count summed
@@ -89,9 +89,13 @@ class GeometryRegularized:
                 hook.remove()
 
     def _regularized(self, model, loss, captured, positions, row_index, num_items_in_batch):
-        batch = torch.arange(len(positions), device=positions.device)
-        hidden = torch.stack([captured[layer][batch, positions] for layer in self.regularizer.layers], dim=1)
-        terms = self.regularizer(hidden, row_index)
+        span = self.regularizer.positions  # the last `span` prompt tokens of each row, earliest first
+        offsets = torch.arange(span, device=positions.device)
+        tokens = positions[:, None] - (span - 1) + offsets  # [rows, span]
+        batch = torch.arange(len(positions), device=positions.device)[:, None]
+        hidden = torch.stack([captured[layer][batch, tokens] for layer in self.regularizer.layers], dim=2)
+        items = (row_index.to(positions.device)[:, None] * span + offsets).flatten()
+        terms = self.regularizer(hidden.flatten(0, 1), items)
 
         mode = "train" if model.training else "eval"
         processes = self.accelerator.num_processes
