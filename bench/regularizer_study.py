@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,7 +83,11 @@ def run_dir(regime: str, variant: str) -> Path:
 
 
 def train_and_evaluate(regime: str, variant: str, config: str) -> None:
-    regimes.run_side(regime, variant, regimes.REGIMES[regime][0] + VARIANTS[variant], config)
+    """One variant in one regime; a run that fails is reported (it has no eval) and the study goes on."""
+    try:
+        regimes.run_side(regime, variant, regimes.REGIMES[regime][0] + VARIANTS[variant], config)
+    except subprocess.CalledProcessError as error:
+        print(f"regularizer study: {regime}-{variant} failed ({error}); see its log above", file=sys.stderr)
 
 
 # --- geometry after training, on held-out rows ---------------------------------------------------------
@@ -234,6 +239,8 @@ def collect(config: str) -> dict:
         "selection": {"rule": "highest mean validation score over the study regimes, among variants run on all of them",
                       "mean_validation_score": mean_scores, "default": default},
         "wins": len(wins), "won_regimes": wins, "counted_regimes": list(WIN_REGIMES),
+        "not_completed": [f"{regime}-{v}" for regime in STUDY_REGIMES for v in VARIANTS
+                          if run_dir(regime, v).is_dir() and not (run_dir(regime, v) / "eval").is_dir()],
         "validation": validation, "test": results["test"], "held_out_geometry_test": geometry,
     }
 
