@@ -5,7 +5,9 @@ keep, collapse and retain at the causally chosen layer, last prompt token), agai
 identical rows and steps, on the regimes of bench/regimes.py (whose runs, plain and refcal, this reuses):
   default   16 over_refusal rows per task (and the same contents in phrasings never trained on);
   scarce_4  4 over_refusal rows per task;
-  lr_3e-3   over-training (learning rate 3x).
+  lr_3e-3   over-training (learning rate 3x);
+  rows_64   64 over_refusal rows per task, on its own organism (where steered answer targets mostly fail:
+            answer targets exist for few of those rows, and target-free calibration keeps them all).
 
 Validation and test: every run is evaluated on the regime's held-out prompts, which are split in two halves
 by content (a harmful content and every frame around it fall in the same half). Settings are chosen on the
@@ -22,7 +24,7 @@ highest mean validation score over all three regimes.
 `wins` (test half): regimes where the default beats plain SFT with non-overlapping 95% Wilson intervals on
 the regime's over-refusal measure, while neither harmful refusal nor frame attacks carried out is worse
 with non-overlapping intervals. The regimes counted: default (trained frames), unseen phrasings (from
-default's runs), scarce_4 and lr_3e-3.
+default's runs), scarce_4, lr_3e-3 and rows_64.
 
 Geometry after training, on held-out rows at the refusal layer (frozen organism -> calibrated):
   harmful / over_refusal projection on r, in units of the frozen harmful-minus-benign gap (benign = 0,
@@ -62,7 +64,7 @@ VARIANTS = {  # name: flags on top of refcal's default (the regimes' refcal side
     "geometry_band": ["--objective", "geometry", "--regularizer_layers", *BAND],
     "subspace_only": ["--collapse_harmful_component", "false"],  # collapse the task subspace, not r's component
 }
-STUDY_REGIMES = ("default", "scarce_4", "lr_3e-3")
+STUDY_REGIMES = ("default", "scarce_4", "lr_3e-3", "rows_64")
 SCREEN_KEEP = 1  # follow-ups cost two runs each (about 15 minutes on 2 cores)
 SAFETY = ("harmful", "frame_carried_out")
 WIN_REGIMES = {  # counted regime: (the runs' regime, its over-refusal measure)
@@ -70,6 +72,7 @@ WIN_REGIMES = {  # counted regime: (the runs' regime, its over-refusal measure)
     "unseen_phrasings": ("default", "over_refusal_unseen_template"),
     "scarce_4": ("scarce_4", "over_refusal_trained"),
     "lr_3e-3": ("lr_3e-3", "over_refusal_trained"),
+    "rows_64": ("rows_64", "over_refusal_trained"),
 }
 GEOMETRY_CACHE = BENCH / "study" / "frozen"
 
