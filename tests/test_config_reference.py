@@ -1,0 +1,20 @@
+"""The README's config reference is generated from RefcalArguments and must not be stale."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from train import config_reference
+from train.config import RefcalArguments
+
+
+def test_readme_config_reference_is_current():
+    text = config_reference.README.read_text(encoding="utf-8")
+    assert config_reference.current(text) == config_reference.render(), "stale: run `python -m train.config_reference`"
+
+
+def test_every_field_is_documented_once_in_the_dataclass():
+    rendered = config_reference.render()
+    for spec in dataclasses.fields(RefcalArguments):
+        assert spec.metadata.get("help"), f"RefcalArguments.{spec.name} has no help text"
+        assert rendered.count(f"| `{spec.name}` |") == 1
