@@ -9,6 +9,7 @@ from pathlib import Path
 from calibration.geometry import Geometry
 from calibration.artifacts import atomic_directory
 from calibration.judge import judge_validation
+from train.provenance import config_record, environment
 from train.report import card_markdown
 
 
@@ -35,6 +36,8 @@ def calibration_card(run) -> dict:
         "parent": parent_record(run.args.init_adapter, run.args.resolved_calibrate_tasks()),
         "evaluation": results,
         "judge": {"version": results["judge"], "validation": judge_validation(results["judge"])},
+        "environment": environment(),
+        "config": config_record(run.model_args, run.args, run.training_args),
     }
 
 
