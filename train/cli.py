@@ -24,6 +24,7 @@ Stages write folders under run_dir and are skipped when already done; --force re
 task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
 `retrain` trains an exported adapter further on new task clusters, keeping the old ones calibrated.
 `geometry --report DIR` also writes the geometry analysis (Markdown, PNG plots, JSON) into DIR.
+`export --merge` also writes the calibrated model with the adapter merged in (run_dir/export/merged).
 Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set by flag.
 `refcal STAGE --help` lists them all."""
 
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"refcal: unknown command {command!r}")
     force = "--force" in rest
     rest = [a for a in rest if a != "--force"]
+    if "--merge" in rest:
+        if command not in ("export", "run"):
+            raise SystemExit("refcal: --merge goes with the export (or run) command")
+        rest = [a for a in rest if a != "--merge"] + ["--export_merge", "true"]
     report = None
     if "--report" in rest:
         at = rest.index("--report")

@@ -122,6 +122,7 @@ class RefcalArguments:
         metadata={"help": "Export refuses an adapter whose harmful or frame-attack refusal keeps less than this fraction of the model's own rate."},
     )
     force_export: bool = field(default=False, metadata={"help": "Export even when the safety gate fails (the card records it)."})
+    export_merge: bool = field(default=False, metadata={"help": "Export also writes run_dir/export/merged: the calibrated model with the adapter merged in (`refcal export --merge`)."})
 
     summary_json: str | None = field(default=None, metadata={"help": "Also write the run summary here (the demo: bench/results/demo.json)."})
     baselines_json: str | None = field(default=None, metadata={"help": "Also write the baselines' results here (the demo: bench/results/baselines_organism.json)."})

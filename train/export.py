@@ -1,4 +1,5 @@
-"""The export stage: a PEFT adapter folder plus a calibration card (JSON and Markdown)."""
+"""The export stage: a PEFT adapter folder plus a calibration card (JSON and Markdown); with export_merge
+(`refcal export --merge`), also the calibrated model with the adapter merged in, as one model folder."""
 
 from __future__ import annotations
 
@@ -79,6 +80,15 @@ def parent_record(adapter: str | None, calibrate_tasks: list[str]) -> dict | Non
     return {"adapter": str(adapter), "calibrate_tasks": parent["calibrate_tasks"], "added_tasks": added}
 
 
+def merge_adapter(model, tokenizer, adapter: Path, target: Path) -> None:
+    """The model with `adapter` merged into its weights, saved as a plain model folder (safetensors)."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
 def stage_export(run) -> None:
     a = run.args
     results = json.loads((run.path("eval") / "results.json").read_text())
@@ -88,3 +98,8 @@ def stage_export(run) -> None:
         shutil.copytree(run.path("train") / "adapter", staging / "adapter")
         (staging / "adapter" / "calibration_card.json").write_text(json.dumps(card, indent=2))
         (staging / "adapter" / "README.md").write_text(card_markdown(card))
+        if a.export_merge:
+            model, tokenizer = run.load("float32")
+            merge_adapter(model, tokenizer, staging / "adapter", staging / "merged")
+            for name in ("calibration_card.json", "README.md"):
+                shutil.copy(staging / "adapter" / name, staging / "merged" / name)

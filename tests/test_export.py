@@ -1,0 +1,60 @@
+"""An exported adapter folder loads with PeftModel.from_pretrained unchanged, and `--merge` writes a plain
+model folder whose outputs are the adapted model's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from calibration.models import load_model
+from tiny_setup import build_regularizer, make_trainer, sft_rows
+from train import cli
+from train.export import merge_adapter
+
+
+@pytest.fixture
+def exported(tiny_model_dir, tmp_path):
+    """An adapter trained two steps, in a folder laid out the way the export stage writes it."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    rows = sft_rows()
+    trainer = make_trainer(model, tokenizer, rows, build_regularizer(model, tokenizer, rows, [1]), tmp_path / "out", learning_rate=5e-2)
+    trainer.train()
+    folder = tmp_path / "export" / "adapter"
+    trainer.model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "calibration_card.json").write_text(json.dumps({"calibrate_tasks": ["sentiment"]}))
+    (folder / "README.md").write_text("# card\n")
+    batch = tokenizer(["Translate into French: hello"], return_tensors="pt")
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+    return folder, batch, expected
+
+
+def test_exported_adapter_loads_with_peft_unchanged(tiny_model_dir, exported):
+    folder, batch, expected = exported
+    base, _ = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        untouched = base(**batch).logits
+    loaded = PeftModel.from_pretrained(base, folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(untouched, expected, atol=1e-4)  # the adapter changes something
+
+
+def test_merged_folder_is_a_plain_model_with_the_adapters_outputs(tiny_model_dir, exported, tmp_path):
+    folder, batch, expected = exported
+    base, tokenizer = load_model(str(tiny_model_dir))
+    merge_adapter(base, tokenizer, folder, tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert list((tmp_path / "merged").glob("*.safetensors")) and not list((tmp_path / "merged").glob("*.bin"))
+    merged, _ = load_model(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_flag_belongs_to_export():
+    with pytest.raises(SystemExit, match="--merge goes with the export"):
+        cli.main(["geometry", "--config", "x.yaml", "--merge"])
