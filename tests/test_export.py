@@ -58,3 +58,28 @@ def test_merged_folder_is_a_plain_model_with_the_adapters_outputs(tiny_model_dir
 def test_merge_flag_belongs_to_export():
     with pytest.raises(SystemExit, match="--merge goes with the export"):
         cli.main(["geometry", "--config", "x.yaml", "--merge"])
+
+
+def test_chat_answers_with_and_without_the_adapter(tiny_model_dir, exported):
+    import io
+
+    from rich.console import Console
+
+    from train.chat import chat
+
+    folder, _, _ = exported
+    base, tokenizer = load_model(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, folder).eval()
+    lines = iter(["Translate into French: hello", "/compare", "Translate into French: hello", "/quit", "never read"])
+    out = io.StringIO()
+    chat(model, tokenizer, False, 4, lambda: next(lines), Console(file=out, width=120))
+    text = out.getvalue()
+    assert text.count("calibrated") == 2 and "without the adapter" in text and "on" in text
+    assert next(lines) == "never read"  # /quit ended the loop
+
+
+def test_chat_needs_an_exported_folder(tmp_path):
+    from train.chat import load_calibrated
+
+    with pytest.raises(SystemExit, match="no calibration_card.json"):
+        load_calibrated(tmp_path)

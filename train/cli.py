@@ -18,11 +18,13 @@ from train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, 
 USAGE = f"""usage: refcal {{run,{','.join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
        refcal geometry --config FILE --report DIR
        refcal retrain --config FILE --adapter DIR --tasks NEW.yaml [...] [--run_dir DIR]
+       refcal chat --adapter DIR [--compare]
 
 Stages write folders under run_dir and are skipped when already done; --force redoes the named stage.
 `baselines` evaluates the inference-time interventions (global ablation, false-refusal ablation,
 task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
 `retrain` trains an exported adapter further on new task clusters, keeping the old ones calibrated.
+`chat` tries an exported adapter in the terminal (`refcal chat --help`).
 `geometry --report DIR` also writes the geometry analysis (Markdown, PNG plots, JSON) into DIR.
 `export --merge` also writes the calibrated model with the adapter merged in (run_dir/export/merged).
 Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set by flag.
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "retrain":
         return retrain(rest)
+    if command == "chat":
+        from train.chat import main as chat_main
+
+        return chat_main(rest)
     if command not in ("run", *STAGES, *EXTRA_STAGES):
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"refcal: unknown command {command!r}")
