@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from calibration.artifacts import atomic_file
+from calibration.batching import shrinking_batches
 from calibration.models import decoder_layers
 
 
@@ -84,11 +84,12 @@ def last_token_batches(
     texts = chat_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
     body = backbone(model)
+    def forward(start: int, stop: int) -> torch.Tensor:
+        body(**encode_left_padded(tokenizer, texts[start:stop], device), use_cache=False)
+        return torch.stack([captured[layer] for layer in layers], dim=2)  # [batch, positions, layers, hidden]
+
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = encode_left_padded(tokenizer, texts[start : start + batch_size], device)
-            body(**batch, use_cache=False)
-            chunk = torch.stack([captured[layer] for layer in layers], dim=2)  # [batch, positions, layers, hidden]
+        for start, _, chunk in shrinking_batches(len(texts), batch_size, forward, desc, progress):
             if not torch.isfinite(chunk).all():
                 bad = sorted({layers[j] for j in torch.nonzero(~torch.isfinite(chunk))[:, 2].tolist()})
                 raise FloatingPointError(f"non-finite activations at layer(s) {bad} (prompts {start}-{start + len(chunk) - 1})")

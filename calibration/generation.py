@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from calibration.activations import chat_prompts, encode_left_padded
+from calibration.batching import shrinking_batches
 
 
 @torch.no_grad()
@@ -19,14 +19,15 @@ def generate(
     desc: str = "generate",
     progress: bool = True,
 ) -> list[str]:
-    """Greedy responses, one per prompt, in order. Prompts are sorted by length so batches pad little."""
+    """Greedy responses, one per prompt, in order. Prompts are sorted by length so batches pad little;
+    batch_size is the largest tried (halved on out-of-memory)."""
     texts = chat_prompts(tokenizer, prompts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     device = next(model.parameters()).device
     responses: list[str] = [""] * len(texts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        index = order[start : start + batch_size]
-        batch = encode_left_padded(tokenizer, [texts[i] for i in index], device)
+
+    def answer(start: int, stop: int) -> torch.Tensor:
+        batch = encode_left_padded(tokenizer, [texts[i] for i in order[start:stop]], device)
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -36,6 +37,9 @@ def generate(
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
         )
-        for i, sequence in zip(index, output[:, batch["input_ids"].shape[1] :]):
+        return output[:, batch["input_ids"].shape[1] :]
+
+    for start, stop, completions in shrinking_batches(len(order), batch_size, answer, desc, progress):
+        for i, sequence in zip(order[start:stop], completions):
             responses[i] = tokenizer.decode(sequence, skip_special_tokens=True).strip()
     return responses

@@ -106,7 +106,7 @@ class RefcalArguments:
         metadata={"help": "Also evaluate the held-out rows' contents in each task's held_out_templates and held_out_attack_templates, phrasings never trained on (kinds over_refusal_unseen_template, frame_attack_unseen_template)."},
     )
     generation_dtype: str = field(default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."})
-    generation_batch_size: int = field(default=32, metadata={"help": "Batch size for generation and activation capture."})
+    generation_batch_size: int = field(default=32, metadata={"help": "Largest batch size for generation and activation capture; halved automatically on out-of-memory."})
 
     judge: str = field(
         default="learned",
