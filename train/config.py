@@ -67,6 +67,10 @@ class RefcalArguments:
         default="sft",
         metadata={"help": "Training objective, each with the geometry regularizer: sft (answer targets), dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows) or geometry (target-free: over_refusal rows get no answer and only the regularizer moves them; the other rows keep their SFT targets).", "choices": ["sft", "dpo", "geometry"]},
     )
+    geometry_targets: str = field(
+        default="anchors",
+        metadata={"help": "objective geometry: anchors (harmful, frame_attack and benign rows keep their SFT targets, the model's own refusals and answers) or none (no language-modelling loss at all: the regularizer alone).", "choices": ["anchors", "none"]},
+    )
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference (the model without the adapter)."})
     dpo_sft_weight: float = field(
         default=0.0,

@@ -333,6 +333,8 @@ def stage_train(run: Run) -> None:
     # A 4-bit model's weights cannot match an unquantised geometry's fingerprint: the run folder ties them.
     geometry = Geometry.load(run.path("geometry"), None if run.uses_qlora else fingerprint(model))
     train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
+    if a.objective == "geometry" and a.geometry_targets == "none":  # the regularizer alone: no row has a target
+        train_rows = [{**row, "supervised": False} for row in train_rows]
     regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
     peft_config = get_peft_config(run.model_args)
     if a.init_adapter:  # retraining: continue the parent adapter
