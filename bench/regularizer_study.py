@@ -62,6 +62,8 @@ VARIANTS = {  # name: flags on top of refcal's default (the regimes' refcal side
     "band": ["--regularizer_layers", *BAND],
     "tail": ["--regularizer_positions", "tail"],  # every post-instruction token, not only the last
     "geometry_band": ["--objective", "geometry", "--regularizer_layers", *BAND],
+    # the regularizer alone: no language-modelling loss on any row
+    "geometry_alone_band": ["--objective", "geometry", "--geometry_targets", "none", "--regularizer_layers", *BAND],
     "subspace_only": ["--collapse_harmful_component", "false"],  # collapse the task subspace, not r's component
 }
 STUDY_REGIMES = ("default", "scarce_4", "lr_3e-3", "rows_64")
