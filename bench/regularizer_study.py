@@ -322,6 +322,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo_smollm2.yaml")
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--screen-only", action="store_true", help="Run the screening on `default` only, no follow-ups.")
     parser.add_argument("--out", default="bench/results/regularizer_study")
     args = parser.parse_args()
     if not args.collect_only:
@@ -332,7 +333,7 @@ def main() -> None:
             train_and_evaluate("default", variant, args.config)
         screened = collect(args.config)["validation"]["default"]
         kept = sorted((v for v in screened if v != "refcal"), key=lambda v: screened[v]["score"], reverse=True)[:SCREEN_KEEP]
-        for regime in STUDY_REGIMES[1:]:
+        for regime in STUDY_REGIMES[1:] if not args.screen_only else ():
             for variant in kept:
                 train_and_evaluate(regime, variant, args.config)
     write_outputs(collect(args.config), ROOT / args.out, markdown, plot)
