@@ -114,7 +114,9 @@ def capture(model_path: str, adapter: Path | None, prompts: list[str], layer: in
 
 def held_out_hidden(directory: Path, layer: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Frozen and calibrated hidden states of the run's eval prompts at `layer` (cached as safetensors)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from calibration.artifacts import atomic_save_tensors
 
     records = [json.loads(line) for line in (directory / "eval" / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
     prompts = [r["prompt"] for r in records]
@@ -122,11 +124,11 @@ def held_out_hidden(directory: Path, layer: int) -> tuple[torch.Tensor, torch.Te
     frozen_file = GEOMETRY_CACHE / (hashlib.sha256(json.dumps([model_path, prompts, layer]).encode()).hexdigest()[:16] + ".safetensors")
     if not frozen_file.exists():
         frozen_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"hidden": capture(model_path, None, prompts, layer)}, str(frozen_file))
+        atomic_save_tensors({"hidden": capture(model_path, None, prompts, layer)}, frozen_file)
     after_file = directory / "study" / f"held_out_layer{layer}.safetensors"
     if not after_file.exists():
         after_file.parent.mkdir(exist_ok=True)
-        save_file({"hidden": capture(model_path, directory / "train" / "adapter", prompts, layer)}, str(after_file))
+        atomic_save_tensors({"hidden": capture(model_path, directory / "train" / "adapter", prompts, layer)}, after_file)
     return load_file(str(frozen_file))["hidden"], load_file(str(after_file))["hidden"], records
 
 
