@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench study install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: $(STAMP)
 	PYTHONWARNINGS=ignore $(PY) bench/frame_labels.py
 	PYTHONWARNINGS=ignore $(PY) bench/calibration_table.py
 	PYTHONWARNINGS=ignore $(PY) bench/regimes.py
+
+# Issue 6's regularizer study (bench/results/regularizer_study.*): reuses the regimes' runs, adds the variants.
+study: $(STAMP)
+	PYTHONWARNINGS=ignore $(PY) bench/regularizer_study.py
 
 test: $(STAMP)
 	$(PY) -m pytest
