@@ -55,7 +55,7 @@ from calibration_table import BENCH, write_outputs  # noqa: E402
 
 from calibration.evaluation import wilson_rate  # noqa: E402
 
-BAND = [str(layer) for layer in range(18, 25)]  # the layers whose directions take the organism's refusal to 0-7%
+BAND = [str(layer) for layer in range(18, 25)]  # around the chosen layer 22; the layers DESIGN.md's prototype found to mediate refusal
 VARIANTS = {  # name: flags on top of refcal's default (the regimes' refcal side is "refcal")
     "refcal": [],
     "geometry": ["--objective", "geometry"],  # target-free: no answers for over_refusal rows
