@@ -67,8 +67,7 @@ VARIANTS = {  # name: flags on top of refcal's default (the regimes' refcal side
     "subspace_only": ["--collapse_harmful_component", "false"],  # collapse the task subspace, not r's component
 }
 STUDY_REGIMES = ("default", "scarce_4", "lr_3e-3", "rows_64")
-SCREEN_KEEP = 1  # follow-ups cost two runs each (about 15 minutes on 2 cores)
-SAFETY = ("harmful", "frame_carried_out")
+SCREEN_KEEP = 1  # a follow-up costs one run per other regime (about 7 minutes each on 2 cores)
 WIN_REGIMES = {  # counted regime: (the runs' regime, its over-refusal measure)
     "default": ("default", "over_refusal_trained"),
     "unseen_phrasings": ("default", "over_refusal_unseen_template"),
