@@ -84,6 +84,7 @@ def last_token_batches(
     texts = chat_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
     body = backbone(model)
+
     def forward(start: int, stop: int) -> torch.Tensor:
         body(**encode_left_padded(tokenizer, texts[start:stop], device), use_cache=False)
         return torch.stack([captured[layer] for layer in layers], dim=2)  # [batch, positions, layers, hidden]

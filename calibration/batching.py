@@ -33,13 +33,13 @@ def shrinking_batches(
             stop = min(total, start + batch_size)
             try:
                 result = run(start, stop)
-            except (torch.OutOfMemoryError, RuntimeError) as error:
+            except RuntimeError as error:  # torch.OutOfMemoryError is one
                 if not out_of_memory(error):
                     raise
                 free_memory()
                 if batch_size == 1:
                     raise RuntimeError(f"{desc}: item {start} does not fit in memory even alone") from error
-                batch_size = max(1, batch_size // 2)
+                batch_size //= 2
                 bar.set_postfix_str(f"out of memory: batch size {batch_size}")
                 continue
             yield start, stop, result

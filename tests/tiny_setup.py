@@ -95,10 +95,7 @@ def build_regularizer(model, tokenizer, rows: list[dict], layers: list[int], ran
             per_layer.append(q.T.contiguous())
         bases[task] = torch.stack(per_layer)
         means[task] = reference[benign].mean(0)
-    span = tail or 1
-    per_item = [[value for value in values for _ in range(span)] for values in (kinds, [r["task"] for r in rows], [k == "over_refusal" for k in kinds])]
-    items = reference if tail is None else captured.flatten(0, 1)
-    return GeometryRegularizer(layers, directions, items, *per_item, bases, means, positions=span)
+    return GeometryRegularizer(layers, directions, captured, kinds, [r["task"] for r in rows], [k == "over_refusal" for k in kinds], bases, means)
 
 
 WEIGHTS = {"keep": 1.0, "collapse": 1.0, "retain": 1.0}

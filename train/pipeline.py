@@ -297,17 +297,16 @@ def build_regularizer(run: Run, sft_rows: list[dict], geometry: Geometry, model=
         bases[task] = torch.stack([torch.cat([b, b.new_zeros(rank - len(b), b.shape[1])]) for b in chosen])
         means[task] = geometry.answered_means[task][layers]
     calibrate = set(a.resolved_calibrate_tasks())
-    kinds, tasks = [r["kind"] for r in sft_rows], [r["task"] for r in sft_rows]
-    collapse = [r["kind"] == "over_refusal" and r["task"] in calibrate for r in sft_rows]
-    span = 1
     if a.regularizer_positions == "tail":
-        span = template_tail_length(tokenizer)
         model.eval()
-        reference = capture_last_token(
-            model, tokenizer, [r["prompt"] for r in sft_rows], layers, desc="reference: prompt tails", tail=span
-        ).flatten(0, 1)
-        kinds, tasks, collapse = ([value for value in values for _ in range(span)] for values in (kinds, tasks, collapse))
-    return GeometryRegularizer(layers, directions, reference, kinds, tasks, collapse, bases, means, positions=span)
+        reference = capture_last_token(  # [rows, tail, layers, hidden]
+            model, tokenizer, [r["prompt"] for r in sft_rows], layers, desc="reference: prompt tails",
+            tail=template_tail_length(tokenizer),
+        )
+    return GeometryRegularizer(
+        layers, directions, reference, [r["kind"] for r in sft_rows], [r["task"] for r in sft_rows],
+        [r["kind"] == "over_refusal" and r["task"] in calibrate for r in sft_rows], bases, means,
+    )
 
 
 def sft_data_fits(folder: Path, objective: str) -> bool:

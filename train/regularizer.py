@@ -51,25 +51,28 @@ class GeometryRegularizer(nn.Module):
     """Reference values for every training row (indexed by row_index) at the regularizer's layers.
 
     Built once from the geometry artifact and the frozen model's cached activations of the training
-    rows; in training it turns captured hidden states into per-term (sum, count) pairs. With `positions`
-    > 1 the per-row arguments are per item: row i's position k (k = 0 the earliest) is item i * positions + k.
+    rows; in training it turns captured hidden states into per-term (sum, count) pairs. With references
+    at several prompt tokens per row ([N, P, Lr, d]) each (row, position) is an item with its row's kind
+    and task: row i's position k (k = 0 the earliest) is item i * P + k.
     """
 
     def __init__(
         self,
         layers: list[int],
         directions: torch.Tensor,  # [Lr, d] unit vectors r
-        reference_hidden: torch.Tensor,  # [N, Lr, d] frozen-model activations of the training rows
+        reference_hidden: torch.Tensor,  # [N, Lr, d] (or [N, P, Lr, d]) frozen-model activations of the training rows
         kinds: list[str],
         tasks: list[str],
         collapse_rows: list[bool],  # which rows the collapse term applies to
         bases: dict[str, torch.Tensor],  # task -> [Lr, k, d] (zero-padded rows are harmless)
         answered_means: dict[str, torch.Tensor],  # task -> [Lr, d]
-        positions: int = 1,  # prompt tokens per row, ending at the last one
     ):
         super().__init__()
         self.layers = list(layers)
-        self.positions = positions
+        self.positions = reference_hidden.shape[1] if reference_hidden.dim() == 4 else 1  # prompt tokens per row
+        if self.positions > 1:
+            reference_hidden = reference_hidden.flatten(0, 1)
+            kinds, tasks, collapse_rows = ([v for v in values for _ in range(self.positions)] for values in (kinds, tasks, collapse_rows))
         self.task_names = sorted(bases)
         task_index = {t: i for i, t in enumerate(self.task_names)}
         self.register_buffer("directions", directions.float())
