@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import regimes  # noqa: E402
-from calibration_table import BENCH, write_outputs  # noqa: E402
+from calibration_table import BENCH, NO_REGULARIZER, write_outputs  # noqa: E402
 
 from calibration.evaluation import wilson_rate  # noqa: E402
 
@@ -65,7 +65,13 @@ VARIANTS = {  # name: flags on top of refcal's default (the regimes' refcal side
     # the regularizer alone: no language-modelling loss on any row
     "geometry_alone_band": ["--objective", "geometry", "--geometry_targets", "none", "--regularizer_layers", *BAND],
     "subspace_only": ["--collapse_harmful_component", "false"],  # collapse the task subspace, not r's component
+    # the output-side design change the first screening pointed to (train/onset.py), and its ablations
+    "geometry_onset": ["--objective", "geometry", "--onset_weight", "1"],  # target-free: geometry + onset
+    "geometry_onset_alone": ["--objective", "geometry", "--onset_weight", "1", *NO_REGULARIZER],  # target-free, onset only
+    "onset": ["--onset_weight", "1"],  # refcal (answer targets + geometry) + onset
+    "plain_onset": ["--onset_weight", "1", *NO_REGULARIZER],  # plain SFT + onset, no geometry terms
 }
+FIRST_SCREENING = ("refcal", "geometry", "band", "tail", "geometry_band", "geometry_alone_band", "subspace_only")
 STUDY_REGIMES = ("default", "scarce_4", "lr_3e-3", "rows_64")
 SCREEN_KEEP = 1  # a follow-up costs one run per other regime (about 7 minutes each on 2 cores)
 WIN_REGIMES = {  # counted regime: (the runs' regime, its over-refusal measure)
@@ -207,7 +213,7 @@ def regime_won(rows: dict, measure: str) -> bool:
     return won and not harmful_lost and not attacks_lost
 
 
-def collect(config: str) -> dict:
+def collect(config: str, variants: list[str], study_regimes: list[str]) -> dict:
     from calibration.frame_judge import FrameJudge
     from calibration.learned_judge import LearnedJudge
     from data_recipes.sources import default_data_root
@@ -216,13 +222,13 @@ def collect(config: str) -> dict:
     frame_judge = FrameJudge(LearnedJudge.from_xstest(default_data_root()))
     results: dict = {"validation": {}, "test": {}}
     geometry: dict = {}
-    for regime in STUDY_REGIMES:
+    for regime in study_regimes:
         plain_dir = run_dir(regime, "plain")
         if not (plain_dir / "eval").is_dir():
             continue
         for split in results:
             plain = regimes.outcomes(plain_dir, calibrated, frame_judge, keep=lambda r, s=split: half(r) == s)
-            for variant in VARIANTS:
+            for variant in variants:
                 directory = run_dir(regime, variant)
                 if not (directory / "eval").is_dir():
                     continue
@@ -230,23 +236,24 @@ def collect(config: str) -> dict:
                 rows = compare(plain, ran)
                 kl = json.loads((directory / "eval" / "results.json").read_text())["kl_benign"]
                 results[split].setdefault(regime, {})[variant] = {"score": score(rows), "kl_benign": kl, "measures": rows}
-        for variant in VARIANTS:
+        for variant in variants:
             if (run_dir(regime, variant) / "eval").is_dir():
                 geometry.setdefault(regime, {})[variant] = geometry_figures(run_dir(regime, variant), calibrated, "test")
         geometry.setdefault(regime, {})["plain"] = geometry_figures(plain_dir, calibrated, "test")
     validation = results["validation"]
-    complete = [v for v in VARIANTS if all(v in validation.get(regime, {}) for regime in STUDY_REGIMES)]
-    mean_scores = {v: round(sum(validation[regime][v]["score"] for regime in STUDY_REGIMES) / len(STUDY_REGIMES), 4) for v in complete}
+    complete = [v for v in variants if all(v in validation.get(regime, {}) for regime in study_regimes)]
+    mean_scores = {v: round(sum(validation[regime][v]["score"] for regime in study_regimes) / len(study_regimes), 4) for v in complete}
     default = max(mean_scores, key=mean_scores.get) if mean_scores else None
+    counted = {name: spec for name, spec in WIN_REGIMES.items() if spec[0] in study_regimes}
     wins = []
     if default is not None:
-        wins = [name for name, (regime, measure) in WIN_REGIMES.items() if regime_won(results["test"][regime][default]["measures"], measure)]
+        wins = [name for name, (regime, measure) in counted.items() if regime_won(results["test"][regime][default]["measures"], measure)]
     return {
-        "config": config, "judge": frame_judge.version, "variants": VARIANTS, "regimes": list(STUDY_REGIMES),
+        "config": config, "judge": frame_judge.version, "variants": {v: VARIANTS[v] for v in variants}, "regimes": list(study_regimes),
         "selection": {"rule": "highest mean validation score over the study regimes, among variants run on all of them",
                       "mean_validation_score": mean_scores, "default": default},
-        "wins": len(wins), "won_regimes": wins, "counted_regimes": list(WIN_REGIMES),
-        "not_completed": [f"{regime}-{v}" for regime in STUDY_REGIMES for v in VARIANTS
+        "wins": len(wins), "won_regimes": wins, "counted_regimes": list(counted),
+        "not_completed": [f"{regime}-{v}" for regime in study_regimes for v in variants
                           if run_dir(regime, v).is_dir() and not (run_dir(regime, v) / "eval").is_dir()],
         "validation": validation, "test": results["test"], "held_out_geometry_test": geometry,
     }
@@ -322,22 +329,32 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo_smollm2.yaml")
+    parser.add_argument("--variants", nargs="+", default=list(FIRST_SCREENING), choices=list(VARIANTS),
+                        help="Variants to screen on `default` (refcal: the regimes' refcal side).")
+    parser.add_argument("--regimes", nargs="+", default=list(STUDY_REGIMES), choices=list(STUDY_REGIMES),
+                        help="Study regimes, `default` first: it screens, the others follow up.")
+    parser.add_argument("--refcal-everywhere", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also run refcal's current form in every follow-up regime (not only the screened ones).")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--screen-only", action="store_true", help="Run the screening on `default` only, no follow-ups.")
     parser.add_argument("--out", default="bench/results/regularizer_study")
     args = parser.parse_args()
+    if args.regimes[0] != "default":
+        parser.error("--regimes must start with default: the screening runs there")
     if not args.collect_only:
-        for regime in STUDY_REGIMES:  # plain and refcal sides first (bench/regimes.py's, reused when there)
-            for side, flags in regimes.REGIMES[regime][1].items():
-                regimes.run_side(regime, side, regimes.REGIMES[regime][0] + flags, args.config)
-        for variant in VARIANTS:
+        regimes.run_side("default", "plain", NO_REGULARIZER, args.config)  # bench/regimes.py's, reused when there
+        for variant in args.variants:
             train_and_evaluate("default", variant, args.config)
-        screened = collect(args.config)["validation"]["default"]
+        screened = collect(args.config, args.variants, args.regimes)["validation"]["default"]
         kept = sorted((v for v in screened if v != "refcal"), key=lambda v: screened[v]["score"], reverse=True)[:SCREEN_KEEP]
-        for regime in STUDY_REGIMES[1:] if not args.screen_only else ():
+        for regime in args.regimes[1:] if not args.screen_only else ():
+            common, sides = regimes.REGIMES[regime]
+            regimes.run_side(regime, "plain", common + sides["plain"], args.config)
+            if "refcal" in args.variants and args.refcal_everywhere:
+                regimes.run_side(regime, "refcal", common + sides["refcal"], args.config)
             for variant in kept:
                 train_and_evaluate(regime, variant, args.config)
-    write_outputs(collect(args.config), ROOT / args.out, markdown, plot)
+    write_outputs(collect(args.config, args.variants, args.regimes), ROOT / args.out, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ class RefcalArguments:
     keep_weight: float = field(default=1.0, metadata={"help": "Weight of the keep term."})
     collapse_weight: float = field(default=1.0, metadata={"help": "Weight of the collapse term."})
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term."})
+    onset_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the refusal-onset term (train/onset.py): cross-entropy of the probability that the answer's first token opens a refusal, read at the last prompt token; 1 on harmful and frame_attack rows, 0 on calibrated over_refusal and benign rows. Output-side and target-free; 0 leaves it out."},
+    )
     collapse_harmful_component: bool = field(default=True, metadata={"help": "Collapse also the r component of over_refusal rows."})
 
     orthogonalisation_coefficients: list[float] = field(

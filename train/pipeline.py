@@ -35,6 +35,7 @@ from data_recipes.tasks import load_tasks
 from data_recipes.preferences import build_preferences, preference_dataset
 from data_recipes.targets import build_targets, sft_dataset
 from train.config import RefcalArguments, dpo_config
+from train.onset import build_onset
 from train.organism import build_organism
 from train.resume import last_checkpoint
 from train.retrain import check_adapter_base
@@ -335,6 +336,7 @@ def stage_train(run: Run) -> None:
     if a.objective == "geometry" and a.geometry_targets == "none":  # the regularizer alone: no row has a target
         train_rows = [{**row, "supervised": False} for row in train_rows]
     regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
+    onset = build_onset(tokenizer, train_rows, set(a.resolved_calibrate_tasks())) if a.onset_weight else None
     peft_config = get_peft_config(run.model_args)
     if a.init_adapter:  # retraining: continue the parent adapter
         check_adapter_base(a.init_adapter, geometry.fingerprint)
@@ -350,7 +352,8 @@ def stage_train(run: Run) -> None:
         data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=dpo),
         peft_config=peft_config,
         regularizer=regularizer,
-        weights={"keep": a.keep_weight, "collapse": a.collapse_weight, "retain": a.retain_weight},
+        weights={"keep": a.keep_weight, "collapse": a.collapse_weight, "retain": a.retain_weight, "onset": a.onset_weight},
+        onset=onset,
     )
     trainer.train(resume_from_checkpoint=last_checkpoint(t.output_dir))
     if run.state.is_main_process:
@@ -362,6 +365,7 @@ def stage_train(run: Run) -> None:
                 "objective": a.objective, "regularizer_layers": regularizer.layers, "rows": len(train_rows),
                 "base_weights": run.weights_description(True),
                 "geometry_weights": geometry.info.get("weights", "unquantised"),
+                "onset_tokens": None if onset is None else [tokenizer.decode([t]) for t in onset.onset_tokens.tolist()],
             }
             (staging / "train.json").write_text(json.dumps(record, indent=2))
     run.state.wait_for_everyone()

@@ -9,11 +9,14 @@ from trl import DPOTrainer, SFTTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from calibration.activations import layer_output
+from calibration.activations import backbone, layer_output
 from calibration.models import decoder_layers
+from train.onset import RefusalOnset
 from train.regularizer import GeometryRegularizer
 
-TERMS = ("keep", "collapse", "retain")
+GEOMETRY_TERMS = ("keep", "collapse", "retain")  # always logged
+TERMS = (*GEOMETRY_TERMS, "onset")  # onset: only with a RefusalOnset
+FINAL = "final"  # the captured key of the backbone's output (the final norm's), for the onset term
 
 
 class RowIndexCollator:
@@ -53,17 +56,23 @@ def last_prompt_positions(supervised: torch.Tensor) -> torch.Tensor:
 
 class GeometryRegularized:
     """Mixin for a TRL trainer: weighted keep / collapse / retain terms on the hidden state at the last
-    prompt token (or the prompt's last few: regularizer.positions), each logged every step.
+    prompt token (or the prompt's last few: regularizer.positions), and optionally the refusal-onset term
+    on the logits there (train/onset.py), each logged every step.
 
     The reference values live in `regularizer` (cached from the frozen model), so no second model is
     held in memory. Under DDP each term is a global mean: local sums are divided by the count summed
     over processes, and scaled by the process count because DDP averages gradients.
     """
 
-    def __init__(self, *args, regularizer: GeometryRegularizer, weights: dict[str, float], **kwargs):
+    def __init__(
+        self, *args, regularizer: GeometryRegularizer, weights: dict[str, float], onset: RefusalOnset | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer.to(self.accelerator.device)
+        self.onset = onset.to(self.accelerator.device) if onset is not None else None
         self.weights = {term: float(weights.get(term, 0.0)) for term in TERMS}
+        if self.weights["onset"] and self.onset is None:
+            raise ValueError("onset_weight is set but the trainer was given no RefusalOnset")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -74,14 +83,20 @@ class GeometryRegularized:
     def _capture(self, model):
         """Hidden states of the first forward pass inside the block: the policy's. (DPO runs its reference
         forward after it, under no_grad, through the same modules.)"""
-        blocks = decoder_layers(self.accelerator.unwrap_model(model))
-        captured: dict[int, torch.Tensor] = {}
+        unwrapped = self.accelerator.unwrap_model(model)
+        blocks = decoder_layers(unwrapped)
+        captured: dict = {}
         hooks = [
             blocks[layer].register_forward_hook(
                 lambda _m, _i, out, layer=layer: captured.setdefault(layer, layer_output(out))
             )
             for layer in self.regularizer.layers
         ]
+        if self.onset is not None:  # TRL's fused LM head builds no logits: keep the final hidden state instead
+            def keep_final(_module, _inputs, out):  # returns None: the output passes through unchanged
+                captured.setdefault(FINAL, out[0])
+
+            hooks.append(backbone(unwrapped).register_forward_hook(keep_final))
         try:
             yield captured
         finally:
@@ -96,6 +111,8 @@ class GeometryRegularized:
         hidden = torch.stack([captured[layer][batch, tokens] for layer in self.regularizer.layers], dim=2)
         items = (row_index.to(positions.device)[:, None] * span + offsets).flatten()
         terms = self.regularizer(hidden.flatten(0, 1), items)
+        if self.onset is not None:
+            terms["onset"] = self.onset(self._first_answer_logits(model, captured[FINAL], positions), row_index.to(positions.device))
 
         mode = "train" if model.training else "eval"
         processes = self.accelerator.num_processes
@@ -111,6 +128,15 @@ class GeometryRegularized:
             if self.weights[term] and global_count > 0:
                 loss = loss + self.weights[term] * total / global_count * processes / steps
         return loss
+
+
+    def _first_answer_logits(self, model, final_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at each row's last prompt token: the distribution of the answer's first token."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        hidden = final_hidden[torch.arange(len(positions), device=positions.device), positions]
+        logits = unwrapped.get_output_embeddings()(hidden)
+        cap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
+        return cap * torch.tanh(logits / cap) if cap else logits
 
 
 class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):

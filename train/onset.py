@@ -1,0 +1,98 @@
+"""The refusal-onset term: an output-side companion to the geometry regularizer.
+
+Issue 6's study found the hidden-state terms can collapse held-out over-refusal states at the refusal
+layer (collapse ratio 0.06-0.09) while the model goes on refusing those prompts: after training, that
+layer's last-token state no longer decides refusal. This term acts where refusal is decided, on the
+answer's first token: p = P(first answer token opens a refusal), read from the logits at the last prompt
+token, with one binary cross-entropy per row:
+- target 1 on harmful and frame_attack rows (keep refusing);
+- target 0 on over_refusal rows of calibrated tasks and on benign rows (answer).
+It needs no answer text, so it also serves target-free calibration (objective: geometry).
+
+The onset tokens come from the training rows themselves: first tokens of the model's own refusals
+(harmful and frame_attack targets) that open its answers (benign targets, supervised over_refusal
+targets) clearly less often.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from train.regularizer import KEEP_UP, KIND_CODES
+
+MIN_REFUSAL_SHARE = 0.05  # a token must open at least this share of the refusals
+MAX_ANSWER_RATIO = 0.25  # ... and at most this fraction of that share of the answers
+
+
+def onset_loss(logits: torch.Tensor, onset_tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row: binary cross-entropy of p = softmax(logits)[onset_tokens].sum() against target (0 or 1).
+
+    logits: [B, V] at the last prompt token; onset_tokens: [k] token ids; target: [B] floats.
+    Computed in log space (logsumexp), so p near 0 or 1 stays finite."""
+    log_probs = logits.float().log_softmax(-1)
+    log_p = log_probs[:, onset_tokens].logsumexp(-1)
+    log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
+    return -(target * log_p + (1 - target) * log_not_p)
+
+
+def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
+    """The completion's first token as training sees it: right after the chat template's generation prompt."""
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": completion}], tokenize=False)
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids
+    full_ids = tokenizer(full, add_special_tokens=False).input_ids
+    if full_ids[: len(head_ids)] != head_ids or len(full_ids) == len(head_ids):
+        raise ValueError(f"the chat template does not render the prompt as a prefix of prompt + completion: {prompt[:60]!r}")
+    return full_ids[len(head_ids)]
+
+
+def select_onset_tokens(tokenizer, rows: list[dict]) -> list[int]:
+    """Token ids that open the rows' refusals (harmful, frame_attack targets) and rarely their answers."""
+    refusals, answers = Counter(), Counter()
+    for row in rows:
+        if row["kind"] in ("harmful", "frame_attack"):
+            refusals[first_completion_token(tokenizer, row["prompt"], row["completion_text"])] += 1
+        elif row["kind"] == "benign" or (row["kind"] == "over_refusal" and row.get("supervised", True)):
+            answers[first_completion_token(tokenizer, row["prompt"], row["completion_text"])] += 1
+    n_refusals, n_answers = max(sum(refusals.values()), 1), max(sum(answers.values()), 1)
+    chosen = sorted(
+        token for token, count in refusals.items()
+        if count / n_refusals >= MIN_REFUSAL_SHARE and answers[token] / n_answers <= MAX_ANSWER_RATIO * count / n_refusals
+    )
+    if not chosen:
+        raise ValueError(
+            "onset term: no token opens the training rows' refusals clearly more often than their answers "
+            f"(refusals open with {[tokenizer.decode([t]) for t, _ in refusals.most_common(5)]}); set onset_weight 0"
+        )
+    return chosen
+
+
+class RefusalOnset(nn.Module):
+    """Onset tokens and each training row's target (1 refuse, 0 answer, -1 no term), indexed by row_index."""
+
+    def __init__(self, onset_tokens: list[int], kinds: list[str], calibrated_rows: list[bool]):
+        super().__init__()
+        targets = [
+            1.0 if KIND_CODES[kind] in KEEP_UP else 0.0 if kind == "benign" or (kind == "over_refusal" and calibrated) else -1.0
+            for kind, calibrated in zip(kinds, calibrated_rows)
+        ]
+        self.register_buffer("onset_tokens", torch.tensor(onset_tokens))
+        self.register_buffer("target", torch.tensor(targets))
+
+    def forward(self, logits: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits: [B, V] at the last prompt token. Returns (sum over rows with a target, their count)."""
+        target = self.target[row_index]
+        rows = target >= 0
+        loss = onset_loss(logits[rows], self.onset_tokens, target[rows])
+        return loss.sum(), rows.sum().to(logits.dtype)
+
+
+def build_onset(tokenizer, rows: list[dict], calibrate: set[str]) -> RefusalOnset:
+    return RefusalOnset(
+        select_onset_tokens(tokenizer, rows), [r["kind"] for r in rows],
+        [r["kind"] == "over_refusal" and r["task"] in calibrate for r in rows],
+    )
