@@ -80,7 +80,8 @@ def build_targets(
     target_free: bool = False,
 ) -> tuple[list[dict], dict]:
     """SFT rows (prompt, completion, kind, task, id, supervised) and a count of how each target was obtained.
-    target_free: over_refusal rows of answer_tasks get no target (their own response, unsupervised)."""
+    target_free: over_refusal rows of answer_tasks get no target (their own response, unsupervised).
+    Every row carries `supervised`: Dataset.from_list takes its columns from the first row alone."""
     stats: Counter = Counter()
     out: list[dict] = []
     to_steer: list[dict] = []
@@ -108,7 +109,7 @@ def build_targets(
             to_steer.append(row)
             continue
         stats[f"{kind}_{how}"] += 1
-        out.append({**row, "completion_text": completion})
+        out.append({**row, "completion_text": completion, "supervised": True})
 
     if to_steer:
         with ablate_directions(model, steer_direction):
@@ -124,5 +125,5 @@ def build_targets(
                 stats["over_refusal_dropped_off_task"] += 1
                 continue
             stats["over_refusal_steered_answer"] += 1
-            out.append({**row, "completion_text": trim_to_sentence(completion)})
+            out.append({**row, "completion_text": trim_to_sentence(completion), "supervised": True})
     return out, dict(sorted(stats.items()))

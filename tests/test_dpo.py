@@ -12,6 +12,7 @@ from calibration.models import load_model
 from data_recipes.preferences import build_preferences, preference_dataset
 from tiny_setup import assert_terms_at_reference, build_regularizer, sft_rows
 from train.config import dpo_config
+from train.onset import build_onset
 from train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
 
 LAYERS = [1, 3]
@@ -27,7 +28,7 @@ def pairs() -> list[dict]:
     return out
 
 
-def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, **overrides):
+def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, onset: bool = False, **overrides):
     from trl import SFTConfig
 
     model, tokenizer = load_model(str(tiny_model_dir))
@@ -48,7 +49,8 @@ def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, **overri
         data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=True),
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         regularizer=regularizer,
-        weights={"keep": 1.0, "collapse": 1.0, "retain": 1.0},
+        weights={"keep": 1.0, "collapse": 1.0, "retain": 1.0, "onset": 1.0 if onset else 0.0},
+        onset=build_onset(tokenizer, rows, {"sentiment", "translation"}) if onset else None,
     )
     return trainer, rows
 
@@ -82,6 +84,22 @@ def test_dpo_training_moves_the_adapter_and_logs_both(tiny_model_dir, tmp_path, 
     assert {"reg_keep", "reg_collapse", "reg_retain"} <= logged
     assert any(k.startswith("rewards/") for k in logged)
     assert any(v.abs().sum() > 0 for k, v in trainer.model.named_parameters() if "lora_B" in k)
+
+
+def test_the_onset_term_reads_the_chosen_halfs_first_answer_logits(tiny_model_dir, tmp_path):
+    """Under DPO the onset term reads the policy's logits at the chosen rows' last prompt token."""
+    trainer, _ = make_dpo_trainer(tiny_model_dir, tmp_path, onset=True)
+    batch = {k: v.to(trainer.accelerator.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
+    n = len(batch["row_index"])
+    positions = last_prompt_positions(batch["completion_mask"][:n])
+    trainer.model.eval()
+    with torch.no_grad(), trainer._capture(trainer.model) as captured:
+        own = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rebuilt = trainer._first_answer_logits(trainer.model, captured["final"], positions)
+    assert torch.allclose(rebuilt, own[torch.arange(n), positions], atol=1e-4)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["reg_onset"])) for e in trainer.state.log_history if "loss" in e)
+    assert sum("reg_onset" in e for e in trainer.state.log_history) == 2
 
 
 def test_preferences_by_kind(tiny_model_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from datasets import Dataset
 
 from calibration.judge import PhraseJudge
 from calibration.models import load_model
@@ -68,8 +69,11 @@ def test_target_free_over_refusal_rows_keep_their_own_response_unsupervised(tiny
         rows, own, labels, model, tokenizer, PhraseJudge(), torch.randn(model.config.hidden_size), tasks,
         max_new_tokens=6, batch_size=4, target_free=True,
     )  # fmt: skip
-    assert [(r["id"], r["completion_text"], r.get("supervised", True)) for r in out] == [
+    assert [(r["id"], r["completion_text"], r["supervised"]) for r in out] == [
         ("h", "I'm sorry, I can't.", True), ("s1", "I cannot classify that.", False),
     ]  # fmt: skip
     assert stats == {"harmful_own_refusal": 1, "over_refusal_target_free": 1}
-    assert targets.sft_dataset(out)["supervised"] == [True, False]
+    # as prepare_sft_data saves them and stage_train loads them: the first row is a supervised one, and
+    # Dataset.from_list takes its columns from the first row, so a key only target-free rows had was lost
+    saved = Dataset.from_list(out).to_list()
+    assert targets.sft_dataset(saved)["supervised"] == [True, False]
