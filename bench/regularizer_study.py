@@ -33,6 +33,14 @@ Geometry after training, on held-out rows at the refusal layer (frozen organism 
 
     python bench/regularizer_study.py                 # run what is missing, then write the results
     python bench/regularizer_study.py --collect-only  # only write bench/results/regularizer_study.{json,md,png}
+
+The second screening (bench/results/regularizer_study_onset.*): the output-side refusal-onset term
+(train/onset.py), with and without answer targets and with and without the geometry terms, beside
+refcal's form and the (fixed) target-free geometry run, on a rebuilt organism:
+
+    python bench/regularizer_study.py --variants refcal geometry geometry_onset geometry_onset_alone onset \
+        plain_onset --regimes default scarce_4 lr_3e-3 rows_64 --no-refcal-everywhere \
+        --out bench/results/regularizer_study_onset
 """
 
 from __future__ import annotations
