@@ -234,6 +234,7 @@ def collect(config: str, variants: list[str], study_regimes: list[str]) -> dict:
         plain_dir = run_dir(regime, "plain")
         if not (plain_dir / "eval").is_dir():
             continue
+        plain_kl = json.loads((plain_dir / "eval" / "results.json").read_text())["kl_benign"]
         for split in results:
             plain = regimes.outcomes(plain_dir, calibrated, frame_judge, keep=lambda r, s=split: half(r) == s)
             for variant in variants:
@@ -243,7 +244,7 @@ def collect(config: str, variants: list[str], study_regimes: list[str]) -> dict:
                 ran = regimes.outcomes(directory, calibrated, frame_judge, keep=lambda r, s=split: half(r) == s)
                 rows = compare(plain, ran)
                 kl = json.loads((directory / "eval" / "results.json").read_text())["kl_benign"]
-                results[split].setdefault(regime, {})[variant] = {"score": score(rows), "kl_benign": kl, "measures": rows}
+                results[split].setdefault(regime, {})[variant] = {"score": score(rows), "kl_benign": kl, "plain_kl_benign": plain_kl, "measures": rows}
         for variant in variants:
             if (run_dir(regime, variant) / "eval").is_dir():
                 geometry.setdefault(regime, {})[variant] = geometry_figures(run_dir(regime, variant), calibrated, "test")
@@ -286,9 +287,9 @@ def markdown(report: dict) -> str:
         lines += [f"### {split} half", "", "| regime | variant | score | " + " | ".join(regimes.MEASURES[m] for m in shown) + " | KL |",
                   "|---|---|---|" + "---|" * (len(shown) + 1)]
         for regime, variants in report[split].items():
-            first = next(iter(variants.values()))["measures"]
-            plain = " | ".join(f"{first[m]['plain']['rate']:.0%} n={first[m]['plain']['n']}" for m in shown)
-            lines.append(f"| {regime} | plain LoRA SFT | | {plain} | |")
+            first = next(iter(variants.values()))
+            plain = " | ".join(f"{first['measures'][m]['plain']['rate']:.0%} n={first['measures'][m]['plain']['n']}" for m in shown)
+            lines.append(f"| {regime} | plain LoRA SFT | | {plain} | {first['plain_kl_benign']:.3f} |")
             for variant, row in variants.items():
                 lines.append(f"| {regime} | {variant} | {row['score']:+.2f} | " + " | ".join(cell(row["measures"], m) for m in shown)
                              + f" | {row['kl_benign']:.3f} |")
