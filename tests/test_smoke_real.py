@@ -1,4 +1,4 @@
-"""The embedded SmolLM2-135M-Instruct end to end: regularized LoRA steps, greedy generation, judging."""
+"""The embedded SmolLM2-135M-Instruct end to end: regularized LoRA steps (onset term included), greedy generation, judging."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from calibration.judge import COMPLY, REFUSE, PhraseJudge
 from calibration.models import decoder_layers, load_model
 from conftest import EMBEDDED
 from tiny_setup import build_regularizer, make_trainer, sft_rows
+from train.onset import build_onset
 
 
 def test_real_model_trains_generates_and_is_judged(tmp_path):
@@ -21,13 +22,17 @@ def test_real_model_trains_generates_and_is_judged(tmp_path):
         model, tokenizer, rows, regularizer, tmp_path / "out", lora_r=8, learning_rate=5e-4, max_length=256,
         train_sampling_strategy="sequential",  # batches [h b o h] and [b o h b]: every term in both
     )
+    # the onset term too (the recommended target-free form trains on it): the real template and LM head
+    trainer.onset = build_onset(tokenizer, rows, {"sentiment", "translation"}).to(trainer.accelerator.device)
+    trainer.weights["onset"] = 1.0
+    assert [tokenizer.decode([t]) for t in trainer.onset.onset_tokens.tolist()] == ["I"]  # "I'm sorry, ..."
     trainer.train()
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 2
     for entry in steps:
         assert math.isfinite(entry["loss"]) and entry["loss"] > 0
         assert all(math.isfinite(v) for k, v in entry.items() if k.startswith("reg_"))
-        assert {"reg_keep", "reg_collapse", "reg_retain"} <= set(entry)
+        assert {"reg_keep", "reg_collapse", "reg_retain", "reg_onset"} <= set(entry) and entry["reg_onset"] > 0
     # before the first update the trainer reads the same hidden states the capture did
     assert steps[0]["reg_keep"] < 1e-4 and abs(steps[0]["reg_collapse"] - 1) < 1e-3 and steps[0]["reg_retain"] < 1e-3
 
