@@ -65,7 +65,7 @@ class RefcalArguments:
     target_max_new_tokens: int = field(default=48, metadata={"help": "Length of generated targets."})
     objective: str = field(
         default="sft",
-        metadata={"help": "Training objective, each with the geometry regularizer: sft (answer targets), dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows) or geometry (target-free: over_refusal rows get no answer and only the regularizer moves them; the other rows keep their SFT targets).", "choices": ["sft", "dpo", "geometry"]},
+        metadata={"help": "Training objective, each with the geometry regularizer: sft (answer targets), dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows) or geometry (target-free: over_refusal rows get no answer and only the regularizer and the onset term move them; the other rows keep their SFT targets; the recommended form sets onset_weight 1 and the geometry weights 0).", "choices": ["sft", "dpo", "geometry"]},
     )
     geometry_targets: str = field(
         default="anchors",

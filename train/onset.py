@@ -1,13 +1,13 @@
-"""The refusal-onset term: an output-side companion to the geometry regularizer.
+"""The refusal-onset term: an output-side term beside the geometry regularizer.
 
-Issue 6's study found the hidden-state terms can collapse held-out over-refusal states at the refusal
-layer (collapse ratio 0.06-0.09) while the model goes on refusing those prompts: after training, that
-layer's last-token state no longer decides refusal. This term acts where refusal is decided, on the
-answer's first token: p = P(first answer token opens a refusal), read from the logits at the last prompt
-token, with one binary cross-entropy per row:
+Issue 6's first study found the hidden-state terms can collapse held-out over-refusal states at the
+refusal layer while the model goes on refusing those prompts. This term acts where refusal is decided,
+on the answer's first token: p = P(first answer token opens a refusal), read from the logits at the last
+prompt token, with one binary cross-entropy per row:
 - target 1 on harmful and frame_attack rows (keep refusing);
 - target 0 on over_refusal rows of calibrated tasks and on benign rows (answer).
-It needs no answer text, so it also serves target-free calibration (objective: geometry).
+It needs no answer text, so it serves target-free calibration (objective: geometry): with the geometry
+weights at 0 it is the form the second screening selected (bench/results/regularizer_study_onset.md).
 
 The onset tokens come from the training rows themselves: first tokens of the model's own refusals
 (harmful and frame_attack targets) that open its answers (benign targets, supervised over_refusal

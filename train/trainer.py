@@ -129,7 +129,6 @@ class GeometryRegularized:
                 loss = loss + self.weights[term] * total / global_count * processes / steps
         return loss
 
-
     def _first_answer_logits(self, model, final_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits at each row's last prompt token: the distribution of the answer's first token."""
         unwrapped = self.accelerator.unwrap_model(model)
