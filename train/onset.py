@@ -21,6 +21,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from calibration.activations import chat_prompts
+from data_recipes.targets import chat_row
 from train.regularizer import KEEP_UP, KIND_CODES
 
 MIN_REFUSAL_SHARE = 0.05  # a token must open at least this share of the refusals
@@ -40,9 +42,9 @@ def onset_loss(logits: torch.Tensor, onset_tokens: torch.Tensor, target: torch.T
 
 def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
     """The completion's first token as training sees it: right after the chat template's generation prompt."""
-    user = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": completion}], tokenize=False)
+    head = chat_prompts(tokenizer, [prompt])[0]
+    row = chat_row(prompt, completion)
+    full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
     head_ids = tokenizer(head, add_special_tokens=False).input_ids
     full_ids = tokenizer(full, add_special_tokens=False).input_ids
     if full_ids[: len(head_ids)] != head_ids or len(full_ids) == len(head_ids):
