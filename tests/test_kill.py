@@ -34,7 +34,7 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> bool:
             process.send_signal(signal.SIGKILL)
             process.wait()
             return True
-        time.sleep(0.05)
+        time.sleep(0.002)  # the data stage's staging folder can live for only tens of milliseconds
     process.wait()
     return False
 
