@@ -22,6 +22,10 @@ class FingerprintMismatch(ValueError):
     pass
 
 
+class GeometryError(ValueError):
+    """The rows cannot give the geometry asked for (a missing group, a degenerate subspace)."""
+
+
 def unit(vector: torch.Tensor) -> torch.Tensor:
     return vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -29,7 +33,10 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
 def harmful_direction(harmful: torch.Tensor, answered: torch.Tensor) -> torch.Tensor:
     """Difference in means, per layer: [n, L, d] x [m, L, d] -> [L, d]."""
     if len(harmful) == 0 or len(answered) == 0:
-        raise ValueError(f"harmful direction needs both groups; got {len(harmful)} refused harmful, {len(answered)} answered benign")
+        raise GeometryError(
+            f"the harmful direction needs refused harmful rows and answered benign rows; the model refused "
+            f"{len(harmful)} harmful and answered {len(answered)} benign training rows (does it refuse harmful requests at all?)"
+        )
     return harmful.mean(0) - answered.mean(0)
 
 
@@ -48,7 +55,7 @@ def task_subspace(
     energy = singular**2
     total = energy.sum()
     if not torch.isfinite(total) or total <= 1e-12:
-        raise ValueError("over-refusal offsets have zero variance")
+        raise GeometryError("over-refusal offsets have zero variance (identical or degenerate activations)")
     ratios = energy / total
     rank = int((torch.cumsum(ratios, 0) < variance).sum().item()) + 1
     rank = max(1, min(rank, max_rank, len(offsets)))
@@ -136,8 +143,8 @@ def estimate(
                 basis, _ = task_subspace(
                     activations[over, layer], means[task][layer], harmful[layer], max_rank, variance
                 )
-            except ValueError as error:
-                raise ValueError(f"task {task!r}, layer {layer}: {error}") from error
+            except GeometryError as error:
+                raise GeometryError(f"task {task!r}, layer {layer}: {error}") from error
             subspaces[task].append(basis)
             ranks[task].append(len(basis))
     info = {

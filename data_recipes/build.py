@@ -19,6 +19,7 @@ from datasets import Dataset, DatasetDict
 from data_recipes.errors import RecipeError
 from data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
 from data_recipes.tasks import TaskCluster
+from data_recipes.user_prompts import load_prompt_rows
 
 SPLITS = ("train", "val", "eval")
 KINDS = ("harmful", "over_refusal", "benign", "frame_attack")
@@ -102,7 +103,9 @@ def build_rows(tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_roo
             add(split, "benign", RAW_TASK, content.text, content)
 
     for task in tasks:
-        if task.is_frame:
+        if task.prompts is not None:
+            _add_user_prompts(task, sizes, rng, banned, add)
+        elif task.is_frame:
             _add_framed(task, harmful, benign, sizes, rng, add)
         else:
             _add_lookalikes(task, sizes, rng, data_root, banned, add)
@@ -151,6 +154,39 @@ def _add_lookalikes(task: TaskCluster, sizes: RecipeSizes, rng, data_root, banne
         start += n
 
 
+def _add_user_prompts(task: TaskCluster, sizes: RecipeSizes, rng: random.Random, banned, add) -> None:
+    """A user's prompts as they are: rows with a split keep it; the others are cut, per kind, in the
+    proportions the config's per-task sizes give (over_refusal and harmful: over_refusal_per_task)."""
+    ratios = {
+        "over_refusal": sizes.over_refusal_per_task, "harmful": sizes.over_refusal_per_task,
+        "benign": sizes.benign_per_task, "frame_attack": sizes.attack_per_task,
+    }  # fmt: skip
+    seen: set[str] = set()
+    unplaced: dict[str, list] = {}
+    for row in load_prompt_rows(task):
+        key = content_id(row.text)
+        if key in banned or key in seen:  # an evaluation benchmark's prompt, or a repeat
+            continue
+        seen.add(key)
+        if row.split:
+            _add_prompt_row(task, row.split, row, add)
+        else:
+            unplaced.setdefault(row.kind, []).append(row)
+    for kind, rows in unplaced.items():
+        ratio = ratios[kind]
+        if sum(ratio) == 0:
+            raise RecipeError(f"{rows[0].origin}: {len(rows)} {kind} rows of task {task.name!r} have no split, and the config's sizes give {kind} none")
+        rng.shuffle(rows)
+        cuts = [round(len(rows) * sum(ratio[: i + 1]) / sum(ratio)) for i in range(len(SPLITS))]
+        for split, start, stop in zip(SPLITS, [0, *cuts[:-1]], cuts):
+            for row in rows[start:stop]:
+                _add_prompt_row(task, split, row, add)
+
+
+def _add_prompt_row(task: TaskCluster, split: str, row, add) -> None:
+    add(split, row.kind, task.name, row.text, SourceRow(row.text, {"source": f"{row.origin}#{row.row}"}))
+
+
 def check_disjoint(rows: list[dict]) -> None:
     """No content may appear in two splits (lookalike twins count as one content via their split)."""
     owner: dict[str, str] = {}
@@ -175,7 +211,7 @@ def manifest(rows: list[dict], tasks: list[TaskCluster], sizes: RecipeSizes, see
         }
         for s in SPLITS
     }
-    used = sorted({r["source"] for r in rows} | set(EVAL_SOURCES))
+    used = sorted({r["source"].split("#")[0] for r in rows} | set(EVAL_SOURCES))  # a user row: "file#row"
     return {
         "seed": seed,
         "sizes": sizes.__dict__,
@@ -187,6 +223,10 @@ def manifest(rows: list[dict], tasks: list[TaskCluster], sizes: RecipeSizes, see
 
 
 def _describe_source(name: str, data_root) -> dict:
+    if name.startswith("hf:"):
+        return {"hf_dataset": name[3:]}
+    if name not in SOURCES:  # a user's prompts file
+        return {"file": name, "sha256": hashlib.sha256(Path(name).read_bytes()).hexdigest()}
     source = SOURCES[name]
     path = Path(source.path)
     if not path.is_absolute():

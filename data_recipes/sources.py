@@ -79,7 +79,7 @@ def load_source(name: str, data_root: str | Path | None = None) -> list[SourceRo
     if not path.exists():
         hint = f" (elsewhere: datasets.load_dataset({source.hf_dataset!r}))" if source.hf_dataset else ""
         raise RecipeError(f"source {name!r}: file not found: {path}{hint}")
-    records = _read_records(path, source.text_field)
+    records = read_records(path, source.text_field)
     rows = []
     for number, record in records:
         if source.where and str(record.get(source.where[0], "")) != source.where[1]:
@@ -91,7 +91,7 @@ def load_source(name: str, data_root: str | Path | None = None) -> list[SourceRo
     return rows
 
 
-def _read_records(path: Path, text_field: str) -> list[tuple[int, dict]]:
+def read_records(path: Path, text_field: str) -> list[tuple[int, dict]]:
     """(row number, record) pairs; row numbers count data rows from 1 (JSONL/TXT: line numbers)."""
     try:
         content = path.read_text(encoding="utf-8")

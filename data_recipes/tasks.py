@@ -40,6 +40,14 @@ class TaskCluster:
     answer_pattern: str | None = None  # regex a steered answer must match to count as doing the task
     held_out_templates: tuple[str, ...] = ()  # phrasings kept out of training: evaluation only
     held_out_attack_templates: tuple[str, ...] = ()
+    # A user's own cluster: a JSONL/CSV/JSON file (relative to this YAML) or `hf:owner/name`, one prompt
+    # per row with its kind (and optionally task and split): see data_recipes/user_prompts.py.
+    prompts: str | None = None
+    prompts_split: str = "train"  # the Hugging Face dataset's split to read
+    prompt_column: str = "prompt"
+    kind_column: str = "kind"
+    task_column: str = "task"  # rows whose task is another cluster's are skipped; no such column: all rows
+    split_column: str = "split"  # train/val/eval per row; no such column: split by the config's per-task sizes
 
     def does_task(self, answer: str) -> bool:
         """A cheap check that a generated answer does the task (no pattern: every answer passes)."""
@@ -47,8 +55,8 @@ class TaskCluster:
 
     @property
     def is_frame(self) -> bool:
-        """A frame wraps shared contents; a lookalike cluster brings its own prompts."""
-        return self.over_refusal_source is None
+        """A frame wraps shared contents; a lookalike or user cluster brings its own prompts."""
+        return self.over_refusal_source is None and self.prompts is None
 
     def fill(self, template: str, content: str) -> str:
         return template.format(content=TRANSFORMS[self.content_transform](content))
@@ -60,7 +68,7 @@ class TaskCluster:
 
 
 _FIELDS = {f.name for f in fields(TaskCluster)}
-_REQUIRED = {"name", "description", "templates"}
+_REQUIRED = {"name", "description"}
 
 
 def load_task(path: str | Path) -> TaskCluster:
@@ -93,8 +101,10 @@ def load_task(path: str | Path) -> TaskCluster:
         for i, template in enumerate(templates, start=1):
             _check_template(path, key, i, template)
         raw[key] = tuple(templates)
-    if not raw["templates"]:
-        raise RecipeError(f"{path}: field 'templates' is empty; a task needs at least one phrasing")
+    if raw.get("prompts") is not None:
+        raw.update(_check_prompts(path, raw))
+    elif not raw["templates"]:
+        raise RecipeError(f"{path}: field 'templates' is empty; a task needs at least one phrasing (or a 'prompts' file)")
     transform = raw.get("content_transform", "none")
     if transform not in TRANSFORMS:
         raise RecipeError(f"{path}: field 'content_transform' is {transform!r}; allowed: {sorted(TRANSFORMS)}")
@@ -107,6 +117,23 @@ def load_task(path: str | Path) -> TaskCluster:
     if bool(raw.get("over_refusal_source")) != bool(raw.get("harmful_source")):
         raise RecipeError(f"{path}: fields 'over_refusal_source' and 'harmful_source' go together")
     return TaskCluster(**raw)
+
+
+def _check_prompts(path: Path, raw: dict) -> dict:
+    """A prompts cluster's fields: the file resolved beside the YAML, the prompt used as it is."""
+    prompts = raw["prompts"]
+    if not isinstance(prompts, str) or not prompts.strip():
+        raise RecipeError(f"{path}: field 'prompts' must be a file path or hf:owner/name")
+    for key in ("prompts_split", "prompt_column", "kind_column", "task_column", "split_column"):
+        if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
+            raise RecipeError(f"{path}: field {key!r} must be a non-empty string")
+    if raw.get("over_refusal_source") or raw.get("attack_templates") or raw.get("held_out_templates"):
+        raise RecipeError(f"{path}: field 'prompts' brings whole prompts; it does not go with sources or attack/held-out templates")
+    if raw["templates"] and raw["templates"] != ("{content}",):
+        raise RecipeError(f"{path}: field 'templates': a 'prompts' cluster uses its prompts as written; leave templates out")
+    if not prompts.startswith("hf:"):
+        prompts = str((path.parent / prompts).resolve())
+    return {"prompts": prompts, "templates": raw["templates"] or ("{content}",)}
 
 
 def _check_template(path: Path, key: str, row: int, template: object) -> None:

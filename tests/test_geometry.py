@@ -105,7 +105,7 @@ def test_load_with_another_fingerprint_raises(estimated, tmp_path):
 
 def test_estimate_needs_both_groups():
     acts, kinds, tasks, refused, _, _ = planted()
-    with pytest.raises(ValueError, match="both groups"):
+    with pytest.raises(ValueError, match="refused harmful rows and answered benign rows"):
         estimate(acts, kinds, tasks, [False] * len(kinds), "fp")
 
 

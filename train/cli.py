@@ -12,6 +12,9 @@ import shutil
 import sys
 import time
 
+from rich.console import Console
+from rich.markup import escape
+
 from calibration.artifacts import atomic_write_text
 from train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, run_stages
 
@@ -19,12 +22,14 @@ USAGE = f"""usage: refcal {{run,{','.join(STAGES + EXTRA_STAGES)}}} --config FIL
        refcal geometry --config FILE --report DIR
        refcal retrain --config FILE --adapter DIR --tasks NEW.yaml [...] [--run_dir DIR]
        refcal chat --adapter DIR [--compare]
+       refcal report RUN_DIR [--out FILE]
 
 Stages write folders under run_dir and are skipped when already done; --force redoes the named stage.
 `baselines` evaluates the inference-time interventions (global ablation, false-refusal ablation,
 task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
 `retrain` trains an exported adapter further on new task clusters, keeping the old ones calibrated.
 `chat` tries an exported adapter in the terminal (`refcal chat --help`).
+`report` writes one self-contained HTML page of a run: geometry, every loss term's curve, before/after tables.
 `geometry --report DIR` also writes the geometry analysis (Markdown, PNG plots, JSON) into DIR.
 `export --merge` also writes the calibrated model with the adapter merged in (run_dir/export/merged).
 Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set by flag.
@@ -93,6 +98,21 @@ def retrain(rest: list[str]) -> None:
     run_pipeline(rest + retrain_overrides(card, adapter, new_tasks, args.tasks, run_dir), retrain_from=card)
 
 
+def report_command(rest: list[str]) -> None:
+    if not rest or rest[0] in ("-h", "--help"):
+        print("usage: refcal report RUN_DIR [--out FILE]   (default FILE: RUN_DIR/report.html)")
+        return
+    from train.html_report import write_report
+
+    out = _take(rest, "--out")
+    if len(rest) != 1:
+        raise SystemExit(f"refcal report takes one run folder, got {rest}")
+    try:
+        console.print(f"report -> {write_report(rest[0], out)}")
+    except FileNotFoundError as error:
+        raise SystemExit(f"refcal report: {error}") from error
+
+
 def _take(argv: list[str], flag: str, many: bool = False):
     """Remove `flag` and its value(s) from argv and return them."""
     if flag not in argv:
@@ -106,14 +126,35 @@ def _take(argv: list[str], flag: str, many: bool = False):
     return values if many else (values[0] if values else None)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what to fix: shown as one line, not a traceback."""
+    from calibration.geometry import FingerprintMismatch, GeometryError
+    from calibration.model_judge import JudgeError
+    from data_recipes.errors import RecipeError
+    from train.config import ConfigError
+    from train.export import SafetyGateError
+
+    return (ConfigError, RecipeError, GeometryError, FingerprintMismatch, FloatingPointError, JudgeError, SafetyGateError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    errors = user_errors()
+    try:
+        dispatch(list(sys.argv[1:] if argv is None else argv))
+    except errors as error:
+        Console(stderr=True).print(f"[red]refcal: error: {escape(str(error))}[/]", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from error
+
+
+def dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
     if command == "retrain":
         return retrain(rest)
+    if command == "report":
+        return report_command(rest)
     if command == "chat":
         from train.chat import main as chat_main
 
@@ -134,13 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("refcal: --report DIR goes with the geometry command")
         report = rest[at + 1]
         del rest[at : at + 2]
-    from train.export import SafetyGateError
-
-    try:
-        run_pipeline(rest, STAGES if command == "run" else (command,), force, report)
-    except SafetyGateError as error:
-        console.print(f"[red]{error}[/]")
-        raise SystemExit(2) from error
+    run_pipeline(rest, STAGES if command == "run" else (command,), force, report)
 
 
 if __name__ == "__main__":

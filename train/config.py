@@ -6,10 +6,12 @@ A YAML file passed with `--config` sets any field of the three; command-line fla
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from transformers import TrainingArguments
 from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
@@ -48,7 +50,7 @@ class RefcalArguments:
     organism_epochs: float = field(default=1.0, metadata={"help": "Organism training epochs."})
     organism_lora_r: int = field(default=16, metadata={"help": "Organism LoRA rank."})
 
-    layer_candidates: list[int] | None = field(default=None, metadata={"help": "Layers tried for the refusal direction (default: 20%-80% of depth, as Arditi et al.)."})
+    layer_candidates: list[int] | None = field(default=None, metadata={"help": "Layers tried for the refusal direction (default: a fifth to four fifths of the depth, as Arditi et al.)."})
     layer_kl_max: float = field(default=0.5, metadata={"help": "Largest benign next-token KL a chosen layer's ablation may cause."})
     geometry_in_4bit: bool = field(
         default=False,
@@ -139,9 +141,65 @@ class RefcalArguments:
         return list(self.calibrate_tasks or self.organism_tasks)
 
 
+class ConfigError(ValueError):
+    """A config file or flag refcal cannot use; the message names the file and the field."""
+
+
+CONFIG_CLASSES = (ModelConfig, RefcalArguments, SFTConfig)
+
+
+def known_fields() -> set[str]:
+    return {f.name for cls in CONFIG_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def check_config_file(path: str | Path) -> dict:
+    """The YAML mapping in `path`, or a ConfigError naming the file, the line or the unknown field (with the
+    closest known names), before TrlParser sees it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: config file not found") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {error.start})") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(raw).__name__}")
+    known = known_fields()
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (`refcal run --help` lists every field)"
+            raise ConfigError(f"{path}: unknown field {key!r}{hint}")
+    return raw
+
+
+class _Parser(TrlParser):
+    """TrlParser whose argparse errors (a value of the wrong type) raise a ConfigError naming the config."""
+
+    source = "the command line"
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.source}: {message}")
+
+
 def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, SFTConfig]:
-    parser = TrlParser((ModelConfig, RefcalArguments, SFTConfig))
-    model_args, refcal_args, training_args = parser.parse_args_and_config(args=argv)
+    argv = list(argv or [])
+    source = "the command line"
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        source = argv[argv.index("--config") + 1]
+        check_config_file(source)
+    parser = _Parser(CONFIG_CLASSES)
+    parser.source = source
+    try:
+        model_args, refcal_args, training_args = parser.parse_args_and_config(args=argv)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a value the dataclasses' own checks reject (bf16 without a GPU, ...)
+        raise ConfigError(f"{source}: {error}") from error
     return model_args, refcal_args, training_args
 
 

@@ -29,12 +29,13 @@ from calibration.geometry import Geometry, estimate
 from calibration.frame_judge import FrameJudge
 from calibration.judge import build_judge, refused
 from calibration.layer_choice import choose_layer, refusal_tokens
-from calibration.models import fingerprint, four_bit_config, load_model
+from calibration.models import fingerprint, four_bit_config, load_model, load_tokenizer
 from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
 from data_recipes.tasks import load_tasks
 from data_recipes.preferences import build_preferences, preference_dataset
 from data_recipes.targets import build_targets, sft_dataset
 from train.config import RefcalArguments, dpo_config
+from train.data_checks import check_calibrated_tasks, check_prompt_lengths
 from train.onset import build_onset
 from train.organism import build_organism
 from train.resume import last_checkpoint
@@ -128,6 +129,9 @@ def recipe_rows(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes]:
 def stage_data(run: Run) -> None:
     a = run.args
     rows, tasks, sizes = recipe_rows(a)
+    check_calibrated_tasks(rows, a.resolved_calibrate_tasks(), a.tasks)
+    tokenizer = load_tokenizer(run.model_args.model_name_or_path, run.training_args.trust_remote_code)
+    check_prompt_lengths(rows, tokenizer, run.training_args.max_length, a.target_max_new_tokens)
     with atomic_directory(run.path("data")) as staging:
         to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
         (staging / "manifest.json").write_text(json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root), indent=2))

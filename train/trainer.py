@@ -104,6 +104,11 @@ class GeometryRegularized:
                 hook.remove()
 
     def _regularized(self, model, loss, captured, positions, row_index, num_items_in_batch):
+        if not torch.isfinite(loss.detach()).all():  # stop before the optimizer spreads it into the adapter
+            raise FloatingPointError(
+                f"the training loss is {loss.detach().float().mean().item()} at step {self.state.global_step + 1} "
+                f"(learning_rate {self.args.learning_rate}); lower the learning rate or check the batch's rows"
+            )
         span = self.regularizer.positions  # the last `span` prompt tokens of each row, earliest first
         offsets = torch.arange(span, device=positions.device)
         tokens = positions[:, None] - (span - 1) + offsets  # [rows, span]

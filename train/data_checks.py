@@ -1,0 +1,46 @@
+"""Checks on the data stage's rows before anything is written: every error names the file, the row and
+the field, so a bad input fails in seconds instead of as a silent truncation or an empty subspace later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from calibration.activations import chat_prompts
+from data_recipes.errors import RecipeError
+
+MIN_SUBSPACE_ROWS = 2  # an over-refusal subspace is estimated from at least this many over-refused rows
+
+
+def where(row: dict) -> str:
+    """A row's origin: a user's "file#row" becomes "file, row N"; a named source keeps its name and row id."""
+    origin, _, number = row["source"].partition("#")
+    return f"{origin}, row {number}" if number else f"source {origin or row['task']!r}, row {row['id']}"
+
+
+def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, reserve: int) -> None:
+    """Each prompt, in the chat template, must leave `reserve` tokens (the answer) inside `max_length`:
+    TRL truncates longer rows silently, which would train on a cut prompt with no answer."""
+    limit = max_length - reserve
+    lengths = [len(ids) for ids in tokenizer(chat_prompts(tokenizer, [r["prompt"] for r in rows]), add_special_tokens=False)["input_ids"]]
+    too_long = [(row, n) for row, n in zip(rows, lengths) if n > limit]
+    if too_long:
+        row, n = too_long[0]
+        others = f" ({len(too_long) - 1} more rows too)" if len(too_long) > 1 else ""
+        raise RecipeError(
+            f"{where(row)}: field 'prompt' is {n} tokens in the chat template, more than max_length {max_length} "
+            f"less the {reserve} answer tokens (target_max_new_tokens){others}; shorten it or raise max_length"
+        )
+
+
+def check_calibrated_tasks(rows: list[dict], calibrate_tasks: list[str], task_files: list[str]) -> None:
+    """Every task to calibrate needs training rows of its own to estimate its over-refusal subspace."""
+    files = {Path(p).stem: p for p in task_files}
+    for task in calibrate_tasks:
+        if task not in files:
+            raise RecipeError(f"calibrate_tasks names {task!r}, which is not among the config's tasks ({sorted(files)})")
+        count = sum(r["split"] == "train" and r["kind"] == "over_refusal" and r["task"] == task for r in rows)
+        if count < MIN_SUBSPACE_ROWS:
+            raise RecipeError(
+                f"{files[task]}: task {task!r} has {count} over_refusal training row(s); its over-refusal subspace "
+                f"needs at least {MIN_SUBSPACE_ROWS} (add rows of kind over_refusal, or raise over_refusal_per_task)"
+            )

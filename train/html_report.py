@@ -1,0 +1,223 @@
+"""`refcal report RUN_DIR`: one self-contained HTML page of a run (plots embedded as PNG data URIs).
+
+It reads only what the stages wrote (geometry, train, eval, export, timings), so it works on a finished
+run, on a run still in progress (missing stages are named, not guessed) and on a copied run folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen: render to memory
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from calibration.artifacts import atomic_write_text  # noqa: E402
+from calibration.judge import refused  # noqa: E402
+from train.report import KINDS, comparison_rows, gate_line  # noqa: E402
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; display: block; margin: 1em 0; }
+.missing { color: #a00; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _figure_tag(figure, alt: str) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _missing(what: str, stage: str) -> str:
+    return f'<p class="missing">No {html.escape(what)}: the {stage} stage has not written it yet.</p>'
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def overview_section(run_dir: Path, card: dict | None) -> str:
+    timings = _read_json(run_dir / "timings.json") or {}
+    rows = [[stage, f"{seconds:.0f} s"] for stage, seconds in timings.items()]
+    parts = ["<h2>Run</h2>", f"<p>Run folder: <code>{html.escape(str(run_dir))}</code></p>"]
+    if card:
+        parts.append(_table(["field", "value"], [
+            ["model", card["model"]],
+            ["calibrated model fingerprint", card["calibrated_model_fingerprint"]],
+            ["calibrated tasks", ", ".join(card["calibrate_tasks"])],
+            ["objective", card["training"].get("objective", "sft")],
+            ["regularizer layers", card["training"]["regularizer_layers"]],
+            ["training rows", card["training"]["rows"]],
+            ["judge", card["evaluation"]["judge"]],
+            ["safety gate", gate_line(card.get("safety_gate"))],
+            ["data rows hash", card["data_manifest"]["rows_hash"]],
+            ["packages", ", ".join(f"{k} {v}" for k, v in (card.get("environment") or {}).get("packages", {}).items())],
+        ]))  # fmt: skip
+    if rows:
+        parts += ["<h3>Stage times</h3>", _table(["stage", "wall time"], rows)]
+    return "\n".join(parts)
+
+
+def geometry_section(run_dir: Path) -> str:
+    meta = _read_json(run_dir / "geometry" / "geometry.json")
+    if meta is None:
+        return "<h2>Geometry</h2>" + _missing("geometry", "geometry")
+    chosen = meta["layer"]
+    parts = ["<h2>Geometry</h2>", f"<p>Refusal layer (causal choice by ablation): <b>{chosen}</b>.</p>"]
+    scores = meta.get("layer_scores") or []
+    if scores:
+        figure, left = plt.subplots(figsize=(7, 3.2))
+        layers = [s["layer"] for s in scores]
+        left.plot(layers, [s["refusal_score_drop"] for s in scores], marker="o", label="refusal score drop")
+        left.set(xlabel="layer", ylabel="refusal score drop", title="layer choice: ablating each layer's harmful direction")
+        right = left.twinx()
+        right.plot(layers, [s["benign_kl"] for s in scores], marker="s", color="tab:red", label="benign KL")
+        right.set_ylabel("benign KL (nats)")
+        left.axvline(chosen, color="grey", linestyle=":")
+        figure.legend(loc="center left", fontsize=8)
+        figure.tight_layout()
+        parts.append(_figure_tag(figure, "layer choice"))
+        parts.append(_table(["layer", "refusal score drop", "benign KL"], [
+            [s["layer"], f"{s['refusal_score_drop']:.3f}", f"{s['benign_kl']:.3f}"] for s in scores
+        ]))  # fmt: skip
+    projection = _projection_figure(run_dir, meta)
+    if projection:
+        parts.append(projection)
+    ranks = meta.get("ranks") or {}
+    if ranks:
+        parts.append("<h3>Over-refusal subspace rank at the refusal layer</h3>")
+        parts.append(_table(["task", "rank"], [[task, per_layer[chosen]] for task, per_layer in sorted(ranks.items())]))
+    return "\n".join(parts)
+
+
+def _projection_figure(run_dir: Path, meta: dict) -> str | None:
+    """Each group's mean projection on the layer's harmful direction r, scaled so that answered benign
+    prompts sit at 0 and refused harmful ones at 1: where over-refusal rides on r, its rows sit near 1."""
+    activations_path, responses_path = run_dir / "geometry" / "activations.safetensors", run_dir / "geometry" / "responses.jsonl"
+    if not (activations_path.exists() and responses_path.exists() and (run_dir / "data" / "recipe").exists()):
+        return None
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(run_dir / "data" / "recipe"))["train"].to_list()
+    labels = {r["id"]: r["label"] for r in map(json.loads, responses_path.read_text(encoding="utf-8").splitlines())}
+    activations = load_file(activations_path)["last_token"].float()  # [rows, layers, d]
+    harmful = load_file(run_dir / "geometry" / "geometry.safetensors")["harmful"].float()
+    unit = harmful / harmful.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    projections = torch.einsum("nld,ld->nl", activations, unit)
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        said = "refused" if refused(labels[row["id"]]) else "answered"
+        name = f"over_refusal {row['task']}, {said}" if row["kind"] == "over_refusal" else f"{row['kind']}, {said}"
+        groups.setdefault(name, []).append(i)
+    low, high = groups.get("benign, answered"), groups.get("harmful, refused")
+    if not low or not high:
+        return None
+    zero, one = projections[low].mean(0), projections[high].mean(0)
+    scale = (one - zero).where((one - zero).abs() > 1e-6, torch.ones_like(one))
+    figure, axis = plt.subplots(figsize=(10, 3.8))
+    for name, members in sorted(groups.items()):
+        if name.startswith(("over_refusal", "harmful, refused", "benign, answered")) and len(members) >= 3:
+            style = "-" if not name.startswith("over_refusal") else "--"
+            axis.plot(((projections[members].mean(0) - zero) / scale).tolist(), style, label=f"{name} ({len(members)})")
+    axis.axvline(meta["layer"], color="grey", linestyle=":")
+    axis.set(xlabel="layer", ylabel="scaled projection on r", title="where each group sits along the harmful direction")
+    axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.tight_layout()
+    return _figure_tag(figure, "projection on the harmful direction")
+
+
+def training_section(run_dir: Path) -> str:
+    history = _read_json(run_dir / "train" / "log_history.json")
+    if history is None:
+        return "<h2>Training</h2>" + _missing("training log", "train")
+    steps = [entry for entry in history if "loss" in entry and "step" in entry]
+    terms = sorted({k for e in steps for k in e if k == "loss" or k.startswith(("reg_", "rewards/"))})
+    parts = ["<h2>Training</h2>"]
+    if not steps:
+        return "\n".join(parts + ["<p>No logged steps.</p>"])
+    figure, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
+    for axis, term in zip(axes[0], terms):
+        points = [(e["step"], e[term]) for e in steps if term in e]
+        axis.plot(*zip(*points), marker=".")
+        axis.set(title=term, xlabel="step")
+    figure.tight_layout()
+    parts.append(_figure_tag(figure, "training curves"))
+    last = steps[-1]
+    parts.append(_table(["term", "first", "last"], [[t, f"{steps[0].get(t, float('nan')):.4f}", f"{last.get(t, float('nan')):.4f}"] for t in terms]))
+    train_record = _read_json(run_dir / "train" / "train.json") or {}
+    if train_record.get("onset_tokens"):
+        parts.append(f"<p>Refusal-onset tokens: <code>{html.escape(json.dumps(train_record['onset_tokens']))}</code></p>")
+    return "\n".join(parts)
+
+
+def evaluation_section(run_dir: Path) -> str:
+    results = _read_json(run_dir / "eval" / "results.json")
+    if results is None:
+        return "<h2>Evaluation</h2>" + _missing("evaluation", "eval")
+    rows = [[label.strip(), b["n"], _pct(b["rate"]), _pct(a["rate"])] for label, b, a in comparison_rows(results)]
+    kinds = [k for k in KINDS if k in results["before"]["by_kind"]]
+    figure, axis = plt.subplots(figsize=(7, 3))
+    width = 0.38
+    positions = range(len(kinds))
+    for offset, when in ((-width / 2, "before"), (width / 2, "after")):
+        axis.bar([p + offset for p in positions], [results[when]["by_kind"][k]["rate"] for k in kinds], width, label=when)
+    axis.set_xticks(list(positions), kinds)
+    axis.set(ylabel="refusal rate", ylim=(0, 1), title="refusal on held-out prompts")
+    axis.legend()
+    figure.tight_layout()
+    outcomes = results["after"].get("frame_attack_outcomes") or {}
+    parts = [
+        "<h2>Evaluation</h2>",
+        f"<p>Judge <code>{html.escape(results['judge'])}</code>; held-out prompts only. "
+        f"KL(before ‖ after) on benign prompts: {results['kl_benign']:.4f} nats/token.</p>",
+        _figure_tag(figure, "refusal before and after"),
+        _table(["prompts", "n", "before", "after"], rows),
+    ]
+    if outcomes:
+        parts += ["<h3>Frame attacks after calibration</h3>", _table(
+            ["outcome", "rate", "n"], [[k, _pct(v["rate"]), v["n"]] for k, v in outcomes.items() if isinstance(v, dict)]
+        )]  # fmt: skip
+    return "\n".join(parts)
+
+
+def render(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    card = _read_json(run_dir / "export" / "adapter" / "calibration_card.json")
+    sections = [overview_section(run_dir, card), geometry_section(run_dir), training_section(run_dir), evaluation_section(run_dir)]
+    title = f"refcal run {run_dir.name}"
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    out = Path(out) if out else Path(run_dir) / "report.html"
+    atomic_write_text(out, render(run_dir))
+    return out
