@@ -83,3 +83,21 @@ def test_chat_needs_an_exported_folder(tmp_path):
 
     with pytest.raises(SystemExit, match="no calibration_card.json"):
         load_calibrated(tmp_path)
+
+
+def test_chat_refuses_an_adapter_made_for_other_weights(tiny_model_dir, exported, tokenizer, tmp_path):
+    from calibration.geometry import FingerprintMismatch
+    from calibration.models import fingerprint
+    from tiny_setup import save_tiny_model
+    from train.chat import load_calibrated
+
+    folder, _, _ = exported
+    card = {"calibrate_tasks": ["sentiment"], "calibrated_model": str(tiny_model_dir)}
+    card["calibrated_model_fingerprint"] = fingerprint(load_model(str(tiny_model_dir))[0])
+    (folder / "calibration_card.json").write_text(json.dumps(card))
+    assert load_calibrated(folder)[0].peft_config  # the model it was made on: loads
+    other = save_tiny_model(tokenizer, tmp_path / "retrained-base", seed=1)  # same path, other weights
+    (folder / "calibration_card.json").write_text(json.dumps({**card, "calibrated_model": str(other)}))
+    with pytest.raises(FingerprintMismatch) as error:
+        load_calibrated(folder)
+    assert card["calibrated_model_fingerprint"] in str(error.value) and fingerprint(load_model(str(other))[0]) in str(error.value)

@@ -25,13 +25,15 @@ def load_calibrated(adapter: str | Path, trust_remote_code: bool = False):
     """The model the adapter was calibrated on (from its card) with the adapter attached."""
     from peft import PeftModel
 
-    from calibration.models import load_model
+    from calibration.models import fingerprint, load_model
+    from train.retrain import check_adapter_base
 
     card_path = Path(adapter) / "calibration_card.json"
     if not card_path.is_file():
         raise SystemExit(f"refcal chat: {adapter} has no calibration_card.json: give a folder written by `refcal export`")
     card = json.loads(card_path.read_text())
     model, tokenizer = load_model(card["calibrated_model"], "float32", trust_remote_code)
+    check_adapter_base(str(adapter), fingerprint(model))  # the model at that path may have changed since
     return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
 
 
