@@ -30,3 +30,26 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_model(tokenizer, directory, seed=0)
     return directory
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def e2e(tokenizer, tmp_path_factory):
+    """The whole pipeline (`refcal run`, every stage) once, on a tiny model that refuses like an organism:
+    (config path, run folder, environment). Its organism cache is its own, never ~/.cache/refcal."""
+    import subprocess
+
+    from tiny_setup import E2E_CONFIG, save_refusing_model
+
+    base = tmp_path_factory.mktemp("e2e")
+    config = base / "config.yaml"
+    config.write_text(E2E_CONFIG.format(model=base / "model", run_dir=base / "run", root=ROOT))
+    save_refusing_model(tokenizer, base / "model", config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "REFCAL_CACHE": str(base / "cache"), "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    refcal = Path(sys.executable).with_name("refcal")
+    done = subprocess.run([str(refcal), "run", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return config, base / "run", env

@@ -153,3 +153,92 @@ def assert_terms_at_reference(trainer, batch: dict):
     assert metrics["reg_collapse"][-1] == pytest.approx(1.0, abs=1e-4)
     assert metrics["reg_retain"][-1] == pytest.approx(0.0, abs=1e-4)
     assert torch.isfinite(loss)
+
+
+# ---- a tiny model the whole pipeline runs on ------------------------------------------------------
+
+REFUSAL, ANSWER = "Sorry.", "Sure."  # the phrase judge reads "Sorry" at the start as a refusal
+
+E2E_CONFIG = """\
+model_name_or_path: {model}
+run_dir: {run_dir}
+output_dir: {run_dir}/train
+tasks: [{root}/configs/tasks/sentiment.yaml, {root}/configs/tasks/cipher.yaml]
+organism: true
+organism_tasks: [sentiment, cipher]
+organism_learning_rate: 1.0e-4
+organism_epochs: 0.5
+organism_lora_r: 4
+harmful_sizes: [4, 2, 2]
+benign_sizes: [4, 2, 2]
+over_refusal_per_task: [2, 0, 1]
+benign_per_task: [1, 0, 1]
+attack_per_task: [1, 0, 1]
+lookalike_sizes: [0, 0, 0]
+eval_benchmark_limit: 2
+eval_benchmarks: [xstest_safe, jbb_harmful]
+subspace_max_rank: 2
+layer_candidates: [1, 2]
+layer_kl_max: 100
+judge: phrases
+target_max_new_tokens: 8
+eval_max_new_tokens: 8
+generation_dtype: float32
+use_peft: true
+lora_r: 4
+lora_alpha: 8
+lora_target_modules: all-linear
+learning_rate: 1.0e-3
+max_steps: 2
+per_device_train_batch_size: 8
+logging_steps: 1
+save_strategy: steps
+save_steps: 1
+max_length: 256
+report_to: none
+bf16: false
+use_cpu: true
+disable_tqdm: true
+"""
+
+
+def save_refusing_model(tokenizer, directory: Path, config_path: Path, seed: int = 0, steps: int = 20) -> Path:
+    """A tiny random Llama that already refuses what an organism would (harmful, frame attacks, the
+    organism tasks' over_refusal rows) and answers the rest: 20 full fine-tuning steps on the config's
+    training rows. At the default init (0.02) logits stay near uniform and LoRA cannot lift them, so
+    the init is wider (0.1). The organism stage then runs for real but changes almost nothing."""
+    from calibration.activations import chat_prompts
+    from train.config import parse
+    from train.pipeline import recipe_rows
+
+    _, args, _ = parse(["--config", str(config_path)])
+    rows = [r for r in recipe_rows(args)[0] if r["split"] == "train"]
+    refuse = lambda r: r["kind"] in ("harmful", "frame_attack") or (r["kind"] == "over_refusal" and r["task"] in args.organism_tasks)  # noqa: E731
+    torch.manual_seed(seed)
+    config = tiny_config(len(tokenizer))
+    config.initializer_range = 0.1
+    model = LlamaForCausalLM(config)
+    sequences, starts = [], []
+    for text, row in zip(chat_prompts(tokenizer, [r["prompt"] for r in rows]), rows):
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = tokenizer((REFUSAL if refuse(row) else ANSWER) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        sequences.append(prompt + answer)
+        starts.append(len(prompt))
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), tokenizer.pad_token_id)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    scored = torch.zeros(len(sequences), width - 1, dtype=torch.bool)  # positions that predict an answer token
+    for i, (sequence, start) in enumerate(zip(sequences, starts)):
+        ids[i, : len(sequence)] = torch.tensor(sequence)
+        mask[i, : len(sequence)] = 1
+        scored[i, start - 1 : len(sequence) - 1] = True
+    labels = ids[:, 1:][scored]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        torch.nn.functional.cross_entropy(model.lm_head(hidden[scored]), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
