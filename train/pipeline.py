@@ -73,7 +73,10 @@ class Run:
         return FrameJudge(self.judge)
 
     def done(self, stage: str) -> bool:
-        return self.path(stage).is_dir()
+        """A stage's folder appears whole (atomic rename), except train's: the configs put the Trainer's
+        output_dir there, so its checkpoints exist before the stage is done; train.json is written last."""
+        folder = self.path(stage)
+        return folder.is_dir() and (stage != "train" or (folder / "train.json").is_file())
 
     @property
     def model_reference(self) -> str:
