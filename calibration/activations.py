@@ -15,6 +15,14 @@ from calibration.batching import shrinking_batches
 from calibration.models import decoder_layers
 
 
+class NonFiniteActivations(FloatingPointError):
+    """NaN or inf in the residual stream; `rows` (prompt indices) and `layers` say where."""
+
+    def __init__(self, message: str, rows: list[int], layers: list[int]):
+        super().__init__(message)
+        self.rows, self.layers = rows, layers
+
+
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[str]:
     """Each user prompt rendered by the model's chat template, ending where the assistant turn starts."""
     return [
@@ -93,7 +101,8 @@ def last_token_batches(
         for start, _, chunk in shrinking_batches(len(texts), batch_size, forward, desc, progress):
             if not torch.isfinite(chunk).all():
                 bad = sorted({layers[j] for j in torch.nonzero(~torch.isfinite(chunk))[:, 2].tolist()})
-                raise FloatingPointError(f"non-finite activations at layer(s) {bad} (prompts {start}-{start + len(chunk) - 1})")
+                rows = sorted({start + i for i in torch.nonzero(~torch.isfinite(chunk))[:, 0].tolist()})
+                raise NonFiniteActivations(f"non-finite activations at layer(s) {bad} (prompts {start}-{start + len(chunk) - 1})", rows, bad)
             yield chunk[:, 0] if tail is None else chunk
     finally:
         for hook in hooks:

@@ -48,6 +48,8 @@ def task_subspace(
     Returns the basis and the explained-variance ratios of all components (for reporting).
     """
     offsets = over_refused - answered_mean
+    if not torch.isfinite(offsets).all():
+        raise GeometryError("over-refusal offsets are not finite (NaN or inf in activations or the answered mean)")
     r = unit(direction)
     offsets = offsets - (offsets @ r)[:, None] * r
     # Uncentred PCA: the mean offset (the task's over-refusal direction) is part of the subspace.
@@ -136,6 +138,11 @@ def estimate(
         if len(over) < 2:
             continue  # nothing to collapse: the model does not over-refuse this task
         base = answered if len(answered) else raw_answered
+        if len(base) == 0:
+            raise GeometryError(
+                f"task {task!r}: the model answered none of its benign rows and none of the raw benign rows, "
+                "so the answered mean its subspace is measured from does not exist"
+            )
         means[task] = activations[base].mean(0)
         subspaces[task], ranks[task] = [], []
         for layer in range(num_layers):

@@ -41,15 +41,17 @@ def e2e(tokenizer, tmp_path_factory):
     (config path, run folder, environment). Its organism cache is its own, never ~/.cache/refcal."""
     import subprocess
 
-    from tiny_setup import E2E_CONFIG, save_refusing_model
+    from tiny_setup import E2E_CONFIG, save_refusing_model, write_user_task
 
     base = tmp_path_factory.mktemp("e2e")
     config = base / "config.yaml"
-    config.write_text(E2E_CONFIG.format(model=base / "model", run_dir=base / "run", root=ROOT))
+    user_task = write_user_task(base / "my_tasks")
+    config.write_text(E2E_CONFIG.format(model=base / "model", run_dir=base / "run", root=ROOT, user_task=user_task))
     save_refusing_model(tokenizer, base / "model", config)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "REFCAL_CACHE": str(base / "cache"), "PYTHONWARNINGS": "ignore"}  # fmt: skip
     refcal = Path(sys.executable).with_name("refcal")
     done = subprocess.run([str(refcal), "run", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    (base / "run" / "console.txt").write_text(done.stderr)  # rich prints the summary beside the progress bars
     return config, base / "run", env

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibration.geometry import FingerprintMismatch, Geometry, estimate
+from calibration.geometry import FingerprintMismatch, Geometry, GeometryError, estimate
 
 D, L = 32, 3
 RANKS = {"sentiment": 2, "translation": 3}
@@ -107,6 +107,18 @@ def test_estimate_needs_both_groups():
     acts, kinds, tasks, refused, _, _ = planted()
     with pytest.raises(ValueError, match="refused harmful rows and answered benign rows"):
         estimate(acts, kinds, tasks, [False] * len(kinds), "fp")
+
+
+def test_degenerate_subspace_names_the_task_and_layer():
+    """Over-refused rows identical to their answered mean leave no offset to span a subspace."""
+    acts, kinds, tasks, refused, _, _ = planted()
+    task = next(t for t, k in zip(tasks, kinds) if k == "over_refusal")
+    answered = [i for i, (k, t) in enumerate(zip(kinds, tasks)) if k == "benign" and t == task and not refused[i]]
+    for i, (k, t) in enumerate(zip(kinds, tasks)):
+        if k == "over_refusal" and t == task:
+            acts[i] = acts[answered].mean(0)
+    with pytest.raises(GeometryError, match=rf"task '{task}', layer 0: over-refusal offsets have zero variance"):
+        estimate(acts, kinds, tasks, refused, "fp")
 
 
 def _stream_inputs(model, tokenizer, prompts):

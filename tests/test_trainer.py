@@ -198,3 +198,14 @@ def test_same_config_and_seed_give_the_same_adapter_bytes(tiny_model_dir, tmp_pa
         trainer.model.save_pretrained(tmp_path / f"adapter{attempt}", safe_serialization=True)
         adapters.append((tmp_path / f"adapter{attempt}" / "adapter_model.safetensors").read_bytes())
     assert adapters[0] == adapters[1]
+
+
+def test_non_finite_loss_stops_training_before_the_update(setup):
+    trainer, _ = setup
+    lora = [p for name, p in trainer.model.named_parameters() if "lora_A" in name]
+    before = [p.detach().clone() for p in lora]
+    with torch.no_grad():
+        trainer.model.get_input_embeddings().weight[:] = float("nan")  # every activation, and the loss, NaN
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at step 1"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, lora))  # no optimizer step spread it

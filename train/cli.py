@@ -82,7 +82,10 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     atomic_write_text(run.path("summary.json"), text)
     if run.args.summary_json:
         atomic_write_text(run.args.summary_json, text)
-    console.print(f"wall time {wall_seconds:.0f}s; adapter: {run.path('export') / 'adapter'}; summary: {run.path('summary.json')}")
+    console.print(  # soft_wrap: paths stay whole, to be copied
+        f"wall time {wall_seconds:.0f}s; adapter: {run.path('export') / 'adapter'}; summary: {run.path('summary.json')}; "
+        f"report: refcal report {run.dir}", soft_wrap=True, highlight=False,
+    )
 
 
 def retrain(rest: list[str]) -> None:

@@ -22,7 +22,7 @@ from rich.console import Console
 from trl import ModelConfig, SFTConfig
 from trl.trainer.utils import get_peft_config
 
-from calibration.activations import capture_last_token, template_tail_length
+from calibration.activations import NonFiniteActivations, capture_last_token, template_tail_length
 from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
 from calibration.generation import generate
 from calibration.geometry import Geometry, estimate
@@ -181,7 +181,11 @@ def stage_geometry(run: Run) -> None:
     del gen_model
     model, tokenizer = run.load("float32", qlora=a.geometry_in_4bit)
     model_fp = fingerprint(model)
-    activations = capture_last_token(model, tokenizer, prompts, batch_size=a.generation_batch_size)
+    try:
+        activations = capture_last_token(model, tokenizer, prompts, batch_size=a.generation_batch_size)
+    except NonFiniteActivations as error:
+        tasks = sorted({f"{rows[i]['kind']}/{rows[i]['task']}" for i in error.rows})
+        raise NonFiniteActivations(f"{error} in rows of {tasks}, e.g. {rows[error.rows[0]]['id']}", error.rows, error.layers) from error
     geometry = estimate(
         activations, [r["kind"] for r in rows], [r["task"] for r in rows], [refused(lab) for lab in labels],
         model_fp, a.subspace_max_rank, a.subspace_variance,
