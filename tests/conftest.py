@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_setup helpers
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the hub (read when datasets is imported)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
