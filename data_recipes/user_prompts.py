@@ -34,7 +34,8 @@ def load_prompt_rows(task: TaskCluster) -> list[PromptRow]:
         raise RecipeError(f"{origin}: missing column {task.prompt_column!r} (columns: {sorted(columns)})")
     rows = []
     for number, record in records:
-        if task.task_column in record and str(record[task.task_column]).strip() != task.name:
+        owner = record.get(task.task_column)
+        if owner not in (None, "") and str(owner).strip() != task.name:  # another cluster's row of a shared file
             continue
         text, kind = record.get(task.prompt_column), record.get(task.kind_column)
         if not isinstance(text, str) or not text.strip():

@@ -168,7 +168,7 @@ def check_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}") from error
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields, got {type(raw).__name__}")
-    known = known_fields()
+    known = known_fields() | {"env"}  # TrlParser sets the environment variables of a config's `env` mapping
     for key in raw:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=3)
