@@ -1,4 +1,4 @@
-"""SIGKILL at random points of every stage of `refcal run`, then resume, again and again: no stage folder
+"""SIGKILL at a random point inside every stage of `refcal run`, then resume, again and again: no stage folder
 is ever half-written, a completed stage is never redone or lost, and the run ends with the artifacts of a
 run that was never killed."""
 
@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from calibration.geometry import Geometry
 from test_kill import kill_when
+from train.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 REFCAL = Path(sys.executable).with_name("refcal")
@@ -56,38 +58,51 @@ def stamps(run_dir: Path) -> dict[str, int]:
     return {name: finished(run_dir, name).stat().st_mtime_ns for name in STAGE_FOLDERS if finished(run_dir, name)}
 
 
+class Console:
+    """The process's console output, read as it comes (the pipeline prints "→ stage" as each one starts)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.text = ""
+        self.reader = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            self.text += chunk.decode(errors="replace")
+
+
 def test_sigkill_in_every_stage_then_resume_ends_as_an_unkilled_run(e2e, tmp_path):
     config, reference, env = e2e
     run_dir = tmp_path / "run"
     env = {**env, "REFCAL_CACHE": str(tmp_path / "cache")}  # its own organism cache: the organism is trained, and killed, too
     command = [str(REFCAL), "run", "--config", str(config), "--run_dir", str(run_dir), "--output_dir", str(run_dir / "train")]
+    seconds = json.loads((reference / "timings.json").read_text())  # how long each stage took unkilled
     rng = random.Random(SEED)
     kills = []
-    # Kill once inside each stage: wait until the stage before it has finished, then a random delay.
-    for before in (None, "data", "organism", "geometry", "sft_data", "train", "eval"):
+    for stage in STAGES:  # once inside each stage: a random moment after it starts, within its usual length
         kept = stamps(run_dir)
-        if before and (run_dir / "export").exists():
-            break
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        started = [None]
+        console, delay, seen = Console(process), rng.uniform(0.0, max(seconds[stage], 0.05)), []
 
-        def ready(before=before, started=started):
-            if before is not None and not finished(run_dir, before):
-                return False
-            started[0] = started[0] or time.time()
-            return time.time() - started[0] >= delay
+        def ready(stage=stage, console=console, delay=delay, seen=seen):
+            if stage == "train":  # right after the first checkpoint: where a resumed run once skipped training
+                return (run_dir / "train" / "checkpoint-1" / "trainer_state.json").exists()
+            if not seen and f"→ {stage}" in console.text:
+                seen.append(time.time())
+            return bool(seen) and time.time() - seen[0] >= delay
 
-        delay = rng.uniform(0.0, 3.0)
         killed = kill_when(process, ready, timeout=300)
-        assert killed or process.returncode == 0, process.stderr.read().decode()[-3000:]
-        kills.append((before, round(delay, 2), killed))
+        console.reader.join(timeout=10)
+        assert killed or process.returncode == 0, console.text[-3000:]
+        kills.append((stage, round(delay, 2), killed))
         assert_whole(run_dir)
         after = stamps(run_dir)
         assert {k: after.get(k) for k in kept} == kept, f"a completed stage was redone or lost after kill {kills[-1]}"
+    print("kills (stage, delay s, killed):", kills)
     final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     assert not list(run_dir.glob(".*-*")), "staging folders left behind"
-    assert sum(killed for *_, killed in kills) >= 4, kills  # most attempts were really killed mid-run
+    assert sum(killed for *_, killed in kills) >= 4, kills  # most stages were really killed inside
 
     expected = json.loads((reference / "eval" / "results.json").read_text())
     resumed = json.loads((run_dir / "eval" / "results.json").read_text())

@@ -415,6 +415,8 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
         if stage == "geometry" and run.args.organism and not run.done("organism"):
             raise RuntimeError("this config builds an organism: run `refcal organism` with the same config first")
         ran = not run.done(stage)
+        if ran and run.state.is_main_process:
+            console.print(f"[bold]→ {stage}[/]")  # the stage starting; its bars follow, "✓ stage" ends it
         started = time.time()
         work[stage]()
         seconds[stage] = round(time.time() - started, 1)
