@@ -29,4 +29,24 @@ def test_the_run_ends_with_a_table_and_the_paths_it_wrote(e2e):
     _, run_dir, _ = e2e
     out = (run_dir / "console.txt").read_text()
     assert "refusal rate" in out and "over_refusal" in out and "KL(before || after)" in " ".join(out.split())
-    assert f"adapter: {run_dir / 'export' / 'adapter'}; summary: {run_dir / 'summary.json'}" in out
+    assert f"adapter: {run_dir / 'export' / 'adapter'}; summary: {run_dir / 'summary.json'}; report: {run_dir / 'report.html'}" in out
+    assert (run_dir / "report.html").stat().st_size > 10_000  # `refcal run` writes the page too
+
+
+def test_the_same_config_and_seed_give_the_same_adapter_bytes_end_to_end(e2e, tmp_path):
+    """Data, organism (trained again, its own cache), geometry, targets and training are all deterministic on the CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config, reference, env = e2e
+    again = tmp_path / "again"
+    command = [str(Path(sys.executable).with_name("refcal")), "run", "--config", str(config), "--run_dir", str(again), "--output_dir", str(again / "train")]
+    done = subprocess.run(command, env={**env, "REFCAL_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = ("export", "adapter", "adapter_model.safetensors")
+    assert again.joinpath(*adapter).read_bytes() == reference.joinpath(*adapter).read_bytes()
+    assert json.loads((again / "eval" / "results.json").read_text()) == json.loads((reference / "eval" / "results.json").read_text())
+    cards = [json.loads((run / "export" / "adapter" / "calibration_card.json").read_text()) for run in (reference, again)]
+    assert cards[0]["data_manifest"]["rows_hash"] == cards[1]["data_manifest"]["rows_hash"]
+    assert cards[0]["environment"]["packages"]["torch"] and cards[0]["config"]["seeds"] == {"training": 42, "data": 0}

@@ -82,9 +82,12 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     atomic_write_text(run.path("summary.json"), text)
     if run.args.summary_json:
         atomic_write_text(run.args.summary_json, text)
+    from train.html_report import write_report
+
+    report = write_report(run.dir)
     console.print(  # soft_wrap: paths stay whole, to be copied
         f"wall time {wall_seconds:.0f}s; adapter: {run.path('export') / 'adapter'}; summary: {run.path('summary.json')}; "
-        f"report: refcal report {run.dir}", soft_wrap=True, highlight=False,
+        f"report: {report}", soft_wrap=True, highlight=False,
     )
 
 
