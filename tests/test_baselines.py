@@ -13,7 +13,7 @@ from calibration.activations import capture_last_token
 from calibration.artifacts import atomic_save_tensors
 from calibration.baselines import UNSTEERED, TaskSteering, build_baselines
 from calibration.evaluation import selectivity
-from calibration.geometry import estimate, unit
+from calibration.geometry import Geometry, estimate, unit
 from calibration.interventions import orthogonalise, subtract_vectors
 from calibration.frame_judge import FrameJudge
 from calibration.judge import PhraseJudge
@@ -114,6 +114,9 @@ class TinyRun:
 
     def load(self, dtype="float32"):
         return load_model(str(self.model_dir), dtype)
+
+    def geometry_for(self, model):
+        return Geometry.load(self.path("geometry"), fingerprint(model))
 
 
 def test_baselines_stage_on_a_tiny_run(tiny_model_dir, tmp_path):

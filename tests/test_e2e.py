@@ -50,3 +50,25 @@ def test_the_same_config_and_seed_give_the_same_adapter_bytes_end_to_end(e2e, tm
     cards = [json.loads((run / "export" / "adapter" / "calibration_card.json").read_text()) for run in (reference, again)]
     assert cards[0]["data_manifest"]["rows_hash"] == cards[1]["data_manifest"]["rows_hash"]
     assert cards[0]["environment"]["packages"]["torch"] and cards[0]["config"]["seeds"] == {"training": 42, "data": 0}
+
+
+def test_a_geometry_measured_on_other_weights_is_refused_with_both_fingerprints(e2e, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config, reference, env = e2e
+    run_dir = tmp_path / "run"
+    for stage in ("data", "organism", "geometry"):
+        shutil.copytree(reference / stage, run_dir / stage)
+    meta = json.loads((run_dir / "geometry" / "geometry.json").read_text())
+    measured_on = meta["fingerprint"]
+    meta["fingerprint"] = "0123456789abcdef"  # as if the cached organism had been rebuilt since
+    (run_dir / "geometry" / "geometry.json").write_text(json.dumps(meta))
+    command = [str(Path(sys.executable).with_name("refcal")), "train", "--config", str(config), "--run_dir", str(run_dir), "--output_dir", str(run_dir / "train")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "refcal: error:" in message and "0123456789abcdef" in message and measured_on in message
+    assert not (run_dir / "sft_data").exists() and not (run_dir / "train").exists()  # nothing half-written

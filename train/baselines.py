@@ -102,6 +102,7 @@ def stage_baselines(run) -> None:
 
     gen_model, tokenizer = run.load(a.generation_dtype)
     kl_model, _ = run.load("float32")
+    run.geometry_for(kl_model)  # the interventions steer with this geometry: it must be this model's
     for baseline in baselines:
         # route with the float32 model, so routing does not depend on the generation dtype
         started = time.time()

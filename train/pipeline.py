@@ -99,6 +99,12 @@ class Run:
         # trust_remote_code is SFTConfig's field, off by default
         return load_model(self.model_reference, dtype, self.training_args.trust_remote_code, quantization)
 
+    def geometry_for(self, model) -> Geometry:
+        """The geometry stage's artifact, refused with both fingerprints shown when it was measured on
+        other weights than `model`'s (say, an organism rebuilt in the cache since). Under QLoRA the check
+        is the run folder's: 4-bit weights cannot match an unquantised fingerprint."""
+        return Geometry.load(self.path("geometry"), None if self.uses_qlora else fingerprint(model))
+
     @property
     def uses_qlora(self) -> bool:
         return bool(self.model_args.load_in_4bit)
@@ -240,11 +246,11 @@ def load_responses(run: Run) -> tuple[dict[str, str], dict[str, str]]:
 def prepare_sft_data(run: Run) -> None:
     """Target responses for the training rows (main process; cached under run_dir/sft_data)."""
     a = run.args
-    geometry = Geometry.load(run.path("geometry"))
     responses, labels = load_responses(run)
     calibrate = set(a.resolved_calibrate_tasks())
     answer_tasks = {task.name: task for task in load_tasks(a.tasks) if task.name in calibrate}
     model, tokenizer = run.load(a.generation_dtype)
+    geometry = run.geometry_for(model)
     sft_rows, stats = build_targets(
         calibration_rows(run), responses, labels, model, tokenizer, run.judge, geometry.direction(geometry.layer),
         answer_tasks, a.target_max_new_tokens, a.generation_batch_size, target_free=a.objective == "geometry",
@@ -341,8 +347,7 @@ def stage_train(run: Run) -> None:
     run.state.wait_for_everyone()
     run.main_only("sft_data", lambda: prepare_sft_data(run))
     model, tokenizer = run.load("float32", qlora=True)
-    # A 4-bit model's weights cannot match an unquantised geometry's fingerprint: the run folder ties them.
-    geometry = Geometry.load(run.path("geometry"), None if run.uses_qlora else fingerprint(model))
+    geometry = run.geometry_for(model)
     train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
     if a.objective == "geometry" and a.geometry_targets == "none":  # the regularizer alone: no row has a target
         train_rows = [{**row, "supervised": False} for row in train_rows]
