@@ -34,7 +34,7 @@ from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest
 from data_recipes.tasks import load_tasks
 from data_recipes.preferences import build_preferences, preference_dataset
 from data_recipes.targets import build_targets, sft_dataset
-from train.config import RefcalArguments, dpo_config
+from train.config import ConfigError, RefcalArguments, dpo_config
 from train.data_checks import check_calibrated_tasks, check_prompt_lengths
 from train.onset import build_onset
 from train.organism import build_organism
@@ -139,7 +139,10 @@ def stage_data(run: Run) -> None:
     a = run.args
     rows, tasks, sizes = recipe_rows(a)
     check_calibrated_tasks(rows, a.resolved_calibrate_tasks(), a.tasks)
-    tokenizer = load_tokenizer(run.model_args.model_name_or_path, run.training_args.trust_remote_code)
+    try:  # the prompt-length check needs the model's chat template
+        tokenizer = load_tokenizer(run.model_args.model_name_or_path, run.training_args.trust_remote_code)
+    except OSError as error:
+        raise ConfigError(f"model_name_or_path {run.model_args.model_name_or_path!r}: cannot load its tokenizer ({error})") from error
     check_prompt_lengths(rows, tokenizer, run.training_args.max_length, a.target_max_new_tokens)
     with atomic_directory(run.path("data")) as staging:
         to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
