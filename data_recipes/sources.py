@@ -6,6 +6,7 @@ Each source reads to a list of `SourceRow(text, meta)`. Readers fail with the fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -101,13 +102,13 @@ def read_records(path: Path, text_field: str) -> list[tuple[int, dict]]:
         raise RecipeError(f"{path}: row {row}: not valid UTF-8 (byte {error.start})") from error
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        reader = csv.DictReader(content.splitlines())
+        reader = csv.DictReader(io.StringIO(content, newline=""))  # quoted fields may hold newlines
         if text_field not in (reader.fieldnames or []):
             raise RecipeError(f"{path}: missing column {text_field!r} (columns: {reader.fieldnames})")
         return [(i, row) for i, row in enumerate(reader, start=1)]
     if suffix == ".jsonl":
         records = []
-        for i, line in enumerate(content.splitlines(), start=1):
+        for i, line in enumerate(content.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:

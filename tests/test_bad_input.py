@@ -123,7 +123,7 @@ def test_any_bad_row_is_named_by_file_row_and_field(tmp_path, bad_row, fault):
 
 
 @FIXTURES
-@given(bad_row=st.integers(1, 4), junk=st.binary(min_size=1, max_size=4).filter(lambda b: _not_utf8(b)))
+@given(bad_row=st.integers(1, 4), junk=st.binary(min_size=1, max_size=4).filter(lambda b: _not_utf8(b) and b"\n" not in b and b"\r" not in b))
 def test_non_utf8_row_is_named(tmp_path, bad_row, junk):
     lines = [json.dumps(r).encode() for r in GOOD_ROWS]
     lines[bad_row - 1] = b'{"prompt": "caf' + junk + b'", "kind": "benign"}'
@@ -152,6 +152,18 @@ def test_csv_without_the_prompt_column_and_missing_file(tmp_path):
     task.write_text(yaml.safe_dump({"name": "mine", "description": "d", "prompts": "gone.jsonl"}))
     with pytest.raises(RecipeError, match=r"task 'mine': field 'prompts': file not found"):
         load_prompt_rows(load_task(task))
+
+
+def test_line_separators_inside_prompts_stay_in_their_row(tmp_path):
+    """JSON strings may hold U+2028 raw and CSV fields may hold quoted newlines: neither splits a row."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in ({"prompt": "first\u2028line", "kind": "benign"}, GOOD_ROWS[0])]
+    assert "\u2028" in lines[0]  # raw, not escaped
+    task, _ = write_cluster(tmp_path, raw="\n".join(lines).encode())
+    assert [r.text for r in load_prompt_rows(load_task(task))] == ["first\u2028line", GOOD_ROWS[0]["prompt"]]
+    (tmp_path / "two.csv").write_text('prompt,kind\n"How do I kill\na zombie process?",over_refusal\nHi,benign\n')
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({"name": "two", "description": "d", "prompts": "two.csv"}))
+    rows = load_prompt_rows(load_task(tmp_path / "two.yaml"))
+    assert [(r.text, r.row) for r in rows] == [("How do I kill\na zombie process?", 1), ("Hi", 2)]
 
 
 def test_empty_cluster_is_an_error(tmp_path):
