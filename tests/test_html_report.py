@@ -3,6 +3,7 @@ tables have rows when opened in headless Chromium; on a run in progress it names
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from browser import rendered
@@ -44,3 +45,19 @@ def test_report_of_no_run_is_a_clear_error(tmp_path):
 
     with pytest.raises(SystemExit, match="no such run folder"):
         cli.main(["report", str(tmp_path / "nothing")])
+
+
+def test_every_logged_term_gets_a_curve_dpo_included(tmp_path):
+    from train.html_report import render
+
+    history = [
+        {"loss": 0.7 - 0.1 * s, "rewards/chosen": 0.1 * s, "rewards/margins": 0.2 * s, "reg_keep": 0.01, "grad_norm": 1.0, "step": s}
+        for s in (1, 2, 3)
+    ] + [{"train_runtime": 9.0, "step": 3}]  # the summary entry: no curve
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "log_history.json").write_text(json.dumps(history))
+    page = render(tmp_path)
+    for term in ("loss", "rewards/chosen", "rewards/margins", "reg_keep"):
+        assert f"<td>{term}</td>" in page
+    assert "<td>grad_norm</td>" not in page and "<td>train_runtime</td>" not in page
+    assert page.count('alt="training curves"') == 1
