@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from calibration.artifacts import atomic_write_text  # noqa: E402
+from calibration.geometry import unit  # noqa: E402
 from calibration.judge import refused  # noqa: E402
 from train.report import KINDS, comparison_rows, gate_line  # noqa: E402
 
@@ -125,9 +126,8 @@ def _projection_figure(run_dir: Path, meta: dict) -> str | None:
     rows = load_from_disk(str(run_dir / "data" / "recipe"))["train"].to_list()
     labels = {r["id"]: r["label"] for r in map(json.loads, responses_path.read_text(encoding="utf-8").splitlines())}
     activations = load_file(activations_path)["last_token"].float()  # [rows, layers, d]
-    harmful = load_file(run_dir / "geometry" / "geometry.safetensors")["harmful"].float()
-    unit = harmful / harmful.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    projections = torch.einsum("nld,ld->nl", activations, unit)
+    direction = unit(load_file(run_dir / "geometry" / "geometry.safetensors")["harmful"].float())  # [layers, d]
+    projections = torch.einsum("nld,ld->nl", activations, direction)
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         said = "refused" if refused(labels[row["id"]]) else "answered"
@@ -139,10 +139,11 @@ def _projection_figure(run_dir: Path, meta: dict) -> str | None:
     zero, one = projections[low].mean(0), projections[high].mean(0)
     scale = (one - zero).where((one - zero).abs() > 1e-6, torch.ones_like(one))
     figure, axis = plt.subplots(figsize=(10, 3.8))
-    for name, members in sorted(groups.items()):
-        if name.startswith(("over_refusal", "harmful, refused", "benign, answered")) and len(members) >= 3:
-            style = "-" if not name.startswith("over_refusal") else "--"
-            axis.plot(((projections[members].mean(0) - zero) / scale).tolist(), style, label=f"{name} ({len(members)})")
+    shown = [(n, m) for n, m in sorted(groups.items()) if n.startswith(("over_refusal", "harmful, refused", "benign, answered")) and len(m) >= 3]
+    for i, (name, members) in enumerate(shown):
+        style = "--" if name.startswith("over_refusal") else "-"
+        color = plt.cm.tab20(i % 20)  # more groups than the default cycle's ten colours
+        axis.plot(((projections[members].mean(0) - zero) / scale).tolist(), style, color=color, label=f"{name} ({len(members)})")
     axis.axvline(meta["layer"], color="grey", linestyle=":")
     axis.set(xlabel="layer", ylabel="scaled projection on r", title="where each group sits along the harmful direction")
     axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
