@@ -8,9 +8,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from data_recipes.errors import RecipeError
+from data_recipes.yaml_files import read_yaml_mapping
 
 TRANSFORMS = {
     "none": lambda text: text,
@@ -73,16 +72,7 @@ _REQUIRED = {"name", "description"}
 
 def load_task(path: str | Path) -> TaskCluster:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise RecipeError(f"{path}: not valid UTF-8 (byte {error.start})") from error
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}") from error
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of task fields, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, RecipeError, "task fields")
     unknown = set(raw) - _FIELDS
     if unknown:
         raise RecipeError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -47,6 +48,4 @@ def rendered(page: Path) -> dict:
         )  # fmt: skip
     title = re.search(r"<title>(.*?)</title>", result.stdout, re.S)
     assert title, f"Chromium printed no page (rc {result.returncode}): {result.stderr[-2000:]}"
-    import html
-
     return json.loads(html.unescape(title.group(1)))

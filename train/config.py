@@ -8,14 +8,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import TrainingArguments
 from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
 from calibration.judge import JUDGES
+from data_recipes.yaml_files import read_yaml_mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,17 +158,9 @@ def check_config_file(path: str | Path) -> dict:
     closest known names), before TrlParser sees it."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = read_yaml_mapping(path, ConfigError, "config fields")
     except FileNotFoundError as error:
         raise ConfigError(f"{path}: config file not found") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte {error.start})") from error
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(raw).__name__}")
     known = known_fields() | {"env"}  # TrlParser sets the environment variables of a config's `env` mapping
     for key in raw:
         if key not in known:
@@ -187,7 +180,7 @@ class _Parser(TrlParser):
 
 
 def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, SFTConfig]:
-    argv = list(argv or [])
+    argv = sys.argv[1:] if argv is None else list(argv)
     source = "the command line"
     if "--config" in argv and argv.index("--config") + 1 < len(argv):
         source = argv[argv.index("--config") + 1]
