@@ -18,11 +18,9 @@ from datasets import Dataset, DatasetDict
 
 from data_recipes.errors import RecipeError
 from data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
-from data_recipes.tasks import TaskCluster
+from data_recipes.tasks import KINDS, SPLITS, TaskCluster  # noqa: F401 (KINDS: re-exported)
 from data_recipes.user_prompts import load_prompt_rows
 
-SPLITS = ("train", "val", "eval")
-KINDS = ("harmful", "over_refusal", "benign", "frame_attack")
 RAW_TASK = "none"  # the task of unframed harmful and benign rows
 
 HARMFUL_POOL = ("advbench", "malicious_instruct")

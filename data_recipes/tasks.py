@@ -11,6 +11,9 @@ from pathlib import Path
 from data_recipes.errors import RecipeError
 from data_recipes.yaml_files import read_yaml_mapping
 
+SPLITS = ("train", "val", "eval")  # every recipe's splits; no content is shared between them
+KINDS = ("harmful", "over_refusal", "benign", "frame_attack")  # every recipe row's kind
+
 TRANSFORMS = {
     "none": lambda text: text,
     "base64": lambda text: base64.b64encode(text.encode("utf-8")).decode("ascii"),

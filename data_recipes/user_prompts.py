@@ -13,10 +13,7 @@ from pathlib import Path
 
 from data_recipes.errors import RecipeError
 from data_recipes.sources import read_records
-from data_recipes.tasks import TaskCluster
-
-KINDS = ("over_refusal", "harmful", "benign", "frame_attack")
-SPLITS = ("train", "val", "eval")
+from data_recipes.tasks import KINDS, SPLITS, TaskCluster
 
 
 @dataclass(frozen=True)
