@@ -14,7 +14,7 @@ from calibration.geometry import FingerprintMismatch
 from calibration.models import load_model
 from tiny_setup import build_regularizer, make_trainer, sft_rows
 from train.cli import _take
-from train.retrain import check_adapter_base, parent_card, retrain_overrides, reuse_parent_geometry
+from train.retrain import check_adapter_base, parent_card, retrain_overrides, reuse_parent_stages
 
 TASKS = "configs/tasks"
 
@@ -52,17 +52,20 @@ def test_parent_card_must_exist_and_record_tasks(tmp_path):
         parent_card(tmp_path / "adapter")
 
 
-@pytest.mark.parametrize("rows_hash, reused", [("abc", True), ("other", False)])
-def test_parent_geometry_is_reused_only_for_the_same_rows(tmp_path, rows_hash, reused):
+@pytest.mark.parametrize("rows_hash, geometry_reused", [("abc", True), ("other", False)])
+def test_parent_organism_is_reused_always_and_its_geometry_only_for_the_same_rows(tmp_path, rows_hash, geometry_reused):
     parent = card(tmp_path)
-    (tmp_path / "parent" / "geometry").mkdir(parents=True)
-    (tmp_path / "parent" / "geometry" / "geometry.json").write_text("{}")
+    for stage, record in (("organism", "organism.json"), ("geometry", "geometry.json")):
+        (tmp_path / "parent" / stage).mkdir(parents=True)
+        (tmp_path / "parent" / stage / record).write_text("{}")
     new = tmp_path / "new"
     (new / "data").mkdir(parents=True)
     (new / "data" / "manifest.json").write_text(json.dumps({"rows_hash": rows_hash}))
     run = SimpleNamespace(path=lambda name: new / name, done=lambda stage: (new / stage).is_dir())
-    assert reuse_parent_geometry(run, parent) is reused
-    assert (new / "geometry" / "geometry.json").exists() is reused
+    assert reuse_parent_stages(run, parent) == (["organism", "geometry"] if geometry_reused else ["organism"])
+    assert (new / "organism" / "organism.json").exists()  # the adapter continues on the model it was calibrated on
+    assert (new / "geometry" / "geometry.json").exists() is geometry_reused
+    assert reuse_parent_stages(run, parent) == []  # stages the new run has are kept
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):

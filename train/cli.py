@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from calibration.artifacts import atomic_write_text
 from train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, run_stages
+from train.processes import describe
 
 USAGE = f"""usage: refcal {{run,{','.join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
        refcal geometry --config FILE --report DIR
@@ -44,18 +45,22 @@ def run_pipeline(
     started = time.time()
     model_args, args, training_args = parse(argv)
     run = Run(model_args, args, training_args)
+    if run.state.is_main_process and ("train" in stages or "organism" in stages):
+        console.print(f"training on {describe(run.state, training_args)}", highlight=False)
     if force and run.state.is_main_process:
         for stage in stages:
             shutil.rmtree(run.path(stage), ignore_errors=True)
     run.state.wait_for_everyone()
     seconds = {}
     if retrain_from is not None:
-        from train.retrain import reuse_parent_geometry
+        from train.retrain import reuse_parent_stages
 
         seconds = run_stages(run, ("data",))
         stages = stages[1:]
-        if run.state.is_main_process and reuse_parent_geometry(run, retrain_from):
-            console.print(f"same rows as the parent run: its organism and geometry are reused from {retrain_from['run_dir']}")
+        if run.state.is_main_process:
+            reused = reuse_parent_stages(run, retrain_from)
+            if reused:
+                console.print(f"reused from the parent run {retrain_from['run_dir']}: {', '.join(reused)}")
         run.state.wait_for_everyone()
     seconds.update(run_stages(run, stages))
     if report and run.state.is_main_process:
@@ -143,6 +148,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, RecipeError, GeometryError, FingerprintMismatch, FloatingPointError, JudgeError, SafetyGateError)
 
 
+COMMANDS = ("run", *STAGES, *EXTRA_STAGES, "retrain", "report", "chat")
+
+
 def main(argv: list[str] | None = None) -> None:
     errors = user_errors()
     try:
@@ -165,7 +173,7 @@ def dispatch(argv: list[str]) -> None:
         from train.chat import main as chat_main
 
         return chat_main(rest)
-    if command not in ("run", *STAGES, *EXTRA_STAGES):
+    if command not in COMMANDS:
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"refcal: unknown command {command!r}")
     force = "--force" in rest

@@ -17,6 +17,7 @@ from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
 from calibration.judge import JUDGES
 from data_recipes.yaml_files import read_yaml_mapping
+from train.processes import device_defaults
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,6 +188,8 @@ def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, 
         check_config_file(source)
     parser = _Parser(CONFIG_CLASSES)
     parser.source = source
+    # Before SFTConfig is built: building it sets up the process state every later stage reads.
+    parser.set_defaults(**device_defaults())
     try:
         model_args, refcal_args, training_args = parser.parse_args_and_config(args=argv)
     except ConfigError:

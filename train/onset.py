@@ -85,12 +85,16 @@ class RefusalOnset(nn.Module):
         self.register_buffer("onset_tokens", torch.tensor(onset_tokens))
         self.register_buffer("target", torch.tensor(targets))
 
+    def count(self, row_index: torch.Tensor) -> torch.Tensor:
+        """Rows with a target among these."""
+        return (self.target[row_index] >= 0).sum().float()
+
     def forward(self, logits: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: [B, V] at the last prompt token. Returns (sum over rows with a target, their count)."""
         target = self.target[row_index]
         rows = target >= 0
         loss = onset_loss(logits[rows], self.onset_tokens, target[rows])
-        return loss.sum(), rows.sum().to(logits.dtype)
+        return loss.sum(), self.count(row_index)
 
 
 def build_onset(tokenizer, rows: list[dict], calibrate: set[str]) -> RefusalOnset:

@@ -12,11 +12,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from accelerate import PartialState
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from calibration.artifacts import atomic_directory
+from calibration.artifacts import atomic_directory, atomic_write_text
 from calibration.generation import generate
 from calibration.models import cache_root, fingerprint, load_model
 from data_recipes.targets import chat_row, standard_refusal, trim_to_sentence
@@ -48,9 +49,12 @@ def build_organism(
     rows_hash: str,
     generation_dtype: str,
     generation_batch_size: int,
-    is_main_process: bool = True,
+    state: PartialState,
 ) -> tuple[Path, dict]:
-    """Train (or reuse) the organism; returns its folder and a record of how it was made."""
+    """Train (or reuse) the organism; returns its folder and a record of how it was made.
+
+    Under N processes the main one generates the base answers (kept beside the checkpoints, so a resumed
+    run does not generate them again), every process joins the training, and the main one merges and saves."""
     model, tokenizer = load_model(base_reference, generation_dtype)
     base_fp = fingerprint(model)
     key = organism_key(base_fp, settings, rows_hash)
@@ -59,12 +63,17 @@ def build_organism(
     if (target / "config.json").exists():
         return target, record
 
-    benign = [r for r in train_rows if r["kind"] == "benign"]
-    answers = generate(
-        model, tokenizer, [r["prompt"] for r in benign], settings["answer_max_new_tokens"], generation_batch_size,
-        desc="organism: base answers",
-    )
-    base_answers = {r["id"]: trim_to_sentence(a) for r, a in zip(benign, answers)}
+    work = Path(training_args.output_dir)
+    answers_file = work / "base_answers.json"
+    if state.is_main_process and not answers_file.exists():
+        benign = [r for r in train_rows if r["kind"] == "benign"]
+        answers = generate(
+            model, tokenizer, [r["prompt"] for r in benign], settings["answer_max_new_tokens"], generation_batch_size,
+            desc="organism: base answers",
+        )
+        atomic_write_text(answers_file, json.dumps({r["id"]: trim_to_sentence(a) for r, a in zip(benign, answers)}))
+    state.wait_for_everyone()
+    base_answers = json.loads(answers_file.read_text())
     model, tokenizer = load_model(base_reference)  # train in float32
     dataset = Dataset.from_list(organism_rows(train_rows, tasks, base_answers)).shuffle(seed=training_args.seed)
     record["rows"] = len(dataset)
@@ -81,13 +90,15 @@ def build_organism(
         ),
     )
     trainer.train(resume_from_checkpoint=last_checkpoint(training_args.output_dir))
-    if is_main_process:
-        merged = trainer.model.merge_and_unload()
+    adapter = work / "adapter"
+    trainer.save_model(str(adapter))  # every process: FSDP and DeepSpeed gather sharded weights; the main one writes
+    if state.is_main_process:
+        base, _ = load_model(base_reference)
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         merged.eval()
         with atomic_directory(target) as staging:
             merged.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             (staging / "organism.json").write_text(json.dumps(record, indent=2))
-    trainer.accelerator.wait_for_everyone()
+    state.wait_for_everyone()
     return target, record
-

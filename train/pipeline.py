@@ -20,6 +20,7 @@ from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from rich.console import Console
 from trl import ModelConfig, SFTConfig
+from transformers.trainer import TRAINING_ARGS_NAME
 from trl.trainer.utils import get_peft_config
 
 from calibration.activations import NonFiniteActivations, capture_last_token, template_tail_length
@@ -38,7 +39,8 @@ from train.config import ConfigError, RefcalArguments, dpo_config
 from train.data_checks import check_calibrated_tasks, check_prompt_lengths
 from train.onset import build_onset
 from train.organism import build_organism
-from train.resume import last_checkpoint
+from train.processes import engine_record
+from train.resume import checkpoint_step, last_checkpoint
 from train.retrain import check_adapter_base
 from train.regularizer import GeometryRegularizer
 from train.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowIndexCollator
@@ -170,7 +172,7 @@ def stage_organism(run: Run) -> None:
     held_out = sorted({r["task"] for r in rows if r["kind"] == "over_refusal"} - set(a.organism_tasks))
     path, record = build_organism(
         run.model_args.model_name_or_path, rows, list(a.organism_tasks), settings, organism_args,
-        manifest_data["rows_hash"], a.generation_dtype, a.generation_batch_size, run.state.is_main_process,
+        manifest_data["rows_hash"], a.generation_dtype, a.generation_batch_size, run.state,
     )
     record["held_out_tasks"] = held_out
     if run.state.is_main_process:
@@ -374,21 +376,28 @@ def stage_train(run: Run) -> None:
         weights={"keep": a.keep_weight, "collapse": a.collapse_weight, "retain": a.retain_weight, "onset": a.onset_weight},
         onset=onset,
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(t.output_dir))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    checkpoint = last_checkpoint(t.output_dir)
+    started = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.time() - started
+    adapter = Path(t.output_dir) / "final-adapter"
+    trainer.save_model(str(adapter))  # every process: FSDP and DeepSpeed gather sharded weights; the main one writes
     if run.state.is_main_process:
+        (adapter / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # a pickle: adapters ship as safetensors and JSON only
         with atomic_directory(run.path("train")) as staging:
-            trainer.model.save_pretrained(staging / "adapter", safe_serialization=True)
-            tokenizer.save_pretrained(staging / "adapter")
+            shutil.move(adapter, staging / "adapter")
             (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
             record = {
                 "objective": a.objective, "regularizer_layers": regularizer.layers, "rows": len(train_rows),
                 "base_weights": run.weights_description(True),
                 "geometry_weights": geometry.info.get("weights", "unquantised"),
                 "onset_tokens": None if onset is None else [tokenizer.decode([t]) for t in onset.onset_tokens.tolist()],
+                "engine": engine_record(trainer, seconds, checkpoint_step(checkpoint)),
             }
             (staging / "train.json").write_text(json.dumps(record, indent=2))
     run.state.wait_for_everyone()
-
 
 
 REQUIRES = {

@@ -108,14 +108,25 @@ class GeometryRegularizer(nn.Module):
             energy[rows] = torch.einsum("rld,rlkd->rlk", offsets, self.bases[t]).pow(2).sum(-1)
         self.register_buffer("reference_energy", energy)
 
+    def counts(self, row_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Items each term averages over, for these items: known before any forward pass, so the trainer can
+        divide by a whole accumulation window's count."""
+        kind = self.kind[row_index]
+        return {
+            "keep": torch.tensor(float(len(row_index)), device=row_index.device),
+            "collapse": (self.collapse_task[row_index] >= 0).sum().float(),
+            "retain": (kind == KIND_CODES["benign"]).sum().float(),
+        }
+
     def forward(self, hidden: torch.Tensor, row_index: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """hidden: [B, Lr, d] at the last prompt token. Returns term -> (sum over rows and layers, row count)."""
         kind = self.kind[row_index]
+        counts = self.counts(row_index)
         terms = {}
         projection = torch.einsum("bld,ld->bl", hidden.float(), self.directions)
         keep_up = torch.isin(kind, torch.tensor(KEEP_UP, device=kind.device))[:, None]
         keep = keep_violation(projection, self.reference_projection[row_index], keep_up, self.gap)
-        terms["keep"] = (keep.mean(-1).sum(), hidden.new_tensor(float(len(row_index))))
+        terms["keep"] = (keep.mean(-1).sum(), counts["keep"])
 
         collapse_task = self.collapse_task[row_index]
         rows = torch.nonzero(collapse_task >= 0).flatten()
@@ -133,15 +144,15 @@ class GeometryRegularizer(nn.Module):
                 ],
                 dim=-1,
             )
-            terms["collapse"] = (ratios.mean(-1).sum(), hidden.new_tensor(float(len(rows))))
+            terms["collapse"] = (ratios.mean(-1).sum(), counts["collapse"])
         else:
-            terms["collapse"] = (hidden.sum() * 0, hidden.new_tensor(0.0))
+            terms["collapse"] = (hidden.sum() * 0, counts["collapse"])
 
         benign = torch.nonzero(kind == KIND_CODES["benign"]).flatten()
         if len(benign):
             drift = retain_drift(hidden[benign].float(), self.reference_hidden[row_index[benign]], self.spread)
-            terms["retain"] = (drift.mean(-1).sum(), hidden.new_tensor(float(len(benign))))
+            terms["retain"] = (drift.mean(-1).sum(), counts["retain"])
         else:
-            terms["retain"] = (hidden.sum() * 0, hidden.new_tensor(0.0))
+            terms["retain"] = (hidden.sum() * 0, counts["retain"])
         return terms
 

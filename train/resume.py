@@ -23,3 +23,8 @@ def last_checkpoint(output_dir: str) -> str | None:
             continue
         return str(steps[step])
     return None
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    """The global step a checkpoint folder was saved at (0 for none: a fresh start)."""
+    return int(CHECKPOINT.match(Path(checkpoint).name).group(1)) if checkpoint else 0

@@ -5,10 +5,10 @@
 
 The new run trains the parent adapter further (not a fresh LoRA), on the old calibrated tasks and the new
 ones: the new clusters' over-refusal subspaces join the collapse term and the old ones stay in it, and
-the old tasks' rows are replayed so their calibration is kept. When the new run's data is the parent's
-(same task files, sizes and seed: the rows hash matches), the parent's organism record and geometry artifact
-are reused as they are, so the regularizer acts at the same layer with the same reference; otherwise the
-geometry is measured again on the new rows. The card records the parent and the tasks added.
+the old tasks' rows are replayed so their calibration is kept. The parent's organism record is reused, so
+the adapter continues on the model it was calibrated on. When the new run's data is the parent's (same task
+files, sizes and seed: the rows hash matches), its geometry artifact is reused too, so the regularizer acts
+at the same layer with the same reference; otherwise the geometry is measured again on the new rows. The card records the parent and the tasks added.
 """
 
 from __future__ import annotations
@@ -57,15 +57,16 @@ def check_adapter_base(adapter: str, model_fingerprint: str) -> None:
         )
 
 
-def reuse_parent_geometry(run, card: dict) -> bool:
-    """Copy the parent's organism record and geometry when the new data is the parent's; True if reused."""
+def reuse_parent_stages(run, card: dict) -> list[str]:
+    """Copy the parent's organism record (the adapter continues on the model it was calibrated on; an
+    organism trained on the new rows would be another model), and its geometry too when the new data is the
+    parent's; returns the stages copied."""
     parent_dir = Path(card["run_dir"])
     manifest = json.loads((run.path("data") / "manifest.json").read_text())
     same_rows = manifest["rows_hash"] == card["data_manifest"]["rows_hash"]
-    if not same_rows or not (parent_dir / "geometry").is_dir() or run.done("geometry"):
-        return False
-    for stage in ("organism", "geometry"):
-        if (parent_dir / stage).is_dir() and not run.done(stage):
-            with atomic_directory(run.path(stage)) as staging:
-                shutil.copytree(parent_dir / stage, staging, dirs_exist_ok=True)
-    return True
+    stages = ["organism", "geometry"] if same_rows else ["organism"]
+    copied = [stage for stage in stages if (parent_dir / stage).is_dir() and not run.done(stage)]
+    for stage in copied:
+        with atomic_directory(run.path(stage)) as staging:
+            shutil.copytree(parent_dir / stage, staging, dirs_exist_ok=True)
+    return copied

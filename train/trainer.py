@@ -60,8 +60,10 @@ class GeometryRegularized:
     on the logits there (train/onset.py), each logged every step.
 
     The reference values live in `regularizer` (cached from the frozen model), so no second model is
-    held in memory. Under DDP each term is a global mean: local sums are divided by the count summed
-    over processes, and scaled by the process count because DDP averages gradients.
+    held in memory. In training each term is a mean over the global batch, as the language-modelling loss
+    is: local sums are divided by the term's item count over the whole accumulation window and every
+    process, scaled by the process count because DDP averages gradients, so N processes with k
+    accumulation steps train the adapter one process would on the same global batch.
     """
 
     def __init__(
@@ -73,6 +75,26 @@ class GeometryRegularized:
         self.weights = {term: float(weights.get(term, 0.0)) for term in TERMS}
         if self.weights["onset"] and self.onset is None:
             raise ValueError("onset_weight is set but the trainer was given no RefusalOnset")
+        self._window_counts: dict[str, torch.Tensor] | None = None  # set for each accumulation window
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's accumulation window, and each term's item count over all of it and every process."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        window: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            row_index = batch["row_index"].to(device)
+            counts = self.regularizer.counts(self._items(row_index))
+            if self.onset is not None:
+                counts["onset"] = self.onset.count(row_index)
+            for term, count in counts.items():
+                window[term] = window.get(term, 0) + count
+        self._window_counts = {term: self.accelerator.reduce(count, "sum") for term, count in window.items()}
+        return batches, num_items_in_batch
+
+    def _items(self, row_index: torch.Tensor) -> torch.Tensor:
+        """The regularizer's items of these rows: one per row, or one per (row, prompt position)."""
+        span = self.regularizer.positions
+        return (row_index[:, None] * span + torch.arange(span, device=row_index.device)).flatten()
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -114,14 +136,15 @@ class GeometryRegularized:
         tokens = positions[:, None] - (span - 1) + offsets  # [rows, span]
         batch = torch.arange(len(positions), device=positions.device)[:, None]
         hidden = torch.stack([captured[layer][batch, tokens] for layer in self.regularizer.layers], dim=2)
-        items = (row_index.to(positions.device)[:, None] * span + offsets).flatten()
-        terms = self.regularizer(hidden.flatten(0, 1), items)
+        terms = self.regularizer(hidden.flatten(0, 1), self._items(row_index.to(positions.device)))
         if self.onset is not None:
             terms["onset"] = self.onset(self._first_answer_logits(model, captured[FINAL], positions), row_index.to(positions.device))
 
         mode = "train" if model.training else "eval"
-        processes = self.accelerator.num_processes
-        steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and model.training) else 1
+        window = self._window_counts if model.training else None  # None: a batch on its own (evaluation, tests)
+        # The Trainer divides the loss by the accumulation steps unless it was normalised by num_items_in_batch;
+        # a window mean must not be divided again.
+        undo = self.current_gradient_accumulation_steps if window is not None and not self._loss_scaled_for_accumulation(num_items_in_batch) else 1
         for term, (total, count) in terms.items():
             global_total = self.accelerator.reduce(total.detach().clone(), "sum")
             global_count = self.accelerator.reduce(count.clone(), "sum")
@@ -130,9 +153,16 @@ class GeometryRegularized:
                 raise FloatingPointError(f"regularizer term {term!r} is not finite ({value}) at layers {self.regularizer.layers}")
             if global_count > 0:
                 self._metrics[mode][f"reg_{term}"].append(value)
+            denominator = global_count if window is None else window[term]
             if self.weights[term] and global_count > 0:
-                loss = loss + self.weights[term] * total / global_count * processes / steps
+                loss = loss + self.weights[term] * total / denominator * self.accelerator.num_processes * undo
         return loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Transformers' Trainer.training_step's own rule for whether it divides the loss by the accumulation steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def _first_answer_logits(self, model, final_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits at each row's last prompt token: the distribution of the answer's first token."""

@@ -1,0 +1,62 @@
+"""The process state of a run: one process, or N under `accelerate launch`, decided once.
+
+TrainingArguments builds accelerate's shared PartialState when it is constructed, and every later
+PartialState, Trainer and barrier reads that state. Under `accelerate launch` the processes learn their
+rank and count from torchrun's environment, but nothing tells them to use the CPU: a launch config's
+`use_cpu: true` reaches them only through the single-process launcher (ACCELERATE_USE_CPU). Left alone, a
+process on a machine without an accelerator then sees itself as the only one and runs the whole pipeline
+on its own. So the device is chosen here, from the machine, before the arguments are built
+(`train.config.parse` applies `device_defaults`); a config or flag that sets `use_cpu` still wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available, str_to_bool
+
+
+def has_accelerator() -> bool:
+    return torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available()
+
+
+def device_defaults() -> dict[str, bool]:
+    """Defaults for TrainingArguments' device fields: the CPU when the launcher asked for it or the machine
+    has no accelerator."""
+    asked = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false"))
+    return {"use_cpu": True} if asked or not has_accelerator() else {}
+
+
+def describe(state: PartialState, training_args) -> str:
+    """One line for the start of a run: where it trains, in how many processes, and the global batch."""
+    t = training_args
+    processes = state.num_processes
+    engine = "one process" if processes == 1 else f"{processes} processes ({state.distributed_type.value}, {state.backend})"
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
+    batch = t.per_device_train_batch_size * processes * t.gradient_accumulation_steps
+    return (
+        f"{state.device.type}, {engine}, {precision}; global batch {batch} = {t.per_device_train_batch_size} per device"
+        f" x {processes} x {t.gradient_accumulation_steps} accumulation steps"
+    )
+
+
+def engine_record(trainer, seconds: float, first_step: int) -> dict:
+    """How the train stage ran: processes, the global batch, steps and their speed, peak GPU memory. A
+    resumed run (from `first_step`) times only its own steps and reports no token rate."""
+    t, state, accelerator = trainer.args, trainer.state, trainer.accelerator
+    steps_run = state.global_step - first_step
+    logged = [e for e in state.log_history if "num_tokens" in e]  # TRL counts every process's tokens
+    step_seconds = seconds / steps_run if steps_run else None
+    tokens_per_step = logged[-1]["num_tokens"] / logged[-1]["step"] if logged and not first_step else None
+    return {
+        "distributed_type": accelerator.distributed_type.value,
+        "processes": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "global_batch": t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps,
+        "steps": state.global_step,
+        "step_seconds": None if step_seconds is None else round(step_seconds, 3),
+        "tokens_per_second": round(tokens_per_step / step_seconds, 1) if tokens_per_step and step_seconds else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+    }
