@@ -1,4 +1,4 @@
-"""A tiny Llama and a small regularized SFT setup, shared by the tests and tests/distributed_train.py."""
+"""A tiny Llama and a small regularized SFT setup, shared by the tests and bench/gpu_check.py."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ organism_tasks: [sentiment, cipher, household]
 organism_learning_rate: 1.0e-4
 organism_epochs: 0.5
 organism_lora_r: 4
-harmful_sizes: [4, 2, 2]
+harmful_sizes: [7, 2, 2]  # 24 rows with targets: whole global batches of 8 (tests/test_launch.py)
 benign_sizes: [4, 2, 2]
 over_refusal_per_task: [2, 0, 1]
 benign_per_task: [1, 0, 1]
@@ -187,9 +187,10 @@ generation_dtype: float32
 use_peft: true
 lora_r: 4
 lora_alpha: 8
+lora_dropout: 0.0  # dropout masks follow the batch's shape: no two process counts could agree
 lora_target_modules: all-linear
 learning_rate: 1.0e-3
-max_steps: 2
+num_train_epochs: 1
 per_device_train_batch_size: 8
 logging_steps: 1
 save_strategy: steps
@@ -197,7 +198,6 @@ save_steps: 1
 max_length: 256
 report_to: none
 bf16: false
-use_cpu: true
 disable_tqdm: true
 """
 

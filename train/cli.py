@@ -46,7 +46,7 @@ def run_pipeline(
     model_args, args, training_args = parse(argv)
     run = Run(model_args, args, training_args)
     if run.state.is_main_process and ("train" in stages or "organism" in stages):
-        console.print(f"training on {describe(run.state, training_args)}", highlight=False)
+        console.print(f"training on {describe(run.state, training_args)}", highlight=False, soft_wrap=True)
     if force and run.state.is_main_process:
         for stage in stages:
             shutil.rmtree(run.path(stage), ignore_errors=True)

@@ -1,0 +1,154 @@
+"""`accelerate launch train.py` with two CPU processes is one distributed run, not two pipelines.
+
+Every stage starts once, training runs under DDP with the global batch (per device x processes x
+accumulation steps) and the step count that follows, the logged losses are the processes' reduced ones,
+and the adapter equals a one-process run's on the same global batch. Checked for `refcal run` (SFT with the
+geometry regularizer, accumulation and an organism trained under DDP), `retrain` (the recommended
+target-free form with the onset term) and DPO. The config sets no device: refcal picks the CPU itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+STAGE_LINE = "→ {}\n"
+TWO_PROCESSES = "training on cpu, 2 processes (MULTI_CPU, gloo)"
+TARGET_FREE = ["--objective", "geometry", "--onset_weight", "1", "--keep_weight", "0", "--collapse_weight", "0", "--retain_weight", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], env: dict) -> str:
+    """train.py under `accelerate launch` with accelerate_configs/cpu_2proc.yaml; returns what it printed."""
+    command = [
+        str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port", str(free_port()), str(ROOT / "train.py"), *argv,
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr + done.stdout
+
+
+def one_process(argv: list[str], env: dict) -> str:
+    done = subprocess.run([str(BIN / "refcal"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr + done.stdout
+
+
+def assert_one_run(log: str, stages: list[str], skipped: list[str] = ()) -> None:
+    for stage in stages:
+        assert log.count(STAGE_LINE.format(stage)) == 1, (stage, log[-3000:])
+    for stage in skipped:
+        assert STAGE_LINE.format(stage) not in log
+    assert log.count(TWO_PROCESSES) == 1 and log.count("✓ sft_data") == 1
+
+
+def engine(run_dir: Path) -> dict:
+    return json.loads((run_dir / "train" / "train.json").read_text())["engine"]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    history = json.loads((run_dir / "train" / "log_history.json").read_text())
+    return [(e["step"], e["loss"]) for e in history if "loss" in e]
+
+
+def assert_same_training(one: Path, two: Path, steps: int) -> None:
+    assert [step for step, _ in losses(two)] == [step for step, _ in losses(one)] == list(range(1, steps + 1))
+    for (_, a), (_, b) in zip(losses(one), losses(two)):
+        assert b == pytest.approx(a, rel=1e-4)  # the main process logs every process's loss, not its own
+    assert_same_weights(one / "train" / "adapter" / "adapter_model.safetensors", two / "train" / "adapter" / "adapter_model.safetensors")
+    assert (one / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (two / "export" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def assert_same_weights(first: Path, second: Path, atol: float = 1e-4) -> None:
+    """Equal to a tenth of one Adam step (lr 1e-3): summation order differs between one process and an
+    all-reduce, and Adam turns gradients near its epsilon into updates of up to a step. A term counted
+    twice or halved moves many weights by whole steps."""
+    a, b = load_file(first), load_file(second)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol), (name, (a[name] - b[name]).abs().max())
+
+
+def copy_stages(source: Path, target: Path, stages: tuple[str, ...]) -> None:
+    for stage in stages:
+        shutil.copytree(source / stage, target / stage)
+
+
+def test_run_is_one_ddp_run_with_the_global_batch(e2e, tmp_path):
+    """The e2e fixture is the one-process run: 8 rows per step. Two processes of 2 rows with 2 accumulation
+    steps train the same global batch; the organism is trained again, under DDP, in a cache of its own."""
+    config, reference, env = e2e
+    run_dir = tmp_path / "run"
+    log = launch(
+        ["--config", str(config), "--run_dir", str(run_dir), "--output_dir", str(run_dir / "train"),
+         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"],
+        {**env, "REFCAL_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert_one_run(log, ["data", "organism", "geometry", "train", "eval", "export"])
+    assert "global batch 8 = 2 per device x 2 x 2 accumulation steps" in log
+
+    rows = json.loads((run_dir / "sft_data" / "targets.json").read_text())["rows"]
+    record, single = engine(run_dir), engine(reference)
+    assert (record["processes"], record["distributed_type"], record["global_batch"]) == (2, "MULTI_CPU", 8)
+    assert (single["processes"], single["global_batch"]) == (1, 8)
+    assert rows % 8 == 0, f"the fixture's {rows} rows must fill whole global batches for the runs to agree"
+    assert record["steps"] == single["steps"] == math.ceil(rows / 8) == 3  # one epoch of the global batch
+    assert_same_training(reference, run_dir, steps=3)
+
+    organisms = [json.loads((run / "organism" / "organism.json").read_text())["path"] for run in (reference, run_dir)]
+    assert organisms[0] != organisms[1]  # trained twice, once per process count
+    assert_same_weights(*(Path(path) / "model.safetensors" for path in organisms))
+
+
+def test_retrain_is_one_ddp_run(e2e, tmp_path):
+    """`train.py retrain` continues the e2e adapter on a new cluster, target-free with the onset term."""
+    config, parent, env = e2e
+    common = ["--config", str(config), "--adapter", str(parent / "export" / "adapter"),
+              "--tasks", str(ROOT / "configs" / "tasks" / "grammar.yaml"), "--max_steps", "2", *TARGET_FREE]  # fmt: skip
+    one_process(["retrain", *common, "--run_dir", str(tmp_path / "one")], env)
+    log = launch(["retrain", *common, "--run_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "4"], env)
+    assert_one_run(log, ["data", "geometry", "train", "eval", "export"], skipped=["organism"])
+    assert log.count("reused from the parent run") == 1  # the organism the parent adapter was calibrated on
+
+    assert (engine(tmp_path / "two")["global_batch"], engine(tmp_path / "one")["global_batch"]) == (8, 8)
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
+    history = json.loads((tmp_path / "two" / "train" / "log_history.json").read_text())
+    assert all("reg_onset" in e for e in history if "loss" in e)
+    card = json.loads((tmp_path / "two" / "export" / "adapter" / "calibration_card.json").read_text())
+    assert "grammar" in card["calibrate_tasks"]
+
+
+def test_dpo_is_one_ddp_run(e2e, tmp_path):
+    """DPO with the geometry regularizer on the e2e run's data, organism and geometry."""
+    config, reference, env = e2e
+    for name in ("one", "two"):
+        copy_stages(reference, tmp_path / name, ("data", "organism", "geometry"))
+    common = ["--config", str(config), "--objective", "dpo", "--max_steps", "2"]
+    one_process(["run", *common, "--run_dir", str(tmp_path / "one"), "--output_dir", str(tmp_path / "one" / "train"),
+                 "--per_device_train_batch_size", "4"], env)  # fmt: skip
+    log = launch([*common, "--run_dir", str(tmp_path / "two"), "--output_dir", str(tmp_path / "two" / "train"),
+                  "--per_device_train_batch_size", "2"], env)  # fmt: skip
+    assert_one_run(log, ["train", "eval", "export"], skipped=["data", "organism", "geometry"])
+
+    assert (engine(tmp_path / "two")["global_batch"], engine(tmp_path / "one")["global_batch"]) == (4, 4)
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
+    history = json.loads((tmp_path / "two" / "train" / "log_history.json").read_text())
+    assert all("rewards/chosen" in e and "reg_keep" in e for e in history if "loss" in e)
