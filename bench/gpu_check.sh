@@ -1,34 +1,52 @@
 #!/usr/bin/env bash
-# The GPU paths on one GPU: a few regularized LoRA steps on a random Llama-3.2-1B-shaped model with bf16,
-# with QLoRA (4-bit base), under FSDP and under DeepSpeed ZeRO-2 (one process each), printing step time,
-# tokens/s and peak memory for each. Needs refcal installed with its qlora extra (pip install -e '.[qlora]')
-# and, for ZeRO-2, deepspeed; nothing is downloaded.
+# The GPU engines as a user runs them, through `accelerate launch train.py`: the demo (embedded SmolLM2,
+# its organism, the recommended target-free form) runs whole once on one GPU; then its train stage runs again
+# from the same data, organism and geometry under each engine config: QLoRA on one GPU, DDP on every visible
+# GPU, FSDP and DeepSpeed ZeRO-2. One line per config (bench/engine_check.py): processes seen, steps against
+# the global batch's count, step time, tokens/s, peak memory, and `ok` when the train stage started once.
+# Needs refcal with its qlora extra (pip install -e '.[qlora]'), the embedded model, ../shared/data and, for
+# ZeRO-2, deepspeed; nothing is downloaded.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # results: OUT_DIR/gpu_check.jsonl (default bench/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
-mkdir -p "$out"
+runs=runs/gpu_check
+mkdir -p "$out" "$runs"
 results="$out/gpu_check.jsonl"
 : > "$results"
+gpus=$(nvidia-smi -L | wc -l)
+export PYTHONWARNINGS=ignore
+form=(--config configs/demo_smollm2.yaml --bf16 true --objective geometry --onset_weight 1
+      --keep_weight 0 --collapse_weight 0 --retain_weight 0)
 
-check() {  # check MODE ACCELERATE_CONFIG [extra accelerate flags]
-  local mode=$1 config=$2
-  shift 2
-  echo "== $mode ($config)"
-  if ! accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 "$@" \
-      bench/gpu_check.py --mode "$mode" --jsonl "$results"; then
-    echo "{\"mode\": \"$mode\", \"error\": \"failed: see the log above\"}" >> "$results"
+check() {  # check MODE ACCELERATE_CONFIG PROCESSES COMMAND [flags]: launch train.py, then summarise the run
+  local mode=$1 config=$2 processes=$3 command=$4
+  shift 4
+  local run="$runs/$mode"
+  echo "== $mode ($config, $processes processes)"
+  if [ "$command" = train ]; then  # the train stage alone, from the whole run's earlier stages
+    rm -rf "$run" && mkdir -p "$run"
+    for stage in data organism geometry sft_data; do cp -r "$runs/single_gpu/$stage" "$run/"; done
+  fi
+  if accelerate launch --config_file "accelerate_configs/$config" --num_processes "$processes" \
+      train.py "$command" "${form[@]}" --run_dir "$run" --output_dir "$run/train" "$@" 2>&1 | tee "$run.log"; then
+    python bench/engine_check.py "$run" --mode "$mode" --log "$run.log" --processes "$processes" --jsonl "$results"
+  else
+    echo "{\"mode\": \"$mode\", \"error\": \"failed: see $run.log\"}" | tee -a "$results"
   fi
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-check bf16 single_gpu.yaml
-check qlora single_gpu.yaml
-check fsdp fsdp.yaml
+rm -rf "$runs/single_gpu"
+check single_gpu single_gpu.yaml 1 run
+check qlora single_gpu.yaml 1 train --load_in_4bit true
+check ddp multi_gpu_ddp.yaml "$gpus" train
+check fsdp fsdp.yaml "$gpus" train
 if python -c "import deepspeed" 2>/dev/null; then
-  check zero2 deepspeed_zero2.yaml
+  check zero2 deepspeed_zero2.yaml "$gpus" train
 else
-  echo '{"mode": "zero2", "skipped": "deepspeed is not installed"}' >> "$results"
+  echo '{"mode": "zero2", "skipped": "deepspeed is not installed"}' | tee -a "$results"
 fi
+echo "== results"
 cat "$results"

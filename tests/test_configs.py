@@ -19,7 +19,8 @@ FAMILIES = {
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_parses(path):
-    model_args, args, training_args = parse(["--config", str(path), "--use_cpu", "true"])  # bf16 needs a GPU or use_cpu
+    model_args, args, training_args = parse(["--config", str(path)])  # bf16 configs too: refcal picks the CPU here
+    assert training_args.use_cpu
     assert model_args.model_name_or_path
     assert args.run_dir == f"runs/{path.stem.replace('demo_smollm2', 'demo')}"
     assert training_args.output_dir.startswith(args.run_dir)
@@ -28,6 +29,25 @@ def test_config_parses(path):
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_configs_target_their_model(name):
-    model_args, args, training_args = parse(["--config", f"configs/{name}.yaml", "--use_cpu", "true"])
+    model_args, args, training_args = parse(["--config", f"configs/{name}.yaml"])
     assert model_args.model_name_or_path == FAMILIES[name]
     assert training_args.bf16 and not args.organism and model_args.lora_target_modules == "all-linear"
+
+
+def test_the_device_is_the_machines_unless_the_config_sets_it(tmp_path, monkeypatch):
+    from train.config import ConfigError
+    from train.processes import device_defaults
+
+    monkeypatch.setattr("train.processes.has_accelerator", lambda: True)
+    assert device_defaults() == {}
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # `accelerate launch --cpu`
+    assert device_defaults() == {"use_cpu": True}
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
+    monkeypatch.setattr("train.processes.has_accelerator", lambda: False)
+    assert device_defaults() == {"use_cpu": True}
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("model_name_or_path: embedded:smollm2-135m-instruct\nbf16: true\n")
+    assert parse(["--config", str(config)])[2].use_cpu
+    with pytest.raises(ConfigError, match="bf16"):  # the user's own choice wins, and fails here as it would
+        parse(["--config", str(config), "--use_cpu", "false"])

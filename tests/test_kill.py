@@ -45,7 +45,8 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-3000:]
 
     run = tmp_path / "killed"
-    checkpoint = lambda step: (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").exists()  # noqa: E731
+    # a checkpoint counts once its trainer_state.json is whole: the Trainer writes it in place, not by rename
+    checkpoint = lambda step: (last_checkpoint(str(run / "checkpoints")) or "").endswith(f"checkpoint-{step}")  # noqa: E731
     for step in (2, 4):  # killed right after each of two checkpoints
         assert kill_when(start([*script, str(run), str(tiny_model_dir)]), lambda s=step: checkpoint(s))
         assert last_checkpoint(str(run / "checkpoints")).endswith(f"checkpoint-{step}")

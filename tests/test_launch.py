@@ -104,6 +104,11 @@ def test_run_is_one_ddp_run_with_the_global_batch(e2e, tmp_path):
     )  # fmt: skip
     assert_one_run(log, ["data", "organism", "geometry", "train", "eval", "export"])
     assert "global batch 8 = 2 per device x 2 x 2 accumulation steps" in log
+    (tmp_path / "launch.log").write_text(log)
+    check = [sys.executable, str(ROOT / "bench" / "engine_check.py"), str(run_dir), "--mode", "cpu_ddp",
+             "--log", str(tmp_path / "launch.log"), "--processes", "2"]  # fmt: skip
+    line = json.loads(subprocess.run(check, capture_output=True, text=True, check=True).stdout)
+    assert line["ok"] and line["train_stage_starts"] == 1 and line["expected_steps"] == 3  # bench/gpu_check.sh's check
 
     rows = json.loads((run_dir / "sft_data" / "targets.json").read_text())["rows"]
     record, single = engine(run_dir), engine(reference)
@@ -113,9 +118,10 @@ def test_run_is_one_ddp_run_with_the_global_batch(e2e, tmp_path):
     assert record["steps"] == single["steps"] == math.ceil(rows / 8) == 3  # one epoch of the global batch
     assert_same_training(reference, run_dir, steps=3)
 
-    organisms = [json.loads((run / "organism" / "organism.json").read_text())["path"] for run in (reference, run_dir)]
-    assert organisms[0] != organisms[1]  # trained twice, once per process count
-    assert_same_weights(*(Path(path) / "model.safetensors" for path in organisms))
+    organisms = [json.loads((run / "organism" / "organism.json").read_text()) for run in (reference, run_dir)]
+    assert organisms[0]["key"] == organisms[1]["key"]  # keyed by the global batch, not by how it is split
+    assert organisms[0]["path"] != organisms[1]["path"]  # trained twice, once per process count, in two caches
+    assert_same_weights(*(Path(record["path"]) / "model.safetensors" for record in organisms))
 
 
 def test_retrain_is_one_ddp_run(e2e, tmp_path):

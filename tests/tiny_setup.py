@@ -1,4 +1,4 @@
-"""A tiny Llama and a small regularized SFT setup, shared by the tests and bench/gpu_check.py."""
+"""A tiny Llama and a small regularized SFT setup, shared by the tests."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from calibration.artifacts import atomic_directory, atomic_write_text
 from calibration.generation import generate
 from calibration.models import cache_root, fingerprint, load_model
 from data_recipes.targets import chat_row, standard_refusal, trim_to_sentence
+from train.processes import waiting_processes_threads
 from train.resume import last_checkpoint
 
 
@@ -67,10 +68,11 @@ def build_organism(
     answers_file = work / "base_answers.json"
     if state.is_main_process and not answers_file.exists():
         benign = [r for r in train_rows if r["kind"] == "benign"]
-        answers = generate(
-            model, tokenizer, [r["prompt"] for r in benign], settings["answer_max_new_tokens"], generation_batch_size,
-            desc="organism: base answers",
-        )
+        with waiting_processes_threads(state):
+            answers = generate(
+                model, tokenizer, [r["prompt"] for r in benign], settings["answer_max_new_tokens"], generation_batch_size,
+                desc="organism: base answers",
+            )
         atomic_write_text(answers_file, json.dumps({r["id"]: trim_to_sentence(a) for r, a in zip(benign, answers)}))
     state.wait_for_everyone()
     base_answers = json.loads(answers_file.read_text())

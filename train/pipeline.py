@@ -39,7 +39,7 @@ from train.config import ConfigError, RefcalArguments, dpo_config
 from train.data_checks import check_calibrated_tasks, check_prompt_lengths
 from train.onset import build_onset
 from train.organism import build_organism
-from train.processes import engine_record
+from train.processes import engine_record, global_batch, precision, waiting_processes_threads
 from train.resume import checkpoint_step, last_checkpoint
 from train.retrain import check_adapter_base
 from train.regularizer import GeometryRegularizer
@@ -120,7 +120,8 @@ class Run:
         """Run a single-process stage on the main process while the others wait."""
         if not self.done(stage) and self.state.is_main_process:
             started = time.time()
-            work()
+            with waiting_processes_threads(self.state):
+                work()
             console.print(f"[green]✓[/] {stage} ({time.time() - started:.0f}s) -> {self.path(stage)}")
         self.state.wait_for_everyone()
 
@@ -162,10 +163,15 @@ def stage_organism(run: Run) -> None:
         learning_rate=a.organism_learning_rate,
         num_train_epochs=a.organism_epochs,
         max_steps=-1,
+        # plain SFT on every layer's LoRA weights: DDP need not search the graph for unused ones each step
+        ddp_find_unused_parameters=False if t.ddp_find_unused_parameters is None else t.ddp_find_unused_parameters,
     )
     settings = {
         "learning_rate": a.organism_learning_rate, "epochs": a.organism_epochs, "lora_r": a.organism_lora_r,
         "answer_max_new_tokens": a.target_max_new_tokens, "seed": t.seed,
+        # the organism is a function of the global batch, however it is split over processes, and of precision
+        "global_batch": global_batch(t, run.state.num_processes),
+        "precision": precision(t),
     }
     manifest_data = json.loads((run.path("data") / "manifest.json").read_text())
     rows = run.rows("train")

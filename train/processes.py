@@ -12,6 +12,7 @@ on its own. So the device is chosen here, from the machine, before the arguments
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from accelerate import PartialState
@@ -29,15 +30,36 @@ def device_defaults() -> dict[str, bool]:
     return {"use_cpu": True} if asked or not has_accelerator() else {}
 
 
+@contextmanager
+def waiting_processes_threads(state: PartialState):
+    """On the CPU, a stage that only the main process runs takes the threads of the processes waiting for it:
+    torchrun gives each of N local processes 1/N of the cores (OMP_NUM_THREADS), and they sit in a barrier."""
+    threads = torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if state.device.type == "cpu" and local > 1:
+        torch.set_num_threads(min(threads * local, os.cpu_count() or threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def global_batch(training_args, processes: int) -> int:
+    """Rows per optimizer step: per-device batch x processes x accumulation steps."""
+    return training_args.per_device_train_batch_size * processes * training_args.gradient_accumulation_steps
+
+
+def precision(training_args) -> str:
+    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+
+
 def describe(state: PartialState, training_args) -> str:
     """One line for the start of a run: where it trains, in how many processes, and the global batch."""
     t = training_args
     processes = state.num_processes
     engine = "one process" if processes == 1 else f"{processes} processes ({state.distributed_type.value}, {state.backend})"
-    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
-    batch = t.per_device_train_batch_size * processes * t.gradient_accumulation_steps
     return (
-        f"{state.device.type}, {engine}, {precision}; global batch {batch} = {t.per_device_train_batch_size} per device"
+        f"{state.device.type}, {engine}, {precision(t)}; global batch {global_batch(t, processes)} = {t.per_device_train_batch_size} per device"
         f" x {processes} x {t.gradient_accumulation_steps} accumulation steps"
     )
 
@@ -54,7 +76,9 @@ def engine_record(trainer, seconds: float, first_step: int) -> dict:
         "distributed_type": accelerator.distributed_type.value,
         "processes": accelerator.num_processes,
         "device": accelerator.device.type,
-        "global_batch": t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps,
+        "global_batch": global_batch(t, accelerator.num_processes),
+        "rows": len(trainer.train_dataset),
+        "epochs": round(state.epoch or 0.0, 4),
         "steps": state.global_step,
         "step_seconds": None if step_seconds is None else round(step_seconds, 3),
         "tokens_per_second": round(tokens_per_step / step_seconds, 1) if tokens_per_step and step_seconds else None,
