@@ -8,6 +8,7 @@
 # ZeRO-2, deepspeed; nothing is downloaded.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # results: OUT_DIR/gpu_check.jsonl (default bench/results)
+#   CONFIG=configs/mine.yaml GPUS=4 bash bench/gpu_check.sh     # another config; DDP/FSDP/ZeRO on 4 GPUs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -15,10 +16,10 @@ runs=runs/gpu_check
 mkdir -p "$out" "$runs"
 results="$out/gpu_check.jsonl"
 : > "$results"
-gpus=$(nvidia-smi -L | wc -l)
+gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
 export PYTHONWARNINGS=ignore
-form=(--config configs/demo_smollm2.yaml --bf16 true --objective geometry --onset_weight 1
-      --keep_weight 0 --collapse_weight 0 --retain_weight 0)
+form=(--config "${CONFIG:-configs/demo_smollm2.yaml}" --bf16 true --objective geometry --onset_weight 1
+      --keep_weight 0 --collapse_weight 0 --retain_weight 0 --force_export true)  # the gate is not what is checked
 
 check() {  # check MODE ACCELERATE_CONFIG PROCESSES COMMAND [flags]: launch train.py, then summarise the run
   local mode=$1 config=$2 processes=$3 command=$4
@@ -37,7 +38,7 @@ check() {  # check MODE ACCELERATE_CONFIG PROCESSES COMMAND [flags]: launch trai
   fi
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi: no GPU"
 rm -rf "$runs/single_gpu"
 check single_gpu single_gpu.yaml 1 run
 check qlora single_gpu.yaml 1 train --load_in_4bit true
