@@ -117,12 +117,17 @@ class Run:
         return "unquantised"
 
     def main_only(self, stage: str, work) -> None:
-        """Run a single-process stage on the main process while the others wait."""
-        if not self.done(stage) and self.state.is_main_process:
+        """Run a single-process stage on the main process while the others wait for its folder. They poll
+        rather than wait at a barrier, which times out after ddp_timeout (30 minutes by default): eval or
+        geometry can take longer on a CPU or with a large model. If the main process fails, the launcher
+        stops them all."""
+        if self.state.is_main_process and not self.done(stage):
             started = time.time()
             with waiting_processes_threads(self.state):
                 work()
             console.print(f"[green]✓[/] {stage} ({time.time() - started:.0f}s) -> {self.path(stage)}")
+        while not self.done(stage):
+            time.sleep(1)
         self.state.wait_for_everyone()
 
 
