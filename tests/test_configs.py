@@ -19,8 +19,10 @@ FAMILIES = {
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_parses(path):
-    model_args, args, training_args = parse(["--config", str(path)])  # bf16 configs too: refcal picks the CPU here
-    assert training_args.use_cpu
+    from train.processes import has_accelerator
+
+    model_args, args, training_args = parse(["--config", str(path)])  # bf16 configs too: refcal picks the device
+    assert training_args.use_cpu == (not has_accelerator())
     assert model_args.model_name_or_path
     assert args.run_dir == f"runs/{path.stem.replace('demo_smollm2', 'demo')}"
     assert training_args.output_dir.startswith(args.run_dir)
