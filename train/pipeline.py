@@ -126,7 +126,7 @@ class Run:
             with waiting_processes_threads(self.state):
                 work()
             console.print(f"[green]✓[/] {stage} ({time.time() - started:.0f}s) -> {self.path(stage)}")
-        while not self.done(stage):
+        while not self.state.is_main_process and not self.done(stage):
             time.sleep(1)
         self.state.wait_for_everyone()
 
