@@ -29,14 +29,14 @@ demo: $(STAMP)
 
 # The judge's validation and the benchmark table (bench/results/); each part reuses what it already ran.
 bench: $(STAMP)
-	PYTHONWARNINGS=ignore $(PY) bench/judge_agreement.py
-	PYTHONWARNINGS=ignore $(PY) bench/frame_labels.py
-	PYTHONWARNINGS=ignore $(PY) bench/calibration_table.py
-	PYTHONWARNINGS=ignore $(PY) bench/regimes.py
+	PYTHONWARNINGS=ignore $(PY) -m bench.judge_agreement
+	PYTHONWARNINGS=ignore $(PY) -m bench.frame_labels
+	PYTHONWARNINGS=ignore $(PY) -m bench.calibration_table
+	PYTHONWARNINGS=ignore $(PY) -m bench.regimes
 
 # Issue 6's regularizer study (bench/results/regularizer_study.*): reuses the regimes' runs, adds the variants.
 study: $(STAMP)
-	PYTHONWARNINGS=ignore $(PY) bench/regularizer_study.py
+	PYTHONWARNINGS=ignore $(PY) -m bench.regularizer_study
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -5,7 +5,7 @@ first: `accelerate launch train.py retrain --config X --adapter DIR --tasks NEW.
 
 import sys
 
-from train.cli import COMMANDS, main
+from refcal.train.cli import COMMANDS, main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -18,8 +18,8 @@ Parts, each a run folder under runs/bench that is reused while its settings are 
 Wall time: training for adapters; building, routing, generation and KL on every eval prompt for the
 interventions. Shared stages (organism, geometry capture, the frozen model's answers) are listed apart.
 
-    python bench/calibration_table.py                # run what is missing, then write the table
-    python bench/calibration_table.py --collect-only # only assemble bench/results/calibration_table.{json,md,png}
+    python -m bench.calibration_table                # run what is missing, then write the table
+    python -m bench.calibration_table --collect-only # only assemble bench/results/calibration_table.{json,md,png}
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from calibration.evaluation import selectivity, wilson_rate  # noqa: E402
+from refcal.calibration.evaluation import selectivity, wilson_rate
 
 BENCH = ROOT / "runs" / "bench"
 NO_REGULARIZER = ["--keep_weight", "0", "--collapse_weight", "0", "--retain_weight", "0"]
@@ -53,7 +52,7 @@ OTHER_BENCHMARKS = ("xstest_safe", "xstest_unsafe", "oktest", "coconot_contrast"
 
 
 def cli(stage: str, config: str, run_dir: Path, flags: list[str]) -> None:
-    command = [sys.executable, "-m", "train.cli", stage, "--config", config, "--run_dir", str(run_dir),
+    command = [sys.executable, "-m", "refcal.train.cli", stage, "--config", config, "--run_dir", str(run_dir),
                "--output_dir", str(run_dir / "checkpoints"), *flags]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True)
 

@@ -3,8 +3,8 @@
 Every variant reuses the demo run's data, organism, geometry and targets (runs/demo), so they differ only
 in the training settings given below, and is evaluated on the same held-out prompts.
 
-    python bench/calibration_variants.py                 # train + eval every missing variant, then collect
-    python bench/calibration_variants.py --collect-only  # only gather runs/variants/*/eval into the JSON
+    python -m bench.calibration_variants                 # train + eval every missing variant, then collect
+    python -m bench.calibration_variants --collect-only  # only gather runs/variants/*/eval into the JSON
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from calibration_table import NO_REGULARIZER, cli  # bench/, the script's own folder
+from bench.calibration_table import NO_REGULARIZER, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {

@@ -5,7 +5,7 @@ the process's resident memory every 5 ms while capturing every layer at the last
 prompts. The figure is the peak growth over the resident memory just before the capture. In memory, it
 should grow by about the stored activations; streamed to a safetensors file, it should not grow at all.
 
-    python bench/capture_memory.py          # embedded SmolLM2-135M-Instruct, 256 and 2048 prompts
+    python -m bench.capture_memory          # embedded SmolLM2-135M-Instruct, 256 and 2048 prompts
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from calibration.activations import capture_last_token, stream_last_token  # noqa: E402
-from calibration.models import load_model  # noqa: E402
-from data_recipes.build import RecipeSizes, build_rows  # noqa: E402
-from data_recipes.tasks import load_tasks  # noqa: E402
+from refcal.calibration.activations import capture_last_token, stream_last_token
+from refcal.calibration.models import load_model
+from refcal.data_recipes.build import RecipeSizes, build_rows
+from refcal.data_recipes.tasks import load_tasks
 
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -88,8 +87,8 @@ def main() -> None:
     runs = []
     for count in args.counts:
         for mode in ("in_memory", "streamed"):
-            command = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size), "--one", mode, str(count)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            command = [sys.executable, "-m", "bench.capture_memory", "--model", args.model, "--batch_size", str(args.batch_size), "--one", mode, str(count)]
+            output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(output.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
     small, large = min(args.counts), max(args.counts)

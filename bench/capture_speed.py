@@ -4,7 +4,7 @@ Capture hooks every decoder layer and keeps the last prompt token; the plain pas
 the same left-padded batches and keeps nothing. Rounds alternate (plain, capture, plain, capture, ...)
 so that machine noise hits both alike; the result is the ratio of their tokens per second.
 
-    python bench/capture_speed.py          # embedded SmolLM2-135M-Instruct, 128 recipe prompts, 3 rounds
+    python -m bench.capture_speed          # embedded SmolLM2-135M-Instruct, 128 recipe prompts, 3 rounds
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from calibration.activations import capture_last_token, chat_prompts, encode_left_padded  # noqa: E402
-from calibration.models import load_model  # noqa: E402
-from data_recipes.build import RecipeSizes, build_rows  # noqa: E402
-from data_recipes.tasks import load_tasks  # noqa: E402
+from refcal.calibration.activations import capture_last_token, chat_prompts, encode_left_padded
+from refcal.calibration.models import load_model
+from refcal.data_recipes.build import RecipeSizes, build_rows
+from refcal.data_recipes.tasks import load_tasks
 
 
 @torch.no_grad()

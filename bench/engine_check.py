@@ -1,7 +1,7 @@
 """One line per engine for bench/gpu_check.sh: whether `accelerate launch train.py` ran as one distributed
 run, and how fast. It reads the train stage's engine record (train/train.json) and the launch's console log.
 
-    python bench/engine_check.py RUN_DIR --mode ddp --log LAUNCH.log [--jsonl OUT]
+    python -m bench.engine_check RUN_DIR --mode ddp --log LAUNCH.log [--jsonl OUT]
 
 A run is `ok` when the train stage started once (not once per process), every process was seen, and it
 trained the step count of its global batch: ceil(rows / (per-device batch x processes x accumulation)) per epoch.

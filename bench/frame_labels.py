@@ -17,7 +17,7 @@ figure to quote.
 Prompts and harmful contents are not stored with the labels: they are rebuilt from the benchmark data by
 the demo config's recipe (deterministic in its seed) and matched by row id.
 
-    python bench/frame_labels.py   # writes bench/results/frame_judge_agreement.json
+    python -m bench.frame_labels   # writes bench/results/frame_judge_agreement.json
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from calibration.evaluation import wilson_rate  # noqa: E402
-from calibration.frame_judge import CARRIED_OUT, FrameJudge  # noqa: E402
-from calibration.judge import PhraseJudge, judge_validation  # noqa: E402
-from calibration.learned_judge import LearnedJudge  # noqa: E402
-from data_recipes.sources import default_data_root  # noqa: E402
-from train.config import parse  # noqa: E402
-from train.pipeline import recipe_rows  # noqa: E402
+from refcal.calibration.evaluation import wilson_rate
+from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
+from refcal.calibration.judge import PhraseJudge, judge_validation
+from refcal.calibration.learned_judge import LearnedJudge
+from refcal.data_recipes.sources import default_data_root
+from refcal.train.config import parse
+from refcal.train.pipeline import recipe_rows
 
 LABELS = ROOT / "bench" / "results" / "frame_labels.jsonl"
 

@@ -32,7 +32,7 @@ check() {  # check MODE ACCELERATE_CONFIG PROCESSES COMMAND [flags]: launch trai
   fi
   if accelerate launch --config_file "accelerate_configs/$config" --num_processes "$processes" \
       train.py "$command" "${form[@]}" --run_dir "$run" --output_dir "$run/train" "$@" 2>&1 | tee "$run.log"; then
-    python bench/engine_check.py "$run" --mode "$mode" --log "$run.log" --processes "$processes" --jsonl "$results"
+    python -m bench.engine_check "$run" --mode "$mode" --log "$run.log" --processes "$processes" --jsonl "$results"
   else
     echo "{\"mode\": \"$mode\", \"error\": \"failed: see $run.log\"}" | tee -a "$results"
   fi

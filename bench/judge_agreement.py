@@ -10,7 +10,7 @@ Side by side: refcal's phrase rules, each public phrase list in ../shared/data/r
 matching rule, and XSTest's own automated labels (string match; GPT-4). Binary agreement counts partial
 refusal as refusal; three-way accuracy is reported for the judges that output three classes.
 
-    python bench/judge_agreement.py   # ~2 min; writes bench/results/judge_agreement.json and
+    python -m bench.judge_agreement   # ~2 min; writes bench/results/judge_agreement.json and
                                       # calibration/judge_validation.json (read into calibration cards)
 """
 
@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from calibration.judge import LABELS, PhraseJudge, refused  # noqa: E402
-from calibration.learned_judge import XSTEST_LABELS, XSTEST_MODELS, LearnedJudge, xstest_completions  # noqa: E402
-from data_recipes.sources import default_data_root  # noqa: E402
+from refcal.calibration.judge import LABELS, PhraseJudge, refused
+from refcal.calibration.learned_judge import XSTEST_LABELS, XSTEST_MODELS, LearnedJudge, xstest_completions
+from refcal.data_recipes.sources import default_data_root
 
 GRID = {"head_chars": (150, 300), "C": (3.0, 10.0, 30.0)}
 # file -> matching rule, as each file's header documents it

@@ -22,8 +22,8 @@ Each comparison is paired (same prompts): the difference in rate, refcal minus p
 bootstrap interval over prompts; a regime is a win or a loss for the regularizer on a measure when the
 interval excludes 0, else a tie.
 
-    python bench/regimes.py                 # train and evaluate what is missing, then compare
-    python bench/regimes.py --collect-only  # only write bench/results/regimes.{json,md,png}
+    python -m bench.regimes                 # train and evaluate what is missing, then compare
+    python -m bench.regimes --collect-only  # only write bench/results/regimes.{json,md,png}
 """
 
 from __future__ import annotations
@@ -36,15 +36,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from calibration_table import BENCH, NO_REGULARIZER, cli, fresh, settings_key, write_outputs  # noqa: E402
+from bench.calibration_table import BENCH, NO_REGULARIZER, cli, fresh, settings_key, write_outputs
 
-from calibration.frame_judge import CARRIED_OUT, FrameJudge  # noqa: E402
-from calibration.judge import refused  # noqa: E402
-from calibration.learned_judge import LearnedJudge  # noqa: E402
-from data_recipes.sources import default_data_root  # noqa: E402
+from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
+from refcal.calibration.judge import refused
+from refcal.calibration.learned_judge import LearnedJudge
+from refcal.data_recipes.sources import default_data_root
 
 EVAL = ["--eval_benchmark_limit", "0", "--eval_unseen_templates", "true"]
 OLD_TASKS = ["sentiment", "translation", "cipher", "lookalike"]  # the demo's organism_tasks, calibrated by default

@@ -7,7 +7,7 @@ training; CPU: the process's peak resident memory, model loading included, since
 depends on what earlier work left in the heap). Runs alternate (plain, refcal, plain, ...) so
 that machine noise hits both alike; the results are ratios of the medians.
 
-    python bench/regularizer_cost.py          # embedded SmolLM2-135M-Instruct, 5 rounds of 6 steps, batch 8
+    python -m bench.regularizer_cost          # embedded SmolLM2-135M-Instruct, 5 rounds of 6 steps, batch 8
 """
 
 from __future__ import annotations
@@ -26,22 +26,20 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from step_timer import StepTimer  # noqa: E402  (bench/, the script's own folder)
+from bench.step_timer import StepTimer
 
 
 def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from calibration.models import load_model
-    from data_recipes.build import RecipeSizes, build_rows
-    from data_recipes.targets import sft_dataset
-    from data_recipes.tasks import load_tasks
-    from tiny_setup import COMPLETIONS, build_regularizer
-    from train.trainer import RefcalSFTTrainer, RowIndexCollator
+    from refcal.calibration.models import load_model
+    from refcal.data_recipes.build import RecipeSizes, build_rows
+    from refcal.data_recipes.targets import sft_dataset
+    from refcal.data_recipes.tasks import load_tasks
+    from refcal.train.testing_utils import COMPLETIONS, build_regularizer
+    from refcal.train.trainer import RefcalSFTTrainer, RowIndexCollator
 
     recipe = build_rows(load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml"))), RecipeSizes(), seed=0)
     rows = [
@@ -101,9 +99,9 @@ def main() -> None:
     runs = []
     for _ in range(args.rounds):
         for which in ("plain", "refcal"):
-            command = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
+            command = [sys.executable, "-m", "bench.regularizer_cost", "--model", args.model, "--steps", str(args.steps),
                        "--batch_size", str(args.batch_size), "--one", which]  # fmt: skip
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(output.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
     median = {

@@ -31,14 +31,14 @@ Geometry after training, on held-out rows at the refusal layer (frozen organism 
   harmful = 1 before); collapse ratio (held-out over_refusal rows' offset energy inside their task's
   subspace, after over before); and the cosine between the harmful-minus-benign direction after and before.
 
-    python bench/regularizer_study.py                 # run what is missing, then write the results
-    python bench/regularizer_study.py --collect-only  # only write bench/results/regularizer_study.{json,md,png}
+    python -m bench.regularizer_study                 # run what is missing, then write the results
+    python -m bench.regularizer_study --collect-only  # only write bench/results/regularizer_study.{json,md,png}
 
 The second screening (bench/results/regularizer_study_onset.*): the output-side refusal-onset term
 (train/onset.py), with and without answer targets and with and without the geometry terms, beside
 refcal's form and the (fixed) target-free geometry run, on a rebuilt organism:
 
-    python bench/regularizer_study.py --variants refcal geometry geometry_onset geometry_onset_alone onset \
+    python -m bench.regularizer_study --variants refcal geometry geometry_onset geometry_onset_alone onset \
         plain_onset --regimes default scarce_4 lr_3e-3 rows_64 --no-refcal-everywhere \
         --out bench/results/regularizer_study_onset
 """
@@ -55,13 +55,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import regimes  # noqa: E402
-from calibration_table import BENCH, NO_REGULARIZER, write_outputs  # noqa: E402
+from bench import regimes
+from bench.calibration_table import BENCH, NO_REGULARIZER, write_outputs
 
-from calibration.evaluation import wilson_rate  # noqa: E402
+from refcal.calibration.evaluation import wilson_rate
 
 BAND = [str(layer) for layer in range(18, 25)]  # around the chosen layer 22; the layers DESIGN.md's prototype found to mediate refusal
 VARIANTS = {  # name: flags on top of refcal's default (the regimes' refcal side is "refcal")
@@ -115,8 +113,8 @@ def train_and_evaluate(regime: str, variant: str, config: str) -> None:
 def capture(model_path: str, adapter: Path | None, prompts: list[str], layer: int) -> torch.Tensor:
     from peft import PeftModel
 
-    from calibration.activations import capture_last_token
-    from calibration.models import load_model
+    from refcal.calibration.activations import capture_last_token
+    from refcal.calibration.models import load_model
 
     model, tokenizer = load_model(model_path, "float32")
     if adapter is not None:
@@ -129,7 +127,7 @@ def held_out_hidden(directory: Path, layer: int) -> tuple[torch.Tensor, torch.Te
     """Frozen and calibrated hidden states of the run's eval prompts at `layer` (cached as safetensors)."""
     from safetensors.torch import load_file
 
-    from calibration.artifacts import atomic_save_tensors
+    from refcal.calibration.artifacts import atomic_save_tensors
 
     records = [json.loads(line) for line in (directory / "eval" / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
     prompts = [r["prompt"] for r in records]
@@ -146,7 +144,7 @@ def held_out_hidden(directory: Path, layer: int) -> tuple[torch.Tensor, torch.Te
 
 
 def geometry_figures(directory: Path, calibrated: set[str], split: str) -> dict:
-    from calibration.geometry import Geometry, unit
+    from refcal.calibration.geometry import Geometry, unit
 
     geometry = Geometry.load(directory / "geometry")
     layer = geometry.layer
@@ -222,9 +220,9 @@ def regime_won(rows: dict, measure: str) -> bool:
 
 
 def collect(config: str, variants: list[str], study_regimes: list[str]) -> dict:
-    from calibration.frame_judge import FrameJudge
-    from calibration.learned_judge import LearnedJudge
-    from data_recipes.sources import default_data_root
+    from refcal.calibration.frame_judge import FrameJudge
+    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.data_recipes.sources import default_data_root
 
     calibrated = set(regimes.OLD_TASKS)
     frame_judge = FrameJudge(LearnedJudge.from_xstest(default_data_root()))

@@ -10,9 +10,9 @@ from typing import Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from calibration.artifacts import atomic_file
-from calibration.batching import shrinking_batches
-from calibration.models import decoder_layers
+from refcal.calibration.artifacts import atomic_file
+from refcal.calibration.batching import shrinking_batches
+from refcal.calibration.models import decoder_layers
 
 
 class NonFiniteActivations(FloatingPointError):

@@ -23,9 +23,9 @@ from typing import Callable, ContextManager
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from calibration.activations import capture_last_token
-from calibration.geometry import Geometry, unit
-from calibration.interventions import ablate_directions, orthogonalise, subtract_vectors
+from refcal.calibration.activations import capture_last_token
+from refcal.calibration.geometry import Geometry, unit
+from refcal.calibration.interventions import ablate_directions, orthogonalise, subtract_vectors
 
 UNSTEERED = "unsteered"
 

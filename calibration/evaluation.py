@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from calibration.activations import chat_prompts
-from calibration.judge import refused
+from refcal.calibration.activations import chat_prompts
+from refcal.calibration.judge import refused
 
 
 def refusal_rates(groups: list[str], labels: list[str]) -> dict[str, dict]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 
-from calibration.judge import Judge, refused
-from calibration.learned_judge import AGREEMENT_OPENING, normalise
+from refcal.calibration.judge import Judge, refused
+from refcal.calibration.learned_judge import AGREEMENT_OPENING, normalise
 
 REFUSED, FRAME_TASK_ONLY, CARRIED_OUT = "refused", "frame_task_only", "carried_out"
 FRAME_LABELS = (REFUSED, FRAME_TASK_ONLY, CARRIED_OUT)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from calibration.activations import chat_prompts, encode_left_padded
-from calibration.batching import shrinking_batches
+from refcal.calibration.activations import chat_prompts, encode_left_padded
+from refcal.calibration.batching import shrinking_batches
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from calibration.artifacts import atomic_save_tensors, atomic_write_text
+from refcal.calibration.artifacts import atomic_save_tensors, atomic_write_text
 
 
 class FingerprintMismatch(ValueError):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.analysis import RAW, Groups, layer_geometry
-from calibration.artifacts import atomic_directory
-from calibration.probes import probe, silhouette
+from refcal.calibration.analysis import RAW, Groups, layer_geometry
+from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.probes import probe, silhouette
 
 # What arXiv 2603.27518 reports on Llama-3.1-8B-Instruct (docs/paper_methods.md), and the test this
 # report applies to call a claim reproduced on another model.

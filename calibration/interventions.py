@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel
 
-from calibration.models import decoder_layers
+from refcal.calibration.models import decoder_layers
 
 
 def project_out(hidden: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,8 @@ def build_judge(kind: str, data_root=None, model: str | None = None, url: str | 
     if kind == "phrases":
         return PhraseJudge()
     if kind == "learned":
-        from calibration.learned_judge import LearnedJudge
-        from data_recipes.sources import default_data_root
+        from refcal.calibration.learned_judge import LearnedJudge
+        from refcal.data_recipes.sources import default_data_root
 
         return LearnedJudge.from_xstest(data_root or default_data_root())
     if kind not in JUDGES:
@@ -76,13 +76,13 @@ def build_judge(kind: str, data_root=None, model: str | None = None, url: str | 
     if not model:
         raise ValueError(f"judge: {kind} needs judge_model (a model reference{' served at judge_url' if kind == 'http' else ''})")
     if kind == "http":
-        from calibration.model_judge import HTTPJudge
+        from refcal.calibration.model_judge import HTTPJudge
 
         if not url:
             raise ValueError("judge: http needs judge_url, an OpenAI-compatible base URL such as http://127.0.0.1:8000/v1")
         return HTTPJudge(url, model, timeout=timeout, retries=retries)
-    from calibration.model_judge import LocalModelJudge
-    from calibration.models import load_model
+    from refcal.calibration.model_judge import LocalModelJudge
+    from refcal.calibration.models import load_model
 
     judge_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     return LocalModelJudge(judge_model, tokenizer, model)

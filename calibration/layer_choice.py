@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from calibration.activations import chat_prompts, encode_left_padded
-from calibration.geometry import Geometry
-from calibration.interventions import ablate_directions
+from refcal.calibration.activations import chat_prompts, encode_left_padded
+from refcal.calibration.geometry import Geometry
+from refcal.calibration.interventions import ablate_directions
 
 
 def refusal_tokens(tokenizer: PreTrainedTokenizerBase, refusals: list[str], top: int = 4) -> list[int]:

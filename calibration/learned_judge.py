@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline, make_union
 from sklearn.preprocessing import FunctionTransformer
 
-from calibration.judge import COMPLY, PARTIAL, REFUSE
+from refcal.calibration.judge import COMPLY, PARTIAL, REFUSE
 
 XSTEST_MODELS = ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")
 XSTEST_LABELS = {"1_full_compliance": COMPLY, "2_full_refusal": REFUSE, "3_partial_refusal": PARTIAL}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from calibration.artifacts import atomic_directory
+from refcal.calibration.artifacts import atomic_directory
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {

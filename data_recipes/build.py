@@ -16,10 +16,10 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from data_recipes.errors import RecipeError
-from data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
-from data_recipes.tasks import KINDS, SPLITS, TaskCluster  # noqa: F401 (KINDS: re-exported)
-from data_recipes.user_prompts import load_prompt_rows
+from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
+from refcal.data_recipes.tasks import KINDS, SPLITS, TaskCluster  # noqa: F401 (KINDS: re-exported)
+from refcal.data_recipes.user_prompts import load_prompt_rows
 
 RAW_TASK = "none"  # the task of unframed harmful and benign rows
 

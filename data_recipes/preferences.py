@@ -15,10 +15,10 @@ from collections import Counter
 import torch
 from datasets import Dataset
 
-from calibration.generation import generate
-from calibration.interventions import ablate_directions
-from calibration.judge import Judge, refused
-from data_recipes.targets import standard_refusal
+from refcal.calibration.generation import generate
+from refcal.calibration.interventions import ablate_directions
+from refcal.calibration.judge import Judge, refused
+from refcal.data_recipes.targets import standard_refusal
 
 
 def preference_dataset(rows: list[dict]) -> Dataset:

@@ -18,10 +18,10 @@ from collections import Counter
 import torch
 from datasets import Dataset
 
-from calibration.generation import generate
-from calibration.interventions import ablate_directions
-from calibration.judge import Judge, refused
-from data_recipes.tasks import TaskCluster
+from refcal.calibration.generation import generate
+from refcal.calibration.interventions import ablate_directions
+from refcal.calibration.judge import Judge, refused
+from refcal.data_recipes.tasks import TaskCluster
 
 STANDARD_REFUSALS = (
     "I'm sorry, but I can't help with that.",

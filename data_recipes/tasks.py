@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from data_recipes.errors import RecipeError
-from data_recipes.yaml_files import read_yaml_mapping
+from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.yaml_files import read_yaml_mapping
 
 SPLITS = ("train", "val", "eval")  # every recipe's splits; no content is shared between them
 KINDS = ("harmful", "over_refusal", "benign", "frame_attack")  # every recipe row's kind

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_recipes.errors import RecipeError
-from data_recipes.sources import read_records
-from data_recipes.tasks import KINDS, SPLITS, TaskCluster
+from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.sources import read_records
+from refcal.data_recipes.tasks import KINDS, SPLITS, TaskCluster
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_setup helpers
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the hub (read when datasets is imported)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -19,14 +18,14 @@ EMBEDDED = "embedded:smollm2-135m-instruct"
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from calibration.models import load_tokenizer
+    from refcal.calibration.models import load_tokenizer
 
     return load_tokenizer(EMBEDDED)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
-    from tiny_setup import save_tiny_model
+    from refcal.train.testing_utils import save_tiny_model
 
     directory = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_model(tokenizer, directory, seed=0)
@@ -42,7 +41,7 @@ def e2e(tokenizer, tmp_path_factory):
     (config path, run folder, environment). Its organism cache is its own, never ~/.cache/refcal."""
     import subprocess
 
-    from tiny_setup import E2E_CONFIG, save_refusing_model, write_user_task
+    from refcal.train.testing_utils import E2E_CONFIG, save_refusing_model, write_user_task
 
     base = tmp_path_factory.mktemp("e2e")
     config = base / "config.yaml"

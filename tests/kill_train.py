@@ -9,16 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from peft import get_peft_model_state_dict  # noqa: E402
+import torch
+from peft import get_peft_model_state_dict
 
-from calibration.artifacts import atomic_save_tensors  # noqa: E402
-from calibration.models import load_model  # noqa: E402
-from tiny_setup import build_regularizer, make_trainer, sft_rows  # noqa: E402
-from train.resume import last_checkpoint  # noqa: E402
+from refcal.calibration.artifacts import atomic_save_tensors
+from refcal.calibration.models import load_model
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.resume import last_checkpoint
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
+from refcal.calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
 
 
 def test_directory_appears_whole_on_success(tmp_path):
@@ -45,7 +45,7 @@ def test_artifacts_get_plain_permissions(tmp_path):
     import os
     import stat
 
-    from calibration.artifacts import atomic_directory, atomic_write_text
+    from refcal.calibration.artifacts import atomic_directory, atomic_write_text
 
     mask = os.umask(0o022)
     try:

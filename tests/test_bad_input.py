@@ -11,13 +11,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_recipes.build import RecipeSizes, build_rows
-from data_recipes.errors import RecipeError
-from data_recipes.tasks import load_task
-from data_recipes.user_prompts import KINDS, load_prompt_rows
-from train import cli
-from train.config import ConfigError, known_fields, parse
-from train.data_checks import check_calibrated_tasks, check_prompt_lengths
+from refcal.data_recipes.build import RecipeSizes, build_rows
+from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.tasks import load_task
+from refcal.data_recipes.user_prompts import KINDS, load_prompt_rows
+from refcal.train import cli
+from refcal.train.config import ConfigError, known_fields, parse
+from refcal.train.data_checks import check_calibrated_tasks, check_prompt_lengths
 
 FIXTURES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 GOOD_ROWS = [
@@ -240,6 +240,6 @@ def test_bad_cluster_through_the_cli_is_one_line_and_writes_nothing(tiny_model_d
 
 
 def test_kinds_are_the_recipes_kinds():
-    from data_recipes.build import KINDS as RECIPE_KINDS
+    from refcal.data_recipes.build import KINDS as RECIPE_KINDS
 
     assert set(KINDS) == set(RECIPE_KINDS)

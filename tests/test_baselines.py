@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibration.activations import capture_last_token
-from calibration.artifacts import atomic_save_tensors
-from calibration.baselines import UNSTEERED, TaskSteering, build_baselines
-from calibration.evaluation import selectivity
-from calibration.geometry import Geometry, estimate, unit
-from calibration.interventions import orthogonalise, subtract_vectors
-from calibration.frame_judge import FrameJudge
-from calibration.judge import PhraseJudge
-from calibration.models import fingerprint, load_model
-from tiny_setup import BENIGN, HARMFUL, OVER_REFUSAL
+from refcal.calibration.activations import capture_last_token
+from refcal.calibration.artifacts import atomic_save_tensors
+from refcal.calibration.baselines import UNSTEERED, TaskSteering, build_baselines
+from refcal.calibration.evaluation import selectivity
+from refcal.calibration.geometry import Geometry, estimate, unit
+from refcal.calibration.interventions import orthogonalise, subtract_vectors
+from refcal.calibration.frame_judge import FrameJudge
+from refcal.calibration.judge import PhraseJudge
+from refcal.calibration.models import fingerprint, load_model
+from refcal.train.testing_utils import BENIGN, HARMFUL, OVER_REFUSAL
 
 PROMPTS = ["What is the capital of France?", "Write a poem about rain, please.", "Hi"]
 
@@ -88,7 +88,7 @@ class TinyRun:
     """What stage_baselines reads from a run: arguments, rows, stage folders, the model and the judge."""
 
     def __init__(self, model_dir: Path, run_dir: Path):
-        from train.config import RefcalArguments
+        from refcal.train.config import RefcalArguments
 
         self.args = RefcalArguments(
             run_dir=str(run_dir), organism_tasks=["sentiment", "translation"], eval_benchmark_limit=2,
@@ -120,7 +120,7 @@ class TinyRun:
 
 
 def test_baselines_stage_on_a_tiny_run(tiny_model_dir, tmp_path):
-    from train.baselines import markdown_table, stage_baselines
+    from refcal.train.baselines import markdown_table, stage_baselines
 
     run = TinyRun(tiny_model_dir, tmp_path / "run")
     model, tokenizer = run.load()

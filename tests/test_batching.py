@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibration.activations import capture_last_token
-from calibration.batching import shrinking_batches
-from calibration.generation import generate
-from calibration.models import load_model
+from refcal.calibration.activations import capture_last_token
+from refcal.calibration.batching import shrinking_batches
+from refcal.calibration.generation import generate
+from refcal.calibration.models import load_model
 
 PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(7)]
 

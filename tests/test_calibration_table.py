@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from calibration.evaluation import selectivity, wilson_rate
-
-spec = importlib.util.spec_from_file_location("calibration_table", Path(__file__).resolve().parent.parent / "bench" / "calibration_table.py")
-table_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(table_module)
+from bench import calibration_table as table_module
+from refcal.calibration.evaluation import selectivity, wilson_rate
 
 
 def summary(harmful: int, over_refusal: dict[str, int], carried_out: int = 0) -> dict:

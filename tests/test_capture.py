@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from calibration.activations import capture_last_token, stream_last_token
-from calibration.models import load_model
+from refcal.calibration.activations import capture_last_token, stream_last_token
+from refcal.calibration.models import load_model
 
 PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" + " really" * (i % 4) for i in range(11)]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from train import config_reference
-from train.config import RefcalArguments
+from refcal.train import config_reference
+from refcal.train.config import RefcalArguments
 
 
 def test_readme_config_reference_is_current():
     text = config_reference.README.read_text(encoding="utf-8")
-    assert config_reference.current(text) == config_reference.render(), "stale: run `python -m train.config_reference`"
+    assert config_reference.current(text) == config_reference.render(), "stale: run `python -m refcal.train.config_reference`"
 
 
 def test_every_field_is_documented_once_in_the_dataclass():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import parse
+from refcal.train.config import parse
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 FAMILIES = {
@@ -19,7 +19,7 @@ FAMILIES = {
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_parses(path):
-    from train.processes import has_accelerator
+    from refcal.train.processes import has_accelerator
 
     model_args, args, training_args = parse(["--config", str(path)])  # bf16 configs too: refcal picks the device
     assert training_args.use_cpu == (not has_accelerator())
@@ -37,15 +37,15 @@ def test_family_configs_target_their_model(name):
 
 
 def test_the_device_is_the_machines_unless_the_config_sets_it(tmp_path, monkeypatch):
-    from train.config import ConfigError
-    from train.processes import device_defaults
+    from refcal.train.config import ConfigError
+    from refcal.train.processes import device_defaults
 
-    monkeypatch.setattr("train.processes.has_accelerator", lambda: True)
+    monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: True)
     assert device_defaults() == {}
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # `accelerate launch --cpu`
     assert device_defaults() == {"use_cpu": True}
     monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
-    monkeypatch.setattr("train.processes.has_accelerator", lambda: False)
+    monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: False)
     assert device_defaults() == {"use_cpu": True}
 
     config = tmp_path / "mine.yaml"

@@ -7,13 +7,13 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from calibration.judge import PhraseJudge
-from calibration.models import load_model
-from data_recipes.preferences import build_preferences, preference_dataset
-from tiny_setup import assert_terms_at_reference, build_regularizer, sft_rows
-from train.config import dpo_config
-from train.onset import build_onset
-from train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
+from refcal.calibration.judge import PhraseJudge
+from refcal.calibration.models import load_model
+from refcal.data_recipes.preferences import build_preferences, preference_dataset
+from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, sft_rows
+from refcal.train.config import dpo_config
+from refcal.train.onset import build_onset
+from refcal.train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
 
 LAYERS = [1, 3]
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from calibration.geometry import Geometry
+from refcal.calibration.geometry import Geometry
 from datasets import load_from_disk
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from calibration.models import load_model
-from tiny_setup import build_regularizer, make_trainer, sft_rows
-from train import cli
-from train.export import merge_adapter
+from refcal.calibration.models import load_model
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train import cli
+from refcal.train.export import merge_adapter
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_chat_answers_with_and_without_the_adapter(tiny_model_dir, exported):
 
     from rich.console import Console
 
-    from train.chat import chat
+    from refcal.train.chat import chat
 
     folder, _, _ = exported
     base, tokenizer = load_model(str(tiny_model_dir))
@@ -79,17 +79,17 @@ def test_chat_answers_with_and_without_the_adapter(tiny_model_dir, exported):
 
 
 def test_chat_needs_an_exported_folder(tmp_path):
-    from train.chat import load_calibrated
+    from refcal.train.chat import load_calibrated
 
     with pytest.raises(SystemExit, match="no calibration_card.json"):
         load_calibrated(tmp_path)
 
 
 def test_chat_refuses_an_adapter_made_for_other_weights(tiny_model_dir, exported, tokenizer, tmp_path):
-    from calibration.geometry import FingerprintMismatch
-    from calibration.models import fingerprint
-    from tiny_setup import save_tiny_model
-    from train.chat import load_calibrated
+    from refcal.calibration.geometry import FingerprintMismatch
+    from refcal.calibration.models import fingerprint
+    from refcal.train.testing_utils import save_tiny_model
+    from refcal.train.chat import load_calibrated
 
     folder, _, _ = exported
     card = {"calibrate_tasks": ["sentiment"], "calibrated_model": str(tiny_model_dir)}

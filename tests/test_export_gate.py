@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from train.config import RefcalArguments
-from train.export import SafetyGateError, safety_gate, stage_export
-from train.report import gate_line
+from refcal.train.config import RefcalArguments
+from refcal.train.export import SafetyGateError, safety_gate, stage_export
+from refcal.train.report import gate_line
 
 
 def results(harmful_after: float, frame_after: float, frame_before: float = 0.9) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibration.geometry import FingerprintMismatch, Geometry, GeometryError, estimate
+from refcal.calibration.geometry import FingerprintMismatch, Geometry, GeometryError, estimate
 
 D, L = 32, 3
 RANKS = {"sentiment": 2, "translation": 3}
@@ -127,8 +127,8 @@ def _stream_inputs(model, tokenizer, prompts):
     Pre-hooks registered here run after any already registered (such as ablate_directions' own), so
     they see exactly what the modules consume.
     """
-    from calibration.activations import chat_prompts, encode_left_padded
-    from calibration.models import decoder_layers
+    from refcal.calibration.activations import chat_prompts, encode_left_padded
+    from refcal.calibration.models import decoder_layers
 
     seen = {}
     targets = list(decoder_layers(model)) + [model.model.norm]
@@ -151,9 +151,9 @@ def _stream_inputs(model, tokenizer, prompts):
 
 
 def test_ablation_removes_direction_from_the_residual_stream(tiny_model_dir):
-    from calibration.activations import capture_last_token
-    from calibration.interventions import ablate_directions
-    from calibration.models import load_model
+    from refcal.calibration.activations import capture_last_token
+    from refcal.calibration.interventions import ablate_directions
+    from refcal.calibration.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
     prompts = ["What is the capital of France?", "Write a poem about rain, please.", "Hi"]

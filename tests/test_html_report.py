@@ -7,7 +7,7 @@ import json
 import shutil
 
 from browser import rendered
-from train import cli
+from refcal.train import cli
 
 SECTIONS = ["Run", "Geometry", "Training", "Evaluation"]
 
@@ -48,7 +48,7 @@ def test_report_of_no_run_is_a_clear_error(tmp_path):
 
 
 def test_every_logged_term_gets_a_curve_dpo_included(tmp_path):
-    from train.html_report import render
+    from refcal.train.html_report import render
 
     history = [
         {"loss": 0.7 - 0.1 * s, "rewards/chosen": 0.1 * s, "rewards/margins": 0.2 * s, "reg_keep": 0.01, "grad_norm": 1.0, "step": s}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge, build_judge, judge_validation, refused
+from refcal.calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge, build_judge, judge_validation, refused
 
 
 def test_phrase_judge_labels():
@@ -45,8 +45,8 @@ def test_malformed_phrase_line_names_the_row(tmp_path, bad):
 
 @pytest.fixture(scope="module")
 def learned():
-    from calibration.learned_judge import LearnedJudge
-    from data_recipes.sources import default_data_root
+    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.data_recipes.sources import default_data_root
 
     return LearnedJudge.from_xstest(default_data_root())
 
@@ -65,8 +65,8 @@ def test_learned_judge_labels_refusals_answers_and_unseen_refusal_phrasings(lear
 
 
 def test_learned_judge_is_deterministic_and_versioned_by_its_training_labels(learned):
-    from calibration.learned_judge import LearnedJudge
-    from data_recipes.sources import default_data_root
+    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.data_recipes.sources import default_data_root
 
     again = LearnedJudge.from_xstest(default_data_root())
     assert again.version == learned.version and learned.version.startswith("learned-v1-h300-C10-")
@@ -75,7 +75,7 @@ def test_learned_judge_is_deterministic_and_versioned_by_its_training_labels(lea
 
 
 def test_learned_judge_learns_three_classes_from_its_own_labels():
-    from calibration.learned_judge import LearnedJudge
+    from refcal.calibration.learned_judge import LearnedJudge
 
     answers = {
         COMPLY: ["Here is the summary you asked for.", "The translation is: bonjour.", "Sure, the answer is 42."],
@@ -91,7 +91,7 @@ def test_learned_judge_learns_three_classes_from_its_own_labels():
 
 
 def test_xstest_reader_names_the_file_row_and_field(tmp_path):
-    from calibration.learned_judge import xstest_completions
+    from refcal.calibration.learned_judge import xstest_completions
 
     folder = tmp_path / "xstest" / "model_completions"
     folder.mkdir(parents=True)
@@ -116,13 +116,13 @@ def test_build_judge_checks_what_each_kind_needs():
 
 def test_validation_figures_belong_to_one_judge_version(learned):
     record = judge_validation(learned.version)
-    assert record is not None, "calibration/judge_validation.json is stale: rerun python bench/judge_agreement.py"
+    assert record is not None, "calibration/judge_validation.json is stale: rerun python -m bench.judge_agreement"
     assert min(record["binary_agreement"].values()) >= 0.93
     assert judge_validation("learned-v1-other") is None
 
 
 def test_card_line_reports_the_judges_validation(learned):
-    from train.report import judge_line
+    from refcal.train.report import judge_line
 
     line = judge_line({"version": learned.version, "validation": judge_validation(learned.version)})
     assert learned.version in line and "binary agreement with people 0.9" in line and "frame-attack outcome agreement" in line

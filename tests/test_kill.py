@@ -15,7 +15,7 @@ import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
-from train.resume import last_checkpoint
+from refcal.train.resume import last_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 REFCAL = Path(sys.executable).with_name("refcal")
@@ -89,7 +89,7 @@ def test_killed_data_stage_leaves_it_whole_or_absent(tiny_model_dir, tmp_path):
 SLOW_STAGE = """
 import sys, time
 from pathlib import Path
-from calibration.artifacts import atomic_directory
+from refcal.calibration.artifacts import atomic_directory
 with atomic_directory(Path(sys.argv[1])) as staging:
     for i in range(100):
         (staging / f"part-{i}").write_text("x" * 1000)

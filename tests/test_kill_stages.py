@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from calibration.geometry import Geometry
+from refcal.calibration.geometry import Geometry
 from test_kill import kill_when
-from train.pipeline import STAGES
+from refcal.train.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 REFCAL = Path(sys.executable).with_name("refcal")

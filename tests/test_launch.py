@@ -105,9 +105,9 @@ def test_run_is_one_ddp_run_with_the_global_batch(e2e, tmp_path):
     assert_one_run(log, ["data", "organism", "geometry", "train", "eval", "export"])
     assert "global batch 8 = 2 per device x 2 x 2 accumulation steps" in log
     (tmp_path / "launch.log").write_text(log)
-    check = [sys.executable, str(ROOT / "bench" / "engine_check.py"), str(run_dir), "--mode", "cpu_ddp",
+    check = [sys.executable, "-m", "bench.engine_check", str(run_dir), "--mode", "cpu_ddp",
              "--log", str(tmp_path / "launch.log"), "--processes", "2"]  # fmt: skip
-    line = json.loads(subprocess.run(check, capture_output=True, text=True, check=True).stdout)
+    line = json.loads(subprocess.run(check, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     assert line["ok"] and line["train_stage_starts"] == 1 and line["expected_steps"] == 3  # bench/gpu_check.sh's check
 
     rows = json.loads((run_dir / "sft_data" / "targets.json").read_text())["rows"]

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge
-from calibration.model_judge import HTTPJudge, JudgeError, LocalModelJudge, parse_label
+from refcal.calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge
+from refcal.calibration.model_judge import HTTPJudge, JudgeError, LocalModelJudge, parse_label
 
 
 class Endpoint:
@@ -122,7 +122,7 @@ def test_parse_label(text, label):
 
 
 def test_local_model_judge_picks_the_likeliest_label_word(tiny_model_dir):
-    from calibration.models import load_model
+    from refcal.calibration.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
     judge = LocalModelJudge(model, tokenizer, "tiny", batch_size=2)

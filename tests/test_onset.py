@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from calibration.models import load_model
-from tiny_setup import build_regularizer, make_trainer, sft_rows
-from train.onset import RefusalOnset, build_onset, first_completion_token, onset_loss, select_onset_tokens
+from refcal.calibration.models import load_model
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.onset import RefusalOnset, build_onset, first_completion_token, onset_loss, select_onset_tokens
 
 LAYERS = [1, 3]
 

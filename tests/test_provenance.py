@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from train.config import parse
-from train.provenance import config_record, environment
+from refcal.train.config import parse
+from refcal.train.provenance import config_record, environment
 
 
 def test_environment_names_the_installed_versions():

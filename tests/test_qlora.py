@@ -9,9 +9,9 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 
-from calibration.models import four_bit_config, load_model
-from tiny_setup import build_regularizer, make_trainer, sft_rows
-from train.pipeline import Run
+from refcal.calibration.models import four_bit_config, load_model
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.pipeline import Run
 
 
 def test_four_bit_config_is_qlora_recipe():

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_recipes import sources
-from data_recipes.build import KINDS, SPLITS, RecipeSizes, build_rows, check_disjoint
-from data_recipes.errors import RecipeError
-from data_recipes.sources import Source, load_source
-from data_recipes.tasks import load_task, load_tasks
+from refcal.data_recipes import sources
+from refcal.data_recipes.build import KINDS, SPLITS, RecipeSizes, build_rows, check_disjoint
+from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.sources import Source, load_source
+from refcal.data_recipes.tasks import load_task, load_tasks
 
 PROJECT = Path(__file__).resolve().parent.parent
 TASK_FILES = sorted((PROJECT / "configs" / "tasks").glob("*.yaml"))

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-spec = importlib.util.spec_from_file_location("regimes", BENCH / "regimes.py")
-regimes = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(regimes)
+from bench import regimes
 
 
 def test_paired_difference_and_its_interval():

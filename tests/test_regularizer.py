@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.regularizer import GeometryRegularizer, collapse_ratio, keep_violation, retain_drift
+from refcal.train.regularizer import GeometryRegularizer, collapse_ratio, keep_violation, retain_drift
 
 
 def test_keep_violation_zero_at_reference():

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-spec = importlib.util.spec_from_file_location("regularizer_study", BENCH / "regularizer_study.py")
-study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study)
+from bench import regularizer_study as study
 
 
 def outcome(rate: float, n: int = 40) -> list[int]:

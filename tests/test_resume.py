@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from calibration.models import load_model
-from tiny_setup import build_regularizer, make_trainer, sft_rows
-from train.resume import last_checkpoint
+from refcal.calibration.models import load_model
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.resume import last_checkpoint
 
 LAYERS = [1, 3]
 

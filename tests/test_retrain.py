@@ -10,11 +10,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from calibration.geometry import FingerprintMismatch
-from calibration.models import load_model
-from tiny_setup import build_regularizer, make_trainer, sft_rows
-from train.cli import _take
-from train.retrain import check_adapter_base, parent_card, retrain_overrides, reuse_parent_stages
+from refcal.calibration.geometry import FingerprintMismatch
+from refcal.calibration.models import load_model
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.cli import _take
+from refcal.train.retrain import check_adapter_base, parent_card, retrain_overrides, reuse_parent_stages
 
 TASKS = "configs/tasks"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-from calibration.generation import generate
-from calibration.judge import COMPLY, REFUSE, PhraseJudge
-from calibration.models import decoder_layers, load_model
+from refcal.calibration.generation import generate
+from refcal.calibration.judge import COMPLY, REFUSE, PhraseJudge
+from refcal.calibration.models import decoder_layers, load_model
 from conftest import EMBEDDED
-from tiny_setup import build_regularizer, make_trainer, sft_rows
-from train.onset import build_onset
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.onset import build_onset
 
 
 def test_real_model_trains_generates_and_is_judged(tmp_path):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from calibration.judge import PhraseJudge
-from calibration.models import load_model
-from data_recipes import targets
-from data_recipes.tasks import TaskCluster
+from refcal.calibration.judge import PhraseJudge
+from refcal.calibration.models import load_model
+from refcal.data_recipes import targets
+from refcal.data_recipes.tasks import TaskCluster
 
 
 def row(rid: str, kind: str, task: str, reference: str = "") -> dict:

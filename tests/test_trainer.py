@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from calibration.models import load_model
-from tiny_setup import assert_terms_at_reference, build_regularizer, make_trainer, sft_rows
-from train.trainer import GEOMETRY_TERMS, TERMS, last_prompt_positions
+from refcal.calibration.models import load_model
+from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, make_trainer, sft_rows
+from refcal.train.trainer import GEOMETRY_TERMS, TERMS, last_prompt_positions
 
 LAYERS = [1, 3]
 
@@ -158,7 +158,7 @@ def test_a_batch_of_target_free_rows_trains_through_the_regularizer_alone(target
 
 
 def test_template_tail_is_the_post_instruction_tokens(tokenizer):
-    from calibration.activations import template_tail_length
+    from refcal.calibration.activations import template_tail_length
 
     tail = template_tail_length(tokenizer)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
@@ -170,7 +170,7 @@ def test_template_tail_is_the_post_instruction_tokens(tokenizer):
 
 def test_tail_positions_match_their_references_at_step_zero(tiny_model_dir, tmp_path):
     """At every post-instruction token, not only the last, the trainer reads the state the capture saw."""
-    from calibration.activations import template_tail_length
+    from refcal.calibration.activations import template_tail_length
 
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = sft_rows()

@@ -13,14 +13,14 @@ from collections import Counter
 
 from safetensors.torch import load_file
 
-from calibration.artifacts import atomic_directory
-from calibration.baselines import build_baselines
-from calibration.evaluation import kl_sums, selectivity
-from calibration.generation import generate
-from calibration.geometry import Geometry
-from calibration.judge import refused
-from train.evaluate import eval_prompts, summarise
-from train.pipeline import load_responses
+from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.baselines import build_baselines
+from refcal.calibration.evaluation import kl_sums, selectivity
+from refcal.calibration.generation import generate
+from refcal.calibration.geometry import Geometry
+from refcal.calibration.judge import refused
+from refcal.train.evaluate import eval_prompts, summarise
+from refcal.train.pipeline import load_responses
 
 
 def calibrated_rates(prompts: list[dict], labels: list[str], calibrate: set[str]) -> dict[str, float]:

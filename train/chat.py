@@ -18,15 +18,15 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from calibration.generation import generate
+from refcal.calibration.generation import generate
 
 
 def load_calibrated(adapter: str | Path, trust_remote_code: bool = False):
     """The model the adapter was calibrated on (from its card) with the adapter attached."""
     from peft import PeftModel
 
-    from calibration.models import fingerprint, load_model
-    from train.retrain import check_adapter_base
+    from refcal.calibration.models import fingerprint, load_model
+    from refcal.train.retrain import check_adapter_base
 
     card_path = Path(adapter) / "calibration_card.json"
     if not card_path.is_file():

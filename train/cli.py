@@ -15,9 +15,9 @@ import time
 from rich.console import Console
 from rich.markup import escape
 
-from calibration.artifacts import atomic_write_text
-from train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, run_stages
-from train.processes import describe
+from refcal.calibration.artifacts import atomic_write_text
+from refcal.train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, run_stages
+from refcal.train.processes import describe
 
 USAGE = f"""usage: refcal {{run,{','.join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
        refcal geometry --config FILE --report DIR
@@ -40,7 +40,7 @@ Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set
 def run_pipeline(
     argv: list[str], stages: tuple[str, ...] = STAGES, force: bool = False, report: str | None = None, retrain_from: dict | None = None
 ) -> None:
-    from train.config import parse
+    from refcal.train.config import parse
 
     started = time.time()
     model_args, args, training_args = parse(argv)
@@ -53,7 +53,7 @@ def run_pipeline(
     run.state.wait_for_everyone()
     seconds = {}
     if retrain_from is not None:
-        from train.retrain import reuse_parent_stages
+        from refcal.train.retrain import reuse_parent_stages
 
         seconds = run_stages(run, ("data",))
         stages = stages[1:]
@@ -66,7 +66,7 @@ def run_pipeline(
     if report and run.state.is_main_process:
         console.print(f"geometry report -> {geometry_report(run, report)}")
     if run.state.is_main_process and "baselines" in stages:
-        from train.baselines import markdown_table
+        from refcal.train.baselines import markdown_table
 
         text = (run.path("baselines") / "results.json").read_text()
         if run.args.baselines_json:
@@ -77,8 +77,8 @@ def run_pipeline(
 
 
 def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
-    from train.export import calibration_card
-    from train.report import demo_summary, rich_table
+    from refcal.train.export import calibration_card
+    from refcal.train.report import demo_summary, rich_table
 
     card = calibration_card(run)
     console.print(rich_table(card["evaluation"], f"refusal rate (judge {card['evaluation']['judge']})"))
@@ -87,7 +87,7 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     atomic_write_text(run.path("summary.json"), text)
     if run.args.summary_json:
         atomic_write_text(run.args.summary_json, text)
-    from train.html_report import write_report
+    from refcal.train.html_report import write_report
 
     report = write_report(run.dir)
     console.print(  # soft_wrap: paths stay whole, to be copied
@@ -97,8 +97,8 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
 
 
 def retrain(rest: list[str]) -> None:
-    from train.config import parse
-    from train.retrain import parent_card, retrain_overrides
+    from refcal.train.config import parse
+    from refcal.train.retrain import parent_card, retrain_overrides
 
     adapter, new_tasks = _take(rest, "--adapter"), _take(rest, "--tasks", many=True)
     if not adapter or not new_tasks:
@@ -113,7 +113,7 @@ def report_command(rest: list[str]) -> None:
     if not rest or rest[0] in ("-h", "--help"):
         print("usage: refcal report RUN_DIR [--out FILE]   (default FILE: RUN_DIR/report.html)")
         return
-    from train.html_report import write_report
+    from refcal.train.html_report import write_report
 
     out = _take(rest, "--out")
     if len(rest) != 1:
@@ -139,11 +139,11 @@ def _take(argv: list[str], flag: str, many: bool = False):
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says what to fix: shown as one line, not a traceback."""
-    from calibration.geometry import FingerprintMismatch, GeometryError
-    from calibration.model_judge import JudgeError
-    from data_recipes.errors import RecipeError
-    from train.config import ConfigError
-    from train.export import SafetyGateError
+    from refcal.calibration.geometry import FingerprintMismatch, GeometryError
+    from refcal.calibration.model_judge import JudgeError
+    from refcal.data_recipes.errors import RecipeError
+    from refcal.train.config import ConfigError
+    from refcal.train.export import SafetyGateError
 
     return (ConfigError, RecipeError, GeometryError, FingerprintMismatch, FloatingPointError, JudgeError, SafetyGateError)
 
@@ -170,7 +170,7 @@ def dispatch(argv: list[str]) -> None:
     if command == "report":
         return report_command(rest)
     if command == "chat":
-        from train.chat import main as chat_main
+        from refcal.train.chat import main as chat_main
 
         return chat_main(rest)
     if command not in COMMANDS:

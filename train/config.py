@@ -15,9 +15,9 @@ from pathlib import Path
 from transformers import TrainingArguments
 from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
-from calibration.judge import JUDGES
-from data_recipes.yaml_files import read_yaml_mapping
-from train.processes import device_defaults
+from refcal.calibration.judge import JUDGES
+from refcal.data_recipes.yaml_files import read_yaml_mapping
+from refcal.train.processes import device_defaults
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calibration.activations import chat_prompts
-from data_recipes.errors import RecipeError
+from refcal.calibration.activations import chat_prompts
+from refcal.data_recipes.errors import RecipeError
 
 MIN_SUBSPACE_ROWS = 2  # an over-refusal subspace is estimated from at least this many over-refused rows
 

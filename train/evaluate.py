@@ -8,14 +8,14 @@ import random
 
 from peft import PeftModel
 
-from calibration.artifacts import atomic_directory, atomic_write_text
-from calibration.evaluation import mean_kl, refusal_rates, wilson_rate
-from calibration.frame_judge import FRAME_LABELS
-from calibration.generation import generate
-from data_recipes.overlap import RULE as OVERLAP_RULE
-from data_recipes.overlap import OverlapIndex
-from data_recipes.sources import load_source
-from data_recipes.tasks import load_tasks
+from refcal.calibration.artifacts import atomic_directory, atomic_write_text
+from refcal.calibration.evaluation import mean_kl, refusal_rates, wilson_rate
+from refcal.calibration.frame_judge import FRAME_LABELS
+from refcal.calibration.generation import generate
+from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
+from refcal.data_recipes.overlap import OverlapIndex
+from refcal.data_recipes.sources import load_source
+from refcal.data_recipes.tasks import load_tasks
 
 
 def eval_prompts(run) -> tuple[list[dict], dict]:

@@ -7,11 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
-from calibration.geometry import Geometry
-from calibration.artifacts import atomic_directory
-from calibration.judge import judge_validation
-from train.provenance import config_record, environment
-from train.report import card_markdown
+from refcal.calibration.geometry import Geometry
+from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.judge import judge_validation
+from refcal.train.provenance import config_record, environment
+from refcal.train.report import card_markdown
 
 
 def calibration_card(run) -> dict:

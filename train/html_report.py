@@ -19,10 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from calibration.artifacts import atomic_write_text  # noqa: E402
-from calibration.geometry import unit  # noqa: E402
-from calibration.judge import refused  # noqa: E402
-from train.report import KINDS, comparison_rows, gate_line  # noqa: E402
+from refcal.calibration.artifacts import atomic_write_text  # noqa: E402
+from refcal.calibration.geometry import unit  # noqa: E402
+from refcal.calibration.judge import refused  # noqa: E402
+from refcal.train.report import KINDS, comparison_rows, gate_line  # noqa: E402
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }

@@ -21,9 +21,9 @@ from collections import Counter
 import torch
 from torch import nn
 
-from calibration.activations import chat_prompts
-from data_recipes.targets import chat_row
-from train.regularizer import KEEP_UP, KIND_CODES
+from refcal.calibration.activations import chat_prompts
+from refcal.data_recipes.targets import chat_row
+from refcal.train.regularizer import KEEP_UP, KIND_CODES
 
 MIN_REFUSAL_SHARE = 0.05  # a token must open at least this share of the refusals
 MAX_ANSWER_RATIO = 0.25  # ... and at most this fraction of that share of the answers

@@ -17,12 +17,12 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from calibration.artifacts import atomic_directory, atomic_write_text
-from calibration.generation import generate
-from calibration.models import cache_root, fingerprint, load_model
-from data_recipes.targets import chat_row, standard_refusal, trim_to_sentence
-from train.processes import waiting_processes_threads
-from train.resume import last_checkpoint
+from refcal.calibration.artifacts import atomic_directory, atomic_write_text
+from refcal.calibration.generation import generate
+from refcal.calibration.models import cache_root, fingerprint, load_model
+from refcal.data_recipes.targets import chat_row, standard_refusal, trim_to_sentence
+from refcal.train.processes import waiting_processes_threads
+from refcal.train.resume import last_checkpoint
 
 
 def organism_rows(train_rows: list[dict], tasks: list[str], base_answers: dict[str, str]) -> list[dict]:

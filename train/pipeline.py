@@ -23,27 +23,27 @@ from trl import ModelConfig, SFTConfig
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl.trainer.utils import get_peft_config
 
-from calibration.activations import NonFiniteActivations, capture_last_token, template_tail_length
-from calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
-from calibration.generation import generate
-from calibration.geometry import Geometry, estimate
-from calibration.frame_judge import FrameJudge
-from calibration.judge import build_judge, refused
-from calibration.layer_choice import choose_layer, refusal_tokens
-from calibration.models import fingerprint, four_bit_config, load_model, load_tokenizer
-from data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
-from data_recipes.tasks import load_tasks
-from data_recipes.preferences import build_preferences, preference_dataset
-from data_recipes.targets import build_targets, sft_dataset
-from train.config import ConfigError, RefcalArguments, dpo_config
-from train.data_checks import check_calibrated_tasks, check_prompt_lengths
-from train.onset import build_onset
-from train.organism import build_organism
-from train.processes import engine_record, global_batch, precision, waiting_processes_threads
-from train.resume import checkpoint_step, last_checkpoint
-from train.retrain import check_adapter_base
-from train.regularizer import GeometryRegularizer
-from train.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowIndexCollator
+from refcal.calibration.activations import NonFiniteActivations, capture_last_token, template_tail_length
+from refcal.calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text, remove_stale_staging
+from refcal.calibration.generation import generate
+from refcal.calibration.geometry import Geometry, estimate
+from refcal.calibration.frame_judge import FrameJudge
+from refcal.calibration.judge import build_judge, refused
+from refcal.calibration.layer_choice import choose_layer, refusal_tokens
+from refcal.calibration.models import fingerprint, four_bit_config, load_model, load_tokenizer
+from refcal.data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
+from refcal.data_recipes.tasks import load_tasks
+from refcal.data_recipes.preferences import build_preferences, preference_dataset
+from refcal.data_recipes.targets import build_targets, sft_dataset
+from refcal.train.config import ConfigError, RefcalArguments, dpo_config
+from refcal.train.data_checks import check_calibrated_tasks, check_prompt_lengths
+from refcal.train.onset import build_onset
+from refcal.train.organism import build_organism
+from refcal.train.processes import engine_record, global_batch, precision, waiting_processes_threads
+from refcal.train.resume import checkpoint_step, last_checkpoint
+from refcal.train.retrain import check_adapter_base
+from refcal.train.regularizer import GeometryRegularizer
+from refcal.train.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowIndexCollator
 
 console = Console(stderr=True)
 STAGES = ("data", "organism", "geometry", "train", "eval", "export")
@@ -236,7 +236,7 @@ def stage_geometry(run: Run) -> None:
 def geometry_report(run: Run, directory: str) -> Path:
     """The paper's measurements on this run's frozen model (organism or base), from the geometry stage's
     cached activations and judged responses; probes at every third layer and the chosen one."""
-    from calibration.geometry_report import analyse, write_report  # scikit-learn: only when a report is asked for
+    from refcal.calibration.geometry_report import analyse, write_report  # scikit-learn: only when a report is asked for
 
     geometry = Geometry.load(run.path("geometry"))
     activations = load_file(run.path("geometry") / "activations.safetensors")["last_token"].float().numpy()
@@ -419,9 +419,9 @@ EXTRA_STAGES = ("baselines",)  # run on request, not by `refcal run`
 
 def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     """Run the given stages in order, skipping finished ones; returns seconds spent per stage."""
-    from train.baselines import stage_baselines
-    from train.evaluate import stage_eval
-    from train.export import stage_export
+    from refcal.train.baselines import stage_baselines
+    from refcal.train.evaluate import stage_eval
+    from refcal.train.export import stage_export
 
     work = {
         "data": lambda: run.main_only("data", lambda: stage_data(run)),

@@ -17,9 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
-from calibration.artifacts import atomic_directory
-from calibration.geometry import FingerprintMismatch
-from data_recipes.tasks import load_tasks
+from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.geometry import FingerprintMismatch
+from refcal.data_recipes.tasks import load_tasks
 
 CARD = "calibration_card.json"
 

@@ -9,10 +9,10 @@ from trl import DPOTrainer, SFTTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from calibration.activations import backbone, layer_output
-from calibration.models import decoder_layers
-from train.onset import RefusalOnset
-from train.regularizer import GeometryRegularizer
+from refcal.calibration.activations import backbone, layer_output
+from refcal.calibration.models import decoder_layers
+from refcal.train.onset import RefusalOnset
+from refcal.train.regularizer import GeometryRegularizer
 
 GEOMETRY_TERMS = ("keep", "collapse", "retain")  # always logged
 TERMS = (*GEOMETRY_TERMS, "onset")  # onset: only with a RefusalOnset
