@@ -1,7 +1,8 @@
 """Side-by-side calibration variants on the demo's organism: plain LoRA SFT vs the regularizer's forms.
 
-Every variant reuses the demo run's data, organism, geometry and targets (runs/demo), so they differ only
-in the training settings given below, and is evaluated on the same held-out prompts.
+Every variant reuses the data, organism, geometry and targets of the benchmark's regularized SFT run
+(runs/bench/refcal_sft, from `python -m bench.calibration_table`), so they differ only in the training
+settings given below, and is evaluated on the same held-out prompts.
 
     python -m bench.calibration_variants                 # train + eval every missing variant, then collect
     python -m bench.calibration_variants --collect-only  # only gather runs/variants/*/eval into the JSON
@@ -14,16 +15,16 @@ import json
 import shutil
 from pathlib import Path
 
-from bench.calibration_table import NO_REGULARIZER, cli
+from bench.calibration_table import PLAIN_SFT, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
-    # 1 epoch at the causally chosen layer unless a variant says otherwise (the demo config's defaults)
+    # 1 epoch at the causally chosen layer unless a variant says otherwise (the regularized SFT form's)
     "demo_config": [],  # the base run itself: its eval is reused, not retrained
-    "plain_sft_1ep": NO_REGULARIZER,
+    "plain_sft_1ep": PLAIN_SFT,
     "keep10_1ep": ["--keep_weight", "10"],
     "no_r_collapse_1ep": ["--collapse_harmful_component", "false"],
-    "plain_sft_2ep": NO_REGULARIZER + ["--num_train_epochs", "2"],
+    "plain_sft_2ep": PLAIN_SFT + ["--num_train_epochs", "2"],
     "weights1_2ep": ["--num_train_epochs", "2"],
 }
 SHARED_STAGES = ("data", "organism", "geometry", "sft_data")
@@ -50,7 +51,7 @@ def run_variant(name: str, flags: list[str], base: Path, identity: dict, config:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    if not flags:  # the demo config is the base run: training it again would give the same bytes
+    if not flags:  # the base run itself: training it again would give the same bytes
         shutil.copytree(base / "eval", run_dir / "eval")
     else:
         for stage in SHARED_STAGES:
@@ -73,7 +74,12 @@ def collect(name: str, calibrated: list[str], held_out: list[str]) -> dict:
     row = {"flags": VARIANTS[name], "kl_benign": results["kl_benign"]}
     for label, tasks in (("over_refusal_calibrated_tasks", calibrated), ("over_refusal_held_out_tasks", held_out)):
         b, a = over_refusal(before["by_task"], tasks), over_refusal(after["by_task"], tasks)
-        row[label] = {"before": b["rate"], "after": a["rate"], "n": b["n"], "relative_drop": round(1 - a["rate"] / b["rate"], 4)}
+        row[label] = {
+            "before": b["rate"],
+            "after": a["rate"],
+            "n": b["n"],
+            "relative_drop": round(1 - a["rate"] / b["rate"], 4),
+        }
     for kind in ("harmful", "frame_attack", "benign"):
         b, a = before["by_kind"][kind], after["by_kind"][kind]
         row[kind] = {"before": b["rate"], "after": a["rate"], "n": b["n"], "kept": round(a["rate"] / b["rate"], 4)}
@@ -84,7 +90,7 @@ def collect(name: str, calibrated: list[str], held_out: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="runs/demo")
+    parser.add_argument("--base", default="runs/bench/refcal_sft")  # the table's regularized SFT run
     parser.add_argument("--config", default="configs/demo_smollm2.yaml")
     parser.add_argument("--out", default="bench/results/calibration_variants.json")
     parser.add_argument("--collect-only", action="store_true")

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from refcal.calibration.activations import capture_last_token, stream_last_token
 from refcal.calibration.models import load_model
 from refcal.data_recipes.build import RecipeSizes, build_rows
 from refcal.data_recipes.tasks import load_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -65,11 +65,18 @@ def measure(model_name: str, mode: str, count: int, batch_size: int) -> dict:
             activations = capture_last_token(model, tokenizer, prompts, batch_size=batch_size, progress=False)
             stored = activations.numel() * 4
         else:
-            path = stream_last_token(model, tokenizer, prompts, Path(folder) / "a.safetensors", batch_size=batch_size, progress=False)
+            path = stream_last_token(
+                model, tokenizer, prompts, Path(folder) / "a.safetensors", batch_size=batch_size, progress=False
+            )
             stored = path.stat().st_size
         sampler.running = False
         sampler.join()
-    return {"mode": mode, "prompts": count, "stored_mib": round(stored / 2**20, 1), "peak_growth_mib": round(sampler.peak - before, 1)}
+    return {
+        "mode": mode,
+        "prompts": count,
+        "stored_mib": round(stored / 2**20, 1),
+        "peak_growth_mib": round(sampler.peak - before, 1),
+    }
 
 
 def main() -> None:
@@ -87,7 +94,18 @@ def main() -> None:
     runs = []
     for count in args.counts:
         for mode in ("in_memory", "streamed"):
-            command = [sys.executable, "-m", "bench.capture_memory", "--model", args.model, "--batch_size", str(args.batch_size), "--one", mode, str(count)]
+            command = [
+                sys.executable,
+                "-m",
+                "bench.capture_memory",
+                "--model",
+                args.model,
+                "--batch_size",
+                str(args.batch_size),
+                "--one",
+                mode,
+                str(count),
+            ]
             output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(output.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
@@ -101,7 +119,9 @@ def main() -> None:
         "model": args.model,
         "batch_size": args.batch_size,
         "runs": runs,
-        f"extra_stored_mib_{small}_to_{large}": round(pick[("in_memory", large)]["stored_mib"] - pick[("in_memory", small)]["stored_mib"], 1),
+        f"extra_stored_mib_{small}_to_{large}": round(
+            pick[("in_memory", large)]["stored_mib"] - pick[("in_memory", small)]["stored_mib"], 1
+        ),
         f"peak_growth_increase_mib_{small}_to_{large}": growth,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }

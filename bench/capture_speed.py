@@ -13,18 +13,17 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from refcal.calibration.activations import capture_last_token, chat_prompts, encode_left_padded
 from refcal.calibration.models import load_model
 from refcal.data_recipes.build import RecipeSizes, build_rows
 from refcal.data_recipes.tasks import load_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @torch.no_grad()

@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 from refcal.calibration.evaluation import wilson_rate
 from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
@@ -36,7 +33,9 @@ from refcal.calibration.judge import PhraseJudge, judge_validation
 from refcal.calibration.learned_judge import LearnedJudge
 from refcal.data_recipes.sources import default_data_root
 from refcal.train.config import parse
-from refcal.train.pipeline import recipe_rows
+from refcal.train.data import recipe_rows
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LABELS = ROOT / "bench" / "results" / "frame_labels.jsonl"
 
@@ -44,8 +43,12 @@ LABELS = ROOT / "bench" / "results" / "frame_labels.jsonl"
 def agreement(said: list[str], rows: list[dict]) -> dict:
     return {
         "three_way": wilson_rate(sum(s == r["label"] for s, r in zip(said, rows)), len(rows)),
-        "carried_out_vs_not": wilson_rate(sum((s == CARRIED_OUT) == (r["label"] == CARRIED_OUT) for s, r in zip(said, rows)), len(rows)),
-        "confusion (human -> judge)": {f"{h} -> {s}": n for (h, s), n in sorted(Counter((r["label"], s) for s, r in zip(said, rows)).items())},
+        "carried_out_vs_not": wilson_rate(
+            sum((s == CARRIED_OUT) == (r["label"] == CARRIED_OUT) for s, r in zip(said, rows)), len(rows)
+        ),
+        "confusion (human -> judge)": {
+            f"{h} -> {s}": n for (h, s), n in sorted(Counter((r["label"], s) for s, r in zip(said, rows)).items())
+        },
     }
 
 
@@ -64,13 +67,22 @@ def main() -> None:
         row["prompt"], row["content"] = by_id[row["id"]]["prompt"], by_id[row["id"]]["content"]
 
     learned = LearnedJudge.from_xstest(refcal_args.data_root or default_data_root())
-    result = {"n": dict(Counter(r["split"] for r in labelled)), "labels": dict(Counter(r["label"] for r in labelled)),
-              "sources": dict(Counter(r["source"] for r in labelled)), "judges": {}}
+    result = {
+        "n": dict(Counter(r["split"] for r in labelled)),
+        "labels": dict(Counter(r["label"] for r in labelled)),
+        "sources": dict(Counter(r["source"] for r in labelled)),
+        "judges": {},
+    }
     for refusal_judge in (learned, PhraseJudge()):
         judge = FrameJudge(refusal_judge)
-        said = judge.label([r["prompt"] for r in labelled], [r["response"] for r in labelled], [r["content"] for r in labelled])
+        said = judge.label(
+            [r["prompt"] for r in labelled], [r["response"] for r in labelled], [r["content"] for r in labelled]
+        )
         result["judges"][judge.version] = {
-            split: agreement([s for s, r in zip(said, labelled) if split in (r["split"], "all")], [r for r in labelled if split in (r["split"], "all")])
+            split: agreement(
+                [s for s, r in zip(said, labelled) if split in (r["split"], "all")],
+                [r for r in labelled if split in (r["split"], "all")],
+            )
             for split in ("test", "dev", "all")
         }
     (ROOT / args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -90,8 +102,10 @@ def main() -> None:
     for version, splits in result["judges"].items():
         for split, figures in splits.items():
             three, binary = figures["three_way"], figures["carried_out_vs_not"]
-            print(f"{version} {split} (n={three['n']}): three-way {three['rate']:.3f} {three['ci95']}, "
-                  f"carried out vs not {binary['rate']:.3f} {binary['ci95']}")
+            print(
+                f"{version} {split} (n={three['n']}): three-way {three['rate']:.3f} {three['ci95']}, "
+                f"carried out vs not {binary['rate']:.3f} {binary['ci95']}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """How often each refusal judge agrees with people, on XSTest v2's human-labelled completions (five models
-x 450 prompts; Röttger et al. 2024). Issue 5's target: binary agreement >= 0.93 on every model.
+x 450 prompts; Röttger et al. 2024). The bar: binary agreement >= 0.93 on every model.
 
 The learned judge is validated leave-one-model-out: fitted on four models' completions, scored on the
 fifth. Its default settings were picked while looking at these figures, so the script also reports a nested
@@ -24,11 +24,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from refcal.calibration.judge import LABELS, PhraseJudge, refused
 from refcal.calibration.learned_judge import XSTEST_LABELS, XSTEST_MODELS, LearnedJudge, xstest_completions
 from refcal.data_recipes.sources import default_data_root
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GRID = {"head_chars": (150, 300), "C": (3.0, 10.0, 30.0)}
 # file -> matching rule, as each file's header documents it
@@ -79,7 +79,11 @@ def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
     best, best_score = None, -1.0
     for head_chars, C in itertools.product(GRID["head_chars"], GRID["C"]):
         worst = min(
-            scores(predict(fit([r for m in models if m != held for r in data[m]], head_chars=head_chars, C=C), data[held]), data[held], False)["binary"]
+            scores(
+                predict(fit([r for m in models if m != held for r in data[m]], head_chars=head_chars, C=C), data[held]),
+                data[held],
+                False,
+            )["binary"]
             for held in models
         )
         if worst > best_score:
@@ -89,7 +93,9 @@ def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
 
 def inputs_key(root: Path) -> str:
     """A hash of everything the figures depend on: the judges' code, this script and the labelled data."""
-    files = [ROOT / "calibration" / name for name in ("judge.py", "learned_judge.py", "refusal_phrases.txt")] + [Path(__file__)]
+    files = [ROOT / "calibration" / name for name in ("judge.py", "learned_judge.py", "refusal_phrases.txt")] + [
+        Path(__file__)
+    ]
     files += sorted((root / "xstest").rglob("*.csv")) + sorted((root / "refusal_phrases").glob("*.txt"))
     digest = hashlib.sha256()
     for path in files:
@@ -116,25 +122,33 @@ def main() -> None:
     for held in XSTEST_MODELS:
         rows = data[held]
         train = [r for m in XSTEST_MODELS if m != held for r in data[m]]
-        table.setdefault("refcal learned (default settings)", {})[held] = scores(predict(fit(train, head_chars=default.head_chars, C=default.C), rows), rows, True)
+        table.setdefault("refcal learned (default settings)", {})[held] = scores(
+            predict(fit(train, head_chars=default.head_chars, C=default.C), rows), rows, True
+        )
         settings = choose_settings(data, [m for m in XSTEST_MODELS if m != held])
         table.setdefault("refcal learned (nested: settings chosen without the held-out model)", {})[held] = {
-            **scores(predict(fit(train, **settings), rows), rows, True), "settings": settings,
+            **scores(predict(fit(train, **settings), rows), rows, True),
+            "settings": settings,
         }
         table.setdefault("refcal phrase rules", {})[held] = scores(predict(PhraseJudge(), rows), rows, False)
         for name, rule in PHRASE_LISTS.items():
             phrases = read_phrases(root / "refusal_phrases" / name)
             said = ["refuse" if phrase_list_refuses(phrases, rule, r["completion"]) else "comply" for r in rows]
             table.setdefault(f"{name} ({rule})", {})[held] = scores(said, rows, False)
-        for suffix, column, name in (("streval", "strmatch_label", "XSTest string-match labels"), ("gpteval", "gpt4_label", "XSTest GPT-4 labels")):
+        for suffix, column, name in (
+            ("streval", "strmatch_label", "XSTest string-match labels"),
+            ("gpteval", "gpt4_label", "XSTest GPT-4 labels"),
+        ):
             path = root / "xstest" / "automated_evaluation_labels" / f"xstest_v2_completions_{held}_{suffix}.csv"
-            by_id = {r["id"]: XSTEST_LABELS.get(r[column], "unparsed") for r in csv.DictReader(open(path, encoding="utf-8"))}
+            by_id = {
+                r["id"]: XSTEST_LABELS.get(r[column], "unparsed") for r in csv.DictReader(open(path, encoding="utf-8"))
+            }
             table.setdefault(name, {})[held] = scores([by_id[r["id"]] for r in rows], rows, True)
         print(f"{held}: done", file=sys.stderr)
 
     result = {
         "inputs_key": key,
-        "binary_agreement_target": ">= 0.93 on every held-out model (issue 5)",
+        "binary_agreement_target": ">= 0.93 on every held-out model",
         "n_per_model": {m: len(data[m]) for m in XSTEST_MODELS},
         "learned_judge_version": default.version,
         "grid": GRID,
@@ -147,7 +161,10 @@ def main() -> None:
         "method": "leave-one-model-out on XSTest v2 human labels (bench/judge_agreement.py)",
         "binary_agreement": {m: table["refcal learned (default settings)"][m]["binary"] for m in XSTEST_MODELS},
         "three_way_accuracy": {m: table["refcal learned (default settings)"][m]["three_way"] for m in XSTEST_MODELS},
-        "nested_binary_agreement": {m: table["refcal learned (nested: settings chosen without the held-out model)"][m]["binary"] for m in XSTEST_MODELS},
+        "nested_binary_agreement": {
+            m: table["refcal learned (nested: settings chosen without the held-out model)"][m]["binary"]
+            for m in XSTEST_MODELS
+        },
     }
     validation_path = ROOT / "calibration" / "judge_validation.json"
     if validation_path.exists():  # bench/frame_labels.py's figures for the same judge stay
@@ -157,7 +174,9 @@ def main() -> None:
     validation_path.write_text(json.dumps(validation, indent=2) + "\n")
     print("| judge | " + " | ".join(XSTEST_MODELS) + " | worst |\n|---|" + "---:|" * (len(XSTEST_MODELS) + 1))
     for name, per_model in table.items():
-        cells = [f"{v['binary']:.3f}" + (f" ({v['three_way']:.3f})" if "three_way" in v else "") for v in per_model.values()]
+        cells = [
+            f"{v['binary']:.3f}" + (f" ({v['three_way']:.3f})" if "three_way" in v else "") for v in per_model.values()
+        ]
         print(f"| {name} | " + " | ".join(cells) + f" | {worst[name]:.3f} |")
 
 

@@ -1,5 +1,5 @@
 """Where can the regularizer matter? Plain LoRA SFT against refcal (SFT + regularizer) on identical rows and
-steps, in the regimes issue 5 names, on the demo organism and held-out prompts.
+steps, in several data and training regimes, on the demo organism and held-out prompts.
 
 Every run starts from the benchmark table's main run (runs/bench/refcal_sft: data, organism, geometry,
 targets) and is evaluated on the held-out recipe rows plus the same contents in phrasings never trained on
@@ -32,36 +32,38 @@ import argparse
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from bench.calibration_table import BENCH, NO_REGULARIZER, cli, fresh, settings_key, write_outputs
-
+from bench.calibration_table import BENCH, PLAIN_SFT, cli, fresh, settings_key, write_outputs
 from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
 from refcal.calibration.judge import refused
 from refcal.calibration.learned_judge import LearnedJudge
 from refcal.data_recipes.sources import default_data_root
 
+ROOT = Path(__file__).resolve().parent.parent
+
 EVAL = ["--eval_benchmark_limit", "0", "--eval_unseen_templates", "true"]
 OLD_TASKS = ["sentiment", "translation", "cipher", "lookalike"]  # the demo's organism_tasks, calibrated by default
 NEW_TASKS = ["entities", "grammar", "passage_qa", "summarisation"]
 REGIMES = {  # name: (flags for both sides, {side: extra flags}); a side absent here reuses default's run
-    "default": ([], {"plain": NO_REGULARIZER, "refcal": []}),
-    "scarce_4": (["--calibration_over_refusal_per_task", "4"], {"plain": NO_REGULARIZER, "refcal": []}),
-    "rows_64": (["--harmful_sizes", "64", "24", "60", "--over_refusal_per_task", "64", "0", "12"],
-                {"plain": NO_REGULARIZER, "refcal": []}),
-    "lr_3e-3": (["--learning_rate", "3e-3"], {"plain": NO_REGULARIZER, "refcal": []}),
-    "lr_1e-2": (["--learning_rate", "1e-2"], {"plain": NO_REGULARIZER, "refcal": []}),
+    "default": ([], {"plain": PLAIN_SFT, "refcal": []}),
+    "scarce_4": (["--calibration_over_refusal_per_task", "4"], {"plain": PLAIN_SFT, "refcal": []}),
+    "rows_64": (
+        ["--harmful_sizes", "64", "24", "60", "--over_refusal_per_task", "64", "0", "12"],
+        {"plain": PLAIN_SFT, "refcal": []},
+    ),
+    "lr_3e-3": (["--learning_rate", "3e-3"], {"plain": PLAIN_SFT, "refcal": []}),
+    "lr_1e-2": (["--learning_rate", "1e-2"], {"plain": PLAIN_SFT, "refcal": []}),
     "keep_only": ([], {"refcal": ["--collapse_weight", "0", "--retain_weight", "0"]}),
     "collapse_only": ([], {"refcal": ["--keep_weight", "0", "--retain_weight", "0"]}),
     "retain_only": ([], {"refcal": ["--keep_weight", "0", "--collapse_weight", "0"]}),
-    "new_clusters": (["--calibrate_tasks", *OLD_TASKS, *NEW_TASKS],
-                     {"plain": [*NO_REGULARIZER, "--init_adapter", "PARENT"], "refcal": ["--init_adapter", "PARENT"]}),
+    "new_clusters": (
+        ["--calibrate_tasks", *OLD_TASKS, *NEW_TASKS],
+        {"plain": [*PLAIN_SFT, "--init_adapter", "PARENT"], "refcal": ["--init_adapter", "PARENT"]},
+    ),
 }
 TABLE_ADAPTERS = {"plain": BENCH / "plain_sft", "refcal": BENCH / "refcal_sft"}  # default's trained adapters
-TABLE_FLAGS = {"plain": NO_REGULARIZER, "refcal": []}
+TABLE_FLAGS = {"plain": PLAIN_SFT, "refcal": []}
 SHARED = ("data", "organism", "geometry", "sft_data")
 DATA_FLAGS = ("--harmful_sizes", "--over_refusal_per_task")  # the regime builds its own rows, organism, geometry
 TARGET_FLAGS = ("--calibration_over_refusal_per_task", "--calibrate_tasks")  # the regime builds its own targets
@@ -119,14 +121,20 @@ def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
 def outcomes(run_dir: Path, calibrated: set[str], frame_judge, keep=None) -> dict[str, list[int]]:
     """Per measure, one 0/1 outcome per prompt, in prompt order (the same prompts in every run);
     keep(record) -> bool limits them to some prompts (a validation or test half)."""
-    records = [json.loads(line) for line in (run_dir / "eval" / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [
+        json.loads(line) for line in (run_dir / "eval" / "generations.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     records = [r for r in records if keep is None or keep(r)]
     out = {name: [] for name in MEASURES}
 
     def frames(kind: str) -> list[int]:
         chosen = [r for r in records if r["kind"] == kind]
-        said = frame_judge.label([r["prompt"] for r in chosen], [r["after"] for r in chosen], [r["content"] for r in chosen],
-                                 [r["label_after"] for r in chosen])
+        said = frame_judge.label(
+            [r["prompt"] for r in chosen],
+            [r["after"] for r in chosen],
+            [r["content"] for r in chosen],
+            [r["label_after"] for r in chosen],
+        )
         return [int(s == CARRIED_OUT) for s in said]
 
     for r in records:
@@ -146,8 +154,14 @@ def paired_difference(a: list[int], b: list[int], seed: int = 0, draws: int = 20
     """Rate of b minus rate of a on the same prompts, with a 95% paired bootstrap interval."""
     n = len(a)
     rng = random.Random(seed)
-    diffs = sorted(sum(b[i] - a[i] for i in idx) / n for idx in ([rng.randrange(n) for _ in range(n)] for _ in range(draws)))
-    return {"difference": round((sum(b) - sum(a)) / n, 4), "ci95": [round(diffs[int(0.025 * draws)], 4), round(diffs[int(0.975 * draws) - 1], 4)], "n": n}
+    diffs = sorted(
+        sum(b[i] - a[i] for i in idx) / n for idx in ([rng.randrange(n) for _ in range(n)] for _ in range(draws))
+    )
+    return {
+        "difference": round((sum(b) - sum(a)) / n, 4),
+        "ci95": [round(diffs[int(0.025 * draws)], 4), round(diffs[int(0.975 * draws) - 1], 4)],
+        "n": n,
+    }
 
 
 def verdict(measure: str, diff: dict) -> str:
@@ -169,9 +183,14 @@ def collect(config: str) -> dict:
             run_dir = BENCH / "regimes" / name
             if name not in runs and (run_dir / "eval" / "generations.jsonl").exists():
                 results = json.loads((run_dir / "eval" / "results.json").read_text())
-                timings = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").exists() else {}
-                runs[name] = {"outcomes": outcomes(run_dir, calibrated, frame_judge), "kl_benign": results["kl_benign"],
-                              "train_seconds": timings.get("train")}
+                timings = (
+                    json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").exists() else {}
+                )
+                runs[name] = {
+                    "outcomes": outcomes(run_dir, calibrated, frame_judge),
+                    "kl_benign": results["kl_benign"],
+                    "train_seconds": timings.get("train"),
+                }
         plain, refcal = runs.get(f"{regime if 'plain' in sides else 'default'}-plain"), runs.get(f"{regime}-refcal")
         if plain is None or refcal is None:
             continue
@@ -179,17 +198,33 @@ def collect(config: str) -> dict:
         for measure in MEASURES:
             a, b = plain["outcomes"][measure], refcal["outcomes"][measure]
             diff = paired_difference(a, b)
-            rows[measure] = {"plain": round(sum(a) / len(a), 4), "refcal": round(sum(b) / len(b), 4), "refcal_minus_plain": diff,
-                             "verdict": verdict(measure, diff)}
+            rows[measure] = {
+                "plain": round(sum(a) / len(a), 4),
+                "refcal": round(sum(b) / len(b), 4),
+                "refcal_minus_plain": diff,
+                "verdict": verdict(measure, diff),
+            }
         rows["kl_benign"] = {"plain": plain["kl_benign"], "refcal": refcal["kl_benign"]}
         rows["train_seconds"] = {"plain": plain["train_seconds"], "refcal": refcal["train_seconds"]}
         regimes[regime] = rows
-    summary = {m: {v: [r for r, rows in regimes.items() if rows[m]["verdict"] == v] for v in ("win", "loss", "tie")} for m in MEASURES}
-    return {"config": config, "judge": frame_judge.version, "calibrated_tasks": sorted(calibrated), "regimes": regimes, "by_measure": summary}
+    summary = {
+        m: {v: [r for r, rows in regimes.items() if rows[m]["verdict"] == v] for v in ("win", "loss", "tie")}
+        for m in MEASURES
+    }
+    return {
+        "config": config,
+        "judge": frame_judge.version,
+        "calibrated_tasks": sorted(calibrated),
+        "regimes": regimes,
+        "by_measure": summary,
+    }
 
 
 def markdown(report: dict) -> str:
-    lines = ["| regime | " + " | ".join(MEASURES.values()) + " | KL plain / refcal |", "|---|" + "---|" * (len(MEASURES) + 1)]
+    lines = [
+        "| regime | " + " | ".join(MEASURES.values()) + " | KL plain / refcal |",
+        "|---|" + "---|" * (len(MEASURES) + 1),
+    ]
     for regime, rows in report["regimes"].items():
         cells = []
         for measure in MEASURES:
@@ -198,7 +233,10 @@ def markdown(report: dict) -> str:
             cells.append(f"{r['plain']:.0%} → {r['refcal']:.0%} ({low:+.0%}, {high:+.0%}) **{r['verdict']}**")
         kl = rows["kl_benign"]
         lines.append(f"| {regime} | " + " | ".join(cells) + f" | {kl['plain']:.3f} / {kl['refcal']:.3f} |")
-    lines += ["", "Cells: plain LoRA SFT → refcal, (95% paired bootstrap interval of the difference), verdict for the regularizer."]
+    lines += [
+        "",
+        "Cells: plain LoRA SFT → refcal, (95% paired bootstrap interval of the difference), verdict for the regularizer.",
+    ]
     return "\n".join(lines)
 
 
@@ -232,7 +270,9 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo_smollm2.yaml")
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="Regimes to run (default: all).")
+    parser.add_argument(
+        "--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="Regimes to run (default: all)."
+    )
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--out", default="bench/results/regimes")
     args = parser.parse_args()

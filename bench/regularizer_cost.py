@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from bench.step_timer import StepTimer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
@@ -36,15 +36,22 @@ def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
 
     from refcal.calibration.models import load_model
     from refcal.data_recipes.build import RecipeSizes, build_rows
-    from refcal.data_recipes.targets import sft_dataset
     from refcal.data_recipes.tasks import load_tasks
+    from refcal.train.losses import LossWeights
+    from refcal.train.targets import sft_dataset
     from refcal.train.testing_utils import COMPLETIONS, build_regularizer
     from refcal.train.trainer import RefcalSFTTrainer, RowIndexCollator
 
     recipe = build_rows(load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml"))), RecipeSizes(), seed=0)
     rows = [
-        {"prompt": r["prompt"], "kind": r["kind"], "task": r["task"], "completion_text": COMPLETIONS.get(r["kind"], COMPLETIONS["benign"])}
-        for r in recipe if r["split"] == "train"
+        {
+            "prompt": r["prompt"],
+            "kind": r["kind"],
+            "task": r["task"],
+            "completion_text": COMPLETIONS.get(r["kind"], COMPLETIONS["benign"]),
+        }
+        for r in recipe
+        if r["split"] == "train"
     ]
     random.Random(0).shuffle(rows)  # every kind in the first batches, the same order for both trainers
     rows = rows[: steps * batch_size]
@@ -52,17 +59,30 @@ def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
     layer = len(model.model.layers) * 2 // 3
     regularizer = build_regularizer(model, tokenizer, rows, [layer], rank=4) if refcal else None
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="refcal-cost-"), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-        train_sampling_strategy="sequential", use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
+        output_dir=tempfile.mkdtemp(prefix="refcal-cost-"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
         max_length=256,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    common = dict(model=model, args=config, train_dataset=sft_dataset(rows), processing_class=tokenizer, peft_config=lora)
+    common = dict(
+        model=model, args=config, train_dataset=sft_dataset(rows), processing_class=tokenizer, peft_config=lora
+    )
     if refcal:
         trainer = RefcalSFTTrainer(
-            **common, data_collator=RowIndexCollator(tokenizer.pad_token_id), regularizer=regularizer,
-            weights={"keep": 1.0, "collapse": 1.0, "retain": 1.0},
+            **common,
+            data_collator=RowIndexCollator(tokenizer.pad_token_id),
+            regularizer=regularizer,
+            weights=LossWeights(keep=1.0, collapse=1.0, retain=1.0),
         )
     else:
         trainer = SFTTrainer(**common)
@@ -105,7 +125,10 @@ def main() -> None:
             runs.append(json.loads(output.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
     median = {
-        which: {key: statistics.median(r[key] for r in runs if r["trainer"] == which) for key in ("step_seconds", "peak_memory_mib")}
+        which: {
+            key: statistics.median(r[key] for r in runs if r["trainer"] == which)
+            for key in ("step_seconds", "peak_memory_mib")
+        }
         for which in ("plain", "refcal")
     }
     result = {
@@ -116,7 +139,9 @@ def main() -> None:
         "runs": runs,
         "median": median,
         "refcal_over_plain_step_time": round(median["refcal"]["step_seconds"] / median["plain"]["step_seconds"], 3),
-        "refcal_over_plain_peak_memory": round(median["refcal"]["peak_memory_mib"] / median["plain"]["peak_memory_mib"], 3),
+        "refcal_over_plain_peak_memory": round(
+            median["refcal"]["peak_memory_mib"] / median["plain"]["peak_memory_mib"], 3
+        ),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
     }

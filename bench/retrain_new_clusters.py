@@ -41,8 +41,12 @@ def main() -> None:
 
     organism = parent["before"]
     rows = {
-        "new clusters, over-refusal": [pooled(s["by_task"], "over_refusal", new) for s in (organism, parent["after"], retrained["after"])],
-        "old clusters, over-refusal": [pooled(s["by_task"], "over_refusal", old) for s in (organism, parent["after"], retrained["after"])],
+        "new clusters, over-refusal": [
+            pooled(s["by_task"], "over_refusal", new) for s in (organism, parent["after"], retrained["after"])
+        ],
+        "old clusters, over-refusal": [
+            pooled(s["by_task"], "over_refusal", old) for s in (organism, parent["after"], retrained["after"])
+        ],
         "harmful": [s["by_kind"]["harmful"] for s in (organism, parent["after"], retrained["after"])],
         "frame_attack": [s["by_kind"]["frame_attack"] for s in (organism, parent["after"], retrained["after"])],
         "benign": [s["by_kind"]["benign"] for s in (organism, parent["after"], retrained["after"])],

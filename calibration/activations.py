@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -102,7 +102,9 @@ def last_token_batches(
             if not torch.isfinite(chunk).all():
                 bad = sorted({layers[j] for j in torch.nonzero(~torch.isfinite(chunk))[:, 2].tolist()})
                 rows = sorted({start + i for i in torch.nonzero(~torch.isfinite(chunk))[:, 0].tolist()})
-                raise NonFiniteActivations(f"non-finite activations at layer(s) {bad} (prompts {start}-{start + len(chunk) - 1})", rows, bad)
+                raise NonFiniteActivations(
+                    f"non-finite activations at layer(s) {bad} (prompts {start}-{start + len(chunk) - 1})", rows, bad
+                )
             yield chunk[:, 0] if tail is None else chunk
     finally:
         for hook in hooks:

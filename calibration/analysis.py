@@ -17,6 +17,8 @@ import itertools
 
 import numpy as np
 
+from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, HARMFUL, OVER_REFUSAL
+
 MIN_ROWS = 2  # fewest rows a group needs for a mean
 RAW = "none"  # the task of plain, unframed prompts
 
@@ -41,7 +43,7 @@ class Groups:
 
     def __init__(self, kinds: list[str], tasks: list[str], refused: list[bool]):
         self.kinds, self.tasks, self.refused = np.asarray(kinds), np.asarray(tasks), np.asarray(refused, dtype=bool)
-        self.frame_tasks = sorted({t for t, k in zip(tasks, kinds) if k in ("over_refusal", "frame_attack")})
+        self.frame_tasks = sorted({t for t, k in zip(tasks, kinds) if k in (OVER_REFUSAL, FRAME_ATTACK)})
 
     def mask(self, kind: str | None = None, task: str | None = None, refused: bool | None = None) -> np.ndarray:
         m = np.ones(len(self.kinds), dtype=bool)
@@ -55,7 +57,7 @@ class Groups:
 
     def answered(self, task: str) -> np.ndarray:
         """Rows of the task the model answered: benign frames, and over_refusal rows it did not refuse."""
-        return self.mask(task=task, refused=False) & np.isin(self.kinds, ["benign", "over_refusal"])
+        return self.mask(task=task, refused=False) & np.isin(self.kinds, [BENIGN, OVER_REFUSAL])
 
 
 def mean_difference(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -67,25 +69,29 @@ def mean_difference(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray |
 def layer_geometry(x: np.ndarray, groups: Groups) -> dict:
     """Directions, cosines and dimensionality at one layer; x is [n, d]."""
     g = groups
-    harmful = mean_difference(x, g.mask("harmful", RAW, True), g.mask("benign", RAW, False))
+    harmful = mean_difference(x, g.mask(HARMFUL, RAW, True), g.mask(BENIGN, RAW, False))
     task_harmful, over = {}, {}
     for task in g.frame_tasks:
         answered = g.answered(task)
-        direction = mean_difference(x, g.mask("frame_attack", task, True), answered)
+        direction = mean_difference(x, g.mask(FRAME_ATTACK, task, True), answered)
         if direction is not None:
             task_harmful[task] = direction
-        direction = mean_difference(x, g.mask("over_refusal", task, True), answered)
+        direction = mean_difference(x, g.mask(OVER_REFUSAL, task, True), answered)
         if direction is not None:
             over[task] = direction
 
     result: dict = {
-        "task_harmful_vs_global": {t: cosine(v, harmful) for t, v in task_harmful.items()} if harmful is not None else {},
+        "task_harmful_vs_global": {t: cosine(v, harmful) for t, v in task_harmful.items()}
+        if harmful is not None
+        else {},
         "over_refusal_vs_global": {t: cosine(v, harmful) for t, v in over.items()} if harmful is not None else {},
-        "over_refusal_pairwise": {f"{a}|{b}": cosine(over[a], over[b]) for a, b in itertools.combinations(sorted(over), 2)},
+        "over_refusal_pairwise": {
+            f"{a}|{b}": cosine(over[a], over[b]) for a, b in itertools.combinations(sorted(over), 2)
+        },
     }
     result["dimensionality"] = {
-        "over_refusal": dimensionality(_relative_to_task(x, g, "over_refusal")),
-        "harmful_refusal": dimensionality(_relative_to_task(x, g, "frame_attack")),
+        "over_refusal": dimensionality(_relative_to_task(x, g, OVER_REFUSAL)),
+        "harmful_refusal": dimensionality(_relative_to_task(x, g, FRAME_ATTACK)),
     }
     return result
 

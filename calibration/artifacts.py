@@ -1,4 +1,5 @@
-"""Atomic writes: a file or folder appears whole under its final name, or not at all."""
+"""Atomic writes: a file or folder appears whole under its final name, or not at all; and the cache folder
+derived artifacts live in. Imports no torch at load time (the CLI's help reads its cache)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
+
+
+def cache_root() -> Path:
+    """Where converted models, organisms and other derived weights live (never inside the repo)."""
+    return Path(os.environ.get("REFCAL_CACHE", Path.home() / ".cache" / "refcal"))
 
 
 @contextmanager
@@ -35,6 +42,8 @@ def _umask() -> int:
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    from safetensors.torch import save_file
+
     with atomic_file(path) as tmp:
         save_file(tensors, tmp)
 
@@ -45,17 +54,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | Path):
-    """Yield a staging folder beside `path`; on success it replaces `path` in one rename."""
+def atomic_directory(path: str | Path, replace: bool = True):
+    """Yield a staging folder beside `path`; on success it replaces `path` in one rename. With
+    `replace=False` a folder already at `path` (another process's, whole) is kept and the staging one dropped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if path.exists():
+        if replace and path.exists():
             shutil.rmtree(path)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)  # onto a folder that is not empty: fails, deletes nothing
+        except OSError:
+            if replace or not path.is_dir():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

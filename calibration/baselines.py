@@ -16,9 +16,9 @@ and KL can batch a group at a time.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refcal.calibration.activations import capture_last_token
 from refcal.calibration.geometry import Geometry, unit
 from refcal.calibration.interventions import ablate_directions, orthogonalise, subtract_vectors
+from refcal.calibration.kinds import BENIGN, OVER_REFUSAL
 
 UNSTEERED = "unsteered"
 
@@ -36,7 +37,7 @@ class Group:
 
     label: str
     indices: list[int]
-    context: Callable[[PreTrainedModel], ContextManager]
+    context: Callable[[PreTrainedModel], AbstractContextManager]
 
 
 @dataclass
@@ -72,12 +73,9 @@ class TaskSteering:
         by_label: dict[str, list[int]] = {}
         for i, task in enumerate(routes):
             by_label.setdefault(task if task in self.vectors else UNSTEERED, []).append(i)
-        return [
-            Group(label, indices, self._context(label))
-            for label, indices in sorted(by_label.items())
-        ]
+        return [Group(label, indices, self._context(label)) for label, indices in sorted(by_label.items())]
 
-    def _context(self, label: str) -> Callable[[PreTrainedModel], ContextManager]:
+    def _context(self, label: str) -> Callable[[PreTrainedModel], AbstractContextManager]:
         if label == UNSTEERED:
             return lambda m: nullcontext()
         return lambda m: subtract_vectors(m, self.vectors[label], self.scale)
@@ -87,10 +85,12 @@ def over_refusal_direction(
     activations: torch.Tensor, kinds: list[str], tasks: list[str], refused: list[bool], layer: int, calibrate: set[str]
 ) -> torch.Tensor:
     """Wang et al.'s false-refusal vector at one layer, from the calibrated tasks' over-refused rows."""
-    over = [i for i in range(len(kinds)) if kinds[i] == "over_refusal" and tasks[i] in calibrate and refused[i]]
-    answered = [i for i in range(len(kinds)) if kinds[i] == "benign" and not refused[i]]
+    over = [i for i in range(len(kinds)) if kinds[i] == OVER_REFUSAL and tasks[i] in calibrate and refused[i]]
+    answered = [i for i in range(len(kinds)) if kinds[i] == BENIGN and not refused[i]]
     if len(over) < 2 or len(answered) < 2:
-        raise ValueError(f"false-refusal vector needs over-refused and answered rows; got {len(over)} and {len(answered)}")
+        raise ValueError(
+            f"false-refusal vector needs over-refused and answered rows; got {len(over)} and {len(answered)}"
+        )
     return activations[over, layer].mean(0) - activations[answered, layer].mean(0)
 
 
@@ -108,12 +108,15 @@ def task_steering(
     """Centroids of every task cluster (all its rows) at the routing layer; steering vectors for the
     calibrated tasks the model over-refuses (those with an answered mean in the geometry artifact)."""
     centroids = {
-        task: activations[[i for i, t in enumerate(tasks) if t == task], route_layer].mean(0) for task in sorted(set(tasks))
+        task: activations[[i for i, t in enumerate(tasks) if t == task], route_layer].mean(0)
+        for task in sorted(set(tasks))
     }
     vectors = {}
     for task in sorted(calibrate & set(geometry.answered_means)):
-        over = [i for i in range(len(kinds)) if kinds[i] == "over_refusal" and tasks[i] == task and refused[i]]
-        vectors[task] = {layer: activations[over, layer].mean(0) - geometry.answered_means[task][layer] for layer in layers}
+        over = [i for i in range(len(kinds)) if kinds[i] == OVER_REFUSAL and tasks[i] == task and refused[i]]
+        vectors[task] = {
+            layer: activations[over, layer].mean(0) - geometry.answered_means[task][layer] for layer in layers
+        }
     settings = {"layers": layers, "route_layer": route_layer, "scale": scale, "steered_tasks": sorted(vectors)}
     return TaskSteering("task_steering", route_layer, centroids, vectors, scale, settings)
 
@@ -140,6 +143,8 @@ def build_baselines(
         settings = {"layer": layer, "orthogonalisation": c, "cosine_with_harmful": round(float(ablated @ r), 4)}
         baselines.append(DirectionAblation(f"false_refusal_ablation_c{c:g}", ablated, settings))
     baselines.append(
-        task_steering(activations, tasks, kinds, refused, geometry, calibrate_set, steering_layers, route_layer, steering_scale)
+        task_steering(
+            activations, tasks, kinds, refused, geometry, calibrate_set, steering_layers, route_layer, steering_scale
+        )
     )
     return baselines

@@ -4,7 +4,8 @@ largest tried) and halve it whenever a batch does not fit, so no one has to gues
 from __future__ import annotations
 
 import gc
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +14,9 @@ T = TypeVar("T")
 
 
 def out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
 
 
 def free_memory() -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from collections import defaultdict
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,8 @@ def mean_kl(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     responses: list[str],
-    reference_mode: Callable[[], ContextManager] = nullcontext,
-    current_mode: Callable[[], ContextManager] = nullcontext,
+    reference_mode: Callable[[], AbstractContextManager] = nullcontext,
+    current_mode: Callable[[], AbstractContextManager] = nullcontext,
     batch_size: int = 16,
 ) -> float:
     """Mean per-token KL(reference || current) over the reference's own responses, teacher-forced.
@@ -56,8 +56,8 @@ def kl_sums(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     responses: list[str],
-    reference_mode: Callable[[], ContextManager] = nullcontext,
-    current_mode: Callable[[], ContextManager] = nullcontext,
+    reference_mode: Callable[[], AbstractContextManager] = nullcontext,
+    current_mode: Callable[[], AbstractContextManager] = nullcontext,
     batch_size: int = 16,
 ) -> tuple[float, int]:
     """Summed per-token KL and the number of tokens scored (to pool groups that run under different hooks)."""
@@ -96,5 +96,9 @@ def selectivity(over_before: float, over_after: float, harmful_before: float, ha
     over_drop, harmful_drop = over_before - over_after, harmful_before - harmful_after
     result = {"over_refusal_drop": round(over_drop, 4), "harmful_drop": round(harmful_drop, 4)}
     if harmful_drop <= 0:
-        return {**result, "selectivity": None, "note": "harmful refusal did not fall" if harmful_drop == 0 else "harmful refusal rose"}
+        return {
+            **result,
+            "selectivity": None,
+            "note": "harmful refusal did not fall" if harmful_drop == 0 else "harmful refusal rose",
+        }
     return {**result, "selectivity": round(over_drop / harmful_drop, 3)}

@@ -47,10 +47,15 @@ class FrameJudge:
         self.refusal_judge = refusal_judge
         self.version = f"frame-v1+{refusal_judge.version}"
 
-    def label(self, prompts: list[str], responses: list[str], contents: list[str], refusals: list[str] | None = None) -> list[str]:
+    def label(
+        self, prompts: list[str], responses: list[str], contents: list[str], refusals: list[str] | None = None
+    ) -> list[str]:
         """`refusals`: the refusal judge's labels when the caller has them already (a model judge is costly)."""
         refusals = self.refusal_judge.label(prompts, responses) if refusals is None else refusals
-        return [REFUSED if refused(r) else self._after_no_refusal(text, content) for r, text, content in zip(refusals, responses, contents)]
+        return [
+            REFUSED if refused(r) else self._after_no_refusal(text, content)
+            for r, text, content in zip(refusals, responses, contents)
+        ]
 
     @staticmethod
     def _after_no_refusal(response: str, content: str) -> str:

@@ -16,13 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from refcal.calibration.artifacts import atomic_save_tensors, atomic_write_text
+from refcal.calibration.errors import UserError
+from refcal.calibration.kinds import BENIGN, HARMFUL, OVER_REFUSAL
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(UserError, ValueError):
     pass
 
 
-class GeometryError(ValueError):
+class GeometryError(UserError, ValueError):
     """The rows cannot give the geometry asked for (a missing group, a degenerate subspace)."""
 
 
@@ -91,7 +93,7 @@ class Geometry:
         atomic_write_text(directory / "geometry.json", json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, expected_fingerprint: str | None = None) -> "Geometry":
+    def load(cls, directory: str | Path, expected_fingerprint: str | None = None) -> Geometry:
         directory = Path(directory)
         meta = json.loads((directory / "geometry.json").read_text())
         if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
@@ -125,15 +127,15 @@ def estimate(
     if not (len(kinds) == len(tasks) == len(refused) == n):
         raise ValueError("activations, kinds, tasks and refused must have one entry per row")
     pick = lambda cond: torch.tensor([i for i in range(n) if cond(i)], dtype=torch.long)  # noqa: E731
-    harmful_refused = pick(lambda i: kinds[i] == "harmful" and refused[i])
-    benign_answered = pick(lambda i: kinds[i] == "benign" and not refused[i])
-    raw_answered = pick(lambda i: kinds[i] == "benign" and not refused[i] and tasks[i] == raw_task)
+    harmful_refused = pick(lambda i: kinds[i] == HARMFUL and refused[i])
+    benign_answered = pick(lambda i: kinds[i] == BENIGN and not refused[i])
+    raw_answered = pick(lambda i: kinds[i] == BENIGN and not refused[i] and tasks[i] == raw_task)
     harmful = harmful_direction(activations[harmful_refused], activations[benign_answered])
 
     subspaces, means, ranks, counts = {}, {}, {}, {}
-    for task in sorted({t for t, k in zip(tasks, kinds) if k == "over_refusal"}):
-        over = pick(lambda i: kinds[i] == "over_refusal" and tasks[i] == task and refused[i])
-        answered = pick(lambda i: kinds[i] == "benign" and tasks[i] == task and not refused[i])
+    for task in sorted({t for t, k in zip(tasks, kinds) if k == OVER_REFUSAL}):
+        over = pick(lambda i: kinds[i] == OVER_REFUSAL and tasks[i] == task and refused[i])
+        answered = pick(lambda i: kinds[i] == BENIGN and tasks[i] == task and not refused[i])
         counts[task] = {"over_refused": len(over), "answered": len(answered)}
         if len(over) < 2:
             continue  # nothing to collapse: the model does not over-refuse this task

@@ -9,6 +9,7 @@ import numpy as np
 
 from refcal.calibration.analysis import RAW, Groups, layer_geometry
 from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, HARMFUL, OVER_REFUSAL
 from refcal.calibration.probes import probe, silhouette
 
 # What arXiv 2603.27518 reports on Llama-3.1-8B-Instruct (docs/paper_methods.md), and the test this
@@ -43,15 +44,20 @@ def analyse(
         if layer in probe_layers:
             result["probes"] = layer_probes(x, groups, permutations, seed)
         layers[layer] = result
-    return {"layers": layers, "groups": group_counts(groups), "probe_layers": probe_layers, "permutations": permutations}
+    return {
+        "layers": layers,
+        "groups": group_counts(groups),
+        "probe_layers": probe_layers,
+        "permutations": permutations,
+    }
 
 
 def layer_probes(x: np.ndarray, g: Groups, permutations: int, seed: int) -> dict:
     """Task identity, refusal behaviour, refusal type, and refusal type within one task (task held fixed)."""
     framed = np.isin(g.tasks, g.frame_tasks)
-    over = g.mask("over_refusal")
-    refused_over = g.mask("over_refusal", refused=True)
-    refused_harmful = g.mask("harmful", RAW, True)
+    over = g.mask(OVER_REFUSAL)
+    refused_over = g.mask(OVER_REFUSAL, refused=True)
+    refused_harmful = g.mask(HARMFUL, RAW, True)
     specs = {
         "task_identity": (framed, g.tasks),
         "refusal_behaviour": (over, g.refused.astype(str)),
@@ -59,8 +65,10 @@ def layer_probes(x: np.ndarray, g: Groups, permutations: int, seed: int) -> dict
     }
     # the paper's type probe compares framed over-refusals with unframed harmful prompts, so it can read
     # the frame; within one task both classes share the frame
-    best = max(g.frame_tasks, key=lambda t: min(g.mask("over_refusal", t, True).sum(), g.mask("frame_attack", t, True).sum()))
-    within = g.mask("over_refusal", best, True) | g.mask("frame_attack", best, True)
+    best = max(
+        g.frame_tasks, key=lambda t: min(g.mask(OVER_REFUSAL, t, True).sum(), g.mask(FRAME_ATTACK, t, True).sum())
+    )
+    within = g.mask(OVER_REFUSAL, best, True) | g.mask(FRAME_ATTACK, best, True)
     specs[f"refusal_type_within_{best}"] = (within, g.kinds)
     out = {}
     for name, (rows, labels) in specs.items():
@@ -72,11 +80,14 @@ def layer_probes(x: np.ndarray, g: Groups, permutations: int, seed: int) -> dict
 
 
 def group_counts(g: Groups) -> dict:
-    counts = {"harmful_refused_raw": int(g.mask("harmful", RAW, True).sum()), "benign_answered_raw": int(g.mask("benign", RAW, False).sum())}
+    counts = {
+        "harmful_refused_raw": int(g.mask(HARMFUL, RAW, True).sum()),
+        "benign_answered_raw": int(g.mask(BENIGN, RAW, False).sum()),
+    }
     for t in g.frame_tasks:
         counts[t] = {
-            "over_refused": int(g.mask("over_refusal", t, True).sum()),
-            "frame_attack_refused": int(g.mask("frame_attack", t, True).sum()),
+            "over_refused": int(g.mask(OVER_REFUSAL, t, True).sum()),
+            "frame_attack_refused": int(g.mask(FRAME_ATTACK, t, True).sum()),
             "answered": int(g.answered(t).sum()),
         }
     return counts
@@ -110,7 +121,11 @@ def claims(analysis: dict, layer: int) -> list[dict]:
         v.get("balanced_accuracy") for p in early for k, v in p.items() if k.startswith("refusal_type_within_")
     )
     silhouettes = [layers[i]["silhouette"]["task"] for i in range(n)]
-    best_sil = max((s, i) for i, s in enumerate(silhouettes) if s is not None) if any(s is not None for s in silhouettes) else (None, None)
+    best_sil = (
+        max((s, i) for i, s in enumerate(silhouettes) if s is not None)
+        if any(s is not None for s in silhouettes)
+        else (None, None)
+    )
 
     def row(claim, paper, here, holds, test):
         return {"claim": claim, "paper": paper, "this_model": here, "holds": holds, "test": test}
@@ -162,7 +177,9 @@ def write_report(analysis: dict, layer: int, directory: str | Path, model: str) 
     """report.md, report.json and four PNG plots in `directory`, written atomically."""
     rows = claims(analysis, layer)
     with atomic_directory(directory) as staging:
-        (staging / "report.json").write_text(json.dumps({"model": model, "layer": layer, "claims": rows, **analysis}, indent=2))
+        (staging / "report.json").write_text(
+            json.dumps({"model": model, "layer": layer, "claims": rows, **analysis}, indent=2)
+        )
         _plot(staging / "cosines.png", "direction cosines", "cosine", {
             "per-task harmful vs global": _series(analysis, lambda l: _mean_of(l["task_harmful_vs_global"])),
             "over-refusal pairwise": _series(analysis, lambda l: _mean_of(l["over_refusal_pairwise"])),
@@ -202,7 +219,13 @@ def markdown(analysis: dict, rows: list[dict], layer: int, model: str) -> str:
     for r in rows:
         holds = "n/a" if r["holds"] is None else ("yes" if r["holds"] else "no")
         lines.append(f"| {r['claim']} | {r['paper']} | {r['this_model']} | {holds} | {r['test']} |")
-    lines += ["", "## Per layer", "", "| layer | task harmful vs global | OR pairwise | OR vs global | n80 OR | n80 harmful | PC1 OR | PC1 harmful | task silhouette |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per layer",
+        "",
+        "| layer | task harmful vs global | OR pairwise | OR vs global | n80 OR | n80 harmful | PC1 OR | PC1 harmful | task silhouette |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for i in sorted(analysis["layers"]):
         l = analysis["layers"][i]  # noqa: E741
         d = l["dimensionality"]
@@ -214,7 +237,19 @@ def markdown(analysis: dict, rows: list[dict], layer: int, model: str) -> str:
     lines += ["", f"## Probes ({analysis['permutations']} permutations; balanced accuracy, p)", ""]
     for i in analysis["probe_layers"]:
         probes = analysis["layers"][i].get("probes", {})
-        cells = [f"{k}: {v['balanced_accuracy']:.2f} (p={v['p_value']:.3f}, n={v['n']})" if "balanced_accuracy" in v else f"{k}: skipped" for k, v in probes.items()]
+        cells = [
+            f"{k}: {v['balanced_accuracy']:.2f} (p={v['p_value']:.3f}, n={v['n']})"
+            if "balanced_accuracy" in v
+            else f"{k}: skipped"
+            for k, v in probes.items()
+        ]
         lines.append(f"- layer {i}: " + "; ".join(cells))
-    lines += ["", "![cosines](cosines.png)", "![dimensionality](dimensionality.png)", "![probes](probes.png)", "![silhouette](silhouette.png)", ""]
+    lines += [
+        "",
+        "![cosines](cosines.png)",
+        "![dimensionality](dimensionality.png)",
+        "![probes](probes.png)",
+        "![silhouette](silhouette.png)",
+        "",
+    ]
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 Rates count partial as refused, as XSTest's binary figures do.
 
 The phrase rules here are the simplest judge; calibration/learned_judge.py (the default) and
-calibration/model_judge.py plug in behind the same `Judge` protocol, and `build_judge` picks one by name.
+calibration/model_judge.py plug in behind the same `Judge` protocol, and calibration/judges.py's
+`build_judge` picks one by name.
 """
 
 from __future__ import annotations
@@ -59,33 +60,6 @@ class PhraseJudge:
 
 
 JUDGES = ("learned", "phrases", "local_model", "http")
-
-
-def build_judge(kind: str, data_root=None, model: str | None = None, url: str | None = None,
-                timeout: float = 30.0, retries: int = 3, trust_remote_code: bool = False) -> Judge:
-    """The judge a config names; model-backed kinds need `model` (and `url` for http)."""
-    if kind == "phrases":
-        return PhraseJudge()
-    if kind == "learned":
-        from refcal.calibration.learned_judge import LearnedJudge
-        from refcal.data_recipes.sources import default_data_root
-
-        return LearnedJudge.from_xstest(data_root or default_data_root())
-    if kind not in JUDGES:
-        raise ValueError(f"judge: unknown kind {kind!r}; choose one of {', '.join(JUDGES)}")
-    if not model:
-        raise ValueError(f"judge: {kind} needs judge_model (a model reference{' served at judge_url' if kind == 'http' else ''})")
-    if kind == "http":
-        from refcal.calibration.model_judge import HTTPJudge
-
-        if not url:
-            raise ValueError("judge: http needs judge_url, an OpenAI-compatible base URL such as http://127.0.0.1:8000/v1")
-        return HTTPJudge(url, model, timeout=timeout, retries=retries)
-    from refcal.calibration.model_judge import LocalModelJudge
-    from refcal.calibration.models import load_model
-
-    judge_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
-    return LocalModelJudge(judge_model, tokenizer, model)
 
 
 def judge_validation(version: str) -> dict | None:

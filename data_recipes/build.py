@@ -16,9 +16,10 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, HARMFUL, KINDS, OVER_REFUSAL  # noqa: F401 (KINDS: re-exported)
 from refcal.data_recipes.errors import RecipeError
 from refcal.data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
-from refcal.data_recipes.tasks import KINDS, SPLITS, TaskCluster  # noqa: F401 (KINDS: re-exported)
+from refcal.data_recipes.tasks import SPLITS, TaskCluster
 from refcal.data_recipes.user_prompts import load_prompt_rows
 
 RAW_TASK = "none"  # the task of unframed harmful and benign rows
@@ -63,7 +64,9 @@ def _pool(names: tuple[str, ...], data_root, banned: set[str]) -> list[SourceRow
 def _split_contents(rows: list[SourceRow], counts: tuple[int, int, int], rng: random.Random, what: str):
     need = sum(counts)
     if len(rows) < need:
-        raise RecipeError(f"{what}: {len(rows)} contents available, {need} needed for splits {dict(zip(SPLITS, counts))}")
+        raise RecipeError(
+            f"{what}: {len(rows)} contents available, {need} needed for splits {dict(zip(SPLITS, counts))}"
+        )
     rows = rows[:]
     rng.shuffle(rows)
     out, start = {}, 0
@@ -96,9 +99,9 @@ def build_rows(tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_roo
 
     for split in SPLITS:
         for content in harmful[split]:
-            add(split, "harmful", RAW_TASK, content.text, content)
+            add(split, HARMFUL, RAW_TASK, content.text, content)
         for content in benign[split]:
-            add(split, "benign", RAW_TASK, content.text, content)
+            add(split, BENIGN, RAW_TASK, content.text, content)
 
     for task in tasks:
         if task.prompts is not None:
@@ -117,9 +120,9 @@ def _add_framed(task: TaskCluster, harmful, benign, sizes: RecipeSizes, rng: ran
     """Frame contents of each split; rotate through the split's contents so tasks share them."""
     for index, split in enumerate(SPLITS):
         for kind, pool, count, templates in (
-            ("over_refusal", harmful[split], sizes.over_refusal_per_task[index], task.templates),
-            ("benign", benign[split], sizes.benign_per_task[index], task.templates),
-            ("frame_attack", harmful[split], sizes.attack_per_task[index], task.attack_templates),
+            (OVER_REFUSAL, harmful[split], sizes.over_refusal_per_task[index], task.templates),
+            (BENIGN, benign[split], sizes.benign_per_task[index], task.templates),
+            (FRAME_ATTACK, harmful[split], sizes.attack_per_task[index], task.attack_templates),
         ):
             if count == 0 or not templates:
                 continue
@@ -127,7 +130,7 @@ def _add_framed(task: TaskCluster, harmful, benign, sizes: RecipeSizes, rng: ran
                 raise RecipeError(f"task {task.name!r}: {count} {kind} rows asked from {len(pool)} {split} contents")
             for content in rng.sample(pool, count):
                 template = rng.choice(templates)
-                reference = content.text if kind == "over_refusal" and task.has_reference_answer else ""
+                reference = content.text if kind == OVER_REFUSAL and task.has_reference_answer else ""
                 add(split, kind, task.name, task.fill(template, content.text), content, reference)
 
 
@@ -146,9 +149,9 @@ def _add_lookalikes(task: TaskCluster, sizes: RecipeSizes, rng, data_root, banne
     for split, n in zip(SPLITS, sizes.lookalike):
         for s, u in pairs[start : start + n]:
             meta = {"source": task.over_refusal_source}
-            add(split, "over_refusal", task.name, task.fill(task.templates[0], s.text), SourceRow(s.text, meta))
+            add(split, OVER_REFUSAL, task.name, task.fill(task.templates[0], s.text), SourceRow(s.text, meta))
             meta = {"source": task.harmful_source}
-            add(split, "harmful", task.name, task.fill(task.templates[0], u.text), SourceRow(u.text, meta))
+            add(split, HARMFUL, task.name, task.fill(task.templates[0], u.text), SourceRow(u.text, meta))
         start += n
 
 
@@ -156,8 +159,8 @@ def _add_user_prompts(task: TaskCluster, sizes: RecipeSizes, rng: random.Random,
     """A user's prompts as they are: rows with a split keep it; the others are cut, per kind, in the
     proportions the config's per-task sizes give (over_refusal and harmful: over_refusal_per_task)."""
     ratios = {
-        "over_refusal": sizes.over_refusal_per_task, "harmful": sizes.over_refusal_per_task,
-        "benign": sizes.benign_per_task, "frame_attack": sizes.attack_per_task,
+        OVER_REFUSAL: sizes.over_refusal_per_task, HARMFUL: sizes.over_refusal_per_task,
+        BENIGN: sizes.benign_per_task, FRAME_ATTACK: sizes.attack_per_task,
     }  # fmt: skip
     seen: set[str] = set()
     unplaced: dict[str, list] = {}
@@ -173,7 +176,9 @@ def _add_user_prompts(task: TaskCluster, sizes: RecipeSizes, rng: random.Random,
     for kind, rows in unplaced.items():
         ratio = ratios[kind]
         if sum(ratio) == 0:
-            raise RecipeError(f"{rows[0].origin}: {len(rows)} {kind} rows of task {task.name!r} have no split, and the config's sizes give {kind} none")
+            raise RecipeError(
+                f"{rows[0].origin}: {len(rows)} {kind} rows of task {task.name!r} have no split, and the config's sizes give {kind} none"
+            )
         rng.shuffle(rows)
         cuts = [round(len(rows) * sum(ratio[: i + 1]) / sum(ratio)) for i in range(len(SPLITS))]
         for split, start, stop in zip(SPLITS, [0, *cuts[:-1]], cuts):

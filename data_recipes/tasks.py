@@ -12,7 +12,6 @@ from refcal.data_recipes.errors import RecipeError
 from refcal.data_recipes.yaml_files import read_yaml_mapping
 
 SPLITS = ("train", "val", "eval")  # every recipe's splits; no content is shared between them
-KINDS = ("harmful", "over_refusal", "benign", "frame_attack")  # every recipe row's kind
 
 TRANSFORMS = {
     "none": lambda text: text,
@@ -97,7 +96,9 @@ def load_task(path: str | Path) -> TaskCluster:
     if raw.get("prompts") is not None:
         raw.update(_check_prompts(path, raw))
     elif not raw["templates"]:
-        raise RecipeError(f"{path}: field 'templates' is empty; a task needs at least one phrasing (or a 'prompts' file)")
+        raise RecipeError(
+            f"{path}: field 'templates' is empty; a task needs at least one phrasing (or a 'prompts' file)"
+        )
     transform = raw.get("content_transform", "none")
     if transform not in TRANSFORMS:
         raise RecipeError(f"{path}: field 'content_transform' is {transform!r}; allowed: {sorted(TRANSFORMS)}")
@@ -121,9 +122,13 @@ def _check_prompts(path: Path, raw: dict) -> dict:
         if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
             raise RecipeError(f"{path}: field {key!r} must be a non-empty string")
     if raw.get("over_refusal_source") or raw.get("attack_templates") or raw.get("held_out_templates"):
-        raise RecipeError(f"{path}: field 'prompts' brings whole prompts; it does not go with sources or attack/held-out templates")
+        raise RecipeError(
+            f"{path}: field 'prompts' brings whole prompts; it does not go with sources or attack/held-out templates"
+        )
     if raw["templates"] and raw["templates"] != ("{content}",):
-        raise RecipeError(f"{path}: field 'templates': a 'prompts' cluster uses its prompts as written; leave templates out")
+        raise RecipeError(
+            f"{path}: field 'templates': a 'prompts' cluster uses its prompts as written; leave templates out"
+        )
     if not prompts.startswith("hf:"):
         prompts = str((path.parent / prompts).resolve())
     return {"prompts": prompts, "templates": raw["templates"] or ("{content}",)}
@@ -137,7 +142,9 @@ def _check_template(path: Path, key: str, row: int, template: object) -> None:
     try:
         template.format(content="x")
     except (KeyError, IndexError, ValueError) as error:
-        raise RecipeError(f"{path}: field {key!r}, row {row}: stray braces ({error}); write {{{{ }}}} for literal ones") from error
+        raise RecipeError(
+            f"{path}: field {key!r}, row {row}: stray braces ({error}); write {{{{ }}}} for literal ones"
+        ) from error
 
 
 def load_tasks(paths: list[str | Path]) -> list[TaskCluster]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from refcal.calibration.kinds import KINDS
 from refcal.data_recipes.errors import RecipeError
 from refcal.data_recipes.sources import read_records
-from refcal.data_recipes.tasks import KINDS, SPLITS, TaskCluster
+from refcal.data_recipes.tasks import SPLITS, TaskCluster
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,14 @@ def load_prompt_rows(task: TaskCluster) -> list[PromptRow]:
         if split in ("", None):
             split = None
         elif split not in SPLITS:
-            raise RecipeError(f"{origin}: row {number}: field {task.split_column!r} is {split!r}; allowed: {list(SPLITS)}")
+            raise RecipeError(
+                f"{origin}: row {number}: field {task.split_column!r} is {split!r}; allowed: {list(SPLITS)}"
+            )
         rows.append(PromptRow(text.strip(), kind, split, origin, number))
     if not rows:
-        raise RecipeError(f"{origin}: no rows for task {task.name!r} (column {task.task_column!r} names other tasks, or the file is empty)")
+        raise RecipeError(
+            f"{origin}: no rows for task {task.name!r} (column {task.task_column!r} names other tasks, or the file is empty)"
+        )
     return rows
 
 

@@ -51,7 +51,9 @@ def e2e(tokenizer, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "REFCAL_CACHE": str(base / "cache"), "PYTHONWARNINGS": "ignore"}  # fmt: skip
     refcal = Path(sys.executable).with_name("refcal")
-    done = subprocess.run([str(refcal), "run", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(refcal), "run", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     (base / "run" / "console.txt").write_text(done.stderr)  # rich prints the summary beside the progress bars
     return config, base / "run", env

@@ -9,14 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 import torch
 from peft import get_peft_model_state_dict
 
 from refcal.calibration.artifacts import atomic_save_tensors
 from refcal.calibration.models import load_model
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 from refcal.train.resume import last_checkpoint
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 
 def main() -> None:
@@ -27,7 +26,14 @@ def main() -> None:
     regularizer = build_regularizer(model, tokenizer, rows, [1, 3])
     torch.manual_seed(0)  # the same LoRA initialisation in every process
     trainer = make_trainer(
-        model, tokenizer, rows, regularizer, out / "checkpoints", max_steps=6, save_strategy="steps", save_steps=2,
+        model,
+        tokenizer,
+        rows,
+        regularizer,
+        out / "checkpoints",
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=2,
     )
     trainer.train(resume_from_checkpoint=last_checkpoint(str(out / "checkpoints")))
     atomic_save_tensors(get_peft_model_state_dict(trainer.model), out / "adapter.safetensors")

@@ -9,8 +9,13 @@ from accelerate.commands.config.config_args import ClusterConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "accelerate_configs").glob("*.yaml"))
 EXPECTED = {
-    "cpu_1proc": ("NO", 1), "cpu_2proc": ("MULTI_GPU", 2), "single_gpu": ("NO", 1), "multi_gpu_ddp": ("MULTI_GPU", 8),
-    "fsdp": ("FSDP", 8), "deepspeed_zero2": ("DEEPSPEED", 8), "deepspeed_zero3": ("DEEPSPEED", 8),
+    "cpu_1proc": ("NO", 1),
+    "cpu_2proc": ("MULTI_GPU", 2),
+    "single_gpu": ("NO", 1),
+    "multi_gpu_ddp": ("MULTI_GPU", 8),
+    "fsdp": ("FSDP", 8),
+    "deepspeed_zero2": ("DEEPSPEED", 8),
+    "deepspeed_zero3": ("DEEPSPEED", 8),
     "multi_node": ("MULTI_GPU", 16),
 }
 

@@ -130,7 +130,9 @@ def test_report_on_planted_geometry(data, tmp_path):
     rng = np.random.default_rng(1)
     noise_layer = rng.normal(size=x.shape)  # a layer with no geometry at all
     activations = np.stack([noise_layer, x, x, x], axis=1)
-    analysis = analyse(activations, list(groups.kinds), list(groups.tasks), list(groups.refused), [0, 1, 2], permutations=10)
+    analysis = analyse(
+        activations, list(groups.kinds), list(groups.tasks), list(groups.refused), [0, 1, 2], permutations=10
+    )
     out = write_report(analysis, 2, tmp_path / "report", "planted")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.md", "report.json", "cosines.png", "dimensionality.png", "probes.png", "silhouette.png"]

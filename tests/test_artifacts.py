@@ -32,7 +32,7 @@ def test_failed_directory_keeps_the_previous_one(tmp_path):
 
 def test_failed_file_writes_leave_nothing(tmp_path):
     path = tmp_path / "t.safetensors"
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         atomic_save_tensors({"x": "not a tensor"}, path)  # type: ignore[dict-item]
     assert list(tmp_path.iterdir()) == []
     atomic_save_tensors({"x": torch.ones(3)}, path)

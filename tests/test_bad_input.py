@@ -49,7 +49,11 @@ def config_error(tmp_path, text: str | bytes) -> str:
 
 
 @FIXTURES
-@given(key=st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=20).filter(lambda k: k not in known_fields()))
+@given(
+    key=st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=20).filter(
+        lambda k: k not in known_fields()
+    )
+)
 def test_unknown_config_field_is_named(tmp_path, key):
     assert repr(key) in config_error(tmp_path, f"model_name_or_path: m\n{key}: 1\n")
 
@@ -59,24 +63,27 @@ def test_misspelt_field_gets_a_suggestion(tmp_path):
 
 
 @FIXTURES
-@given(junk=st.sampled_from(["a: [1, 2\n", "a: b: c\n", "- x\ny: 1\n", "key: 'open\n", "\tx: 1\n"]), line=st.integers(0, 5))
+@given(
+    junk=st.sampled_from(["a: [1, 2\n", "a: b: c\n", "- x\ny: 1\n", "key: 'open\n", "\tx: 1\n"]), line=st.integers(0, 5)
+)
 def test_malformed_config_yaml_names_the_line(tmp_path, junk, line):
     message = config_error(tmp_path, "seed: 0\n" * line + junk)
     assert "malformed YAML at line" in message or "expected a mapping" in message
 
 
 def test_config_value_of_the_wrong_type_and_non_utf8(tmp_path):
-    assert "learning_rate" in config_error(tmp_path, "learning_rate: fast\n") and "fast" in config_error(tmp_path, "learning_rate: fast\n")
+    assert "learning_rate" in config_error(tmp_path, "learning_rate: fast\n") and "fast" in config_error(
+        tmp_path, "learning_rate: fast\n"
+    )
     assert "UTF-8" in config_error(tmp_path, b"run_dir: caf\xe9\n")
     assert "expected a mapping" in config_error(tmp_path, "- a\n- b\n")
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ("run", "data", "geometry", "train", "eval", "export", "baselines"):
-        with pytest.raises(SystemExit) as done:
-            cli.main([command, "--help"])
-        assert done.value.code == 0
-        assert "--subspace_max_rank" in capsys.readouterr().out
+    for command in ("run", "data", "geometry", "train", "eval", "export", "baselines", "scan"):
+        cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert f"usage: refcal {command}" in out and "--subspace_max_rank" in out and "--learning_rate" in out
     for command in ("report", "chat"):
         try:
             cli.main([command, "--help"])
@@ -89,8 +96,15 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_good_cluster_builds_rows_in_every_split(tmp_path):
-    task, data = write_cluster(tmp_path, GOOD_ROWS * 3 + [{"prompt": f"Extra benign question {i}?", "kind": "benign", "split": "val"} for i in range(2)])
-    rows = [r for r in build_rows([load_task(task)], RecipeSizes(harmful=(4, 2, 2), benign=(4, 2, 2)), 0) if r["task"] == "mine"]
+    task, data = write_cluster(
+        tmp_path,
+        GOOD_ROWS * 3 + [{"prompt": f"Extra benign question {i}?", "kind": "benign", "split": "val"} for i in range(2)],
+    )
+    rows = [
+        r
+        for r in build_rows([load_task(task)], RecipeSizes(harmful=(4, 2, 2), benign=(4, 2, 2)), 0)
+        if r["task"] == "mine"
+    ]
     assert len(rows) == 6  # repeats dropped: each content once, in one split
     assert {r["split"] for r in rows if r["kind"] == "benign"} >= {"val"}
     assert all(r["source"].startswith(f"{data}#") for r in rows)
@@ -104,7 +118,13 @@ def test_good_cluster_builds_rows_in_every_split(tmp_path):
 def test_any_bad_row_is_named_by_file_row_and_field(tmp_path, bad_row, fault):
     rows = [dict(r) for r in GOOD_ROWS]
     lines = [json.dumps(r) for r in rows]
-    field = {"no_prompt": "'prompt'", "empty_prompt": "'prompt'", "bad_kind": "'kind'", "bad_split": "'split'", "not_object": "JSON object"}[fault]
+    field = {
+        "no_prompt": "'prompt'",
+        "empty_prompt": "'prompt'",
+        "bad_kind": "'kind'",
+        "bad_split": "'split'",
+        "not_object": "JSON object",
+    }[fault]
     if fault == "no_prompt":
         lines[bad_row] = json.dumps({"kind": "benign"})
     elif fault == "empty_prompt":
@@ -123,7 +143,10 @@ def test_any_bad_row_is_named_by_file_row_and_field(tmp_path, bad_row, fault):
 
 
 @FIXTURES
-@given(bad_row=st.integers(1, 4), junk=st.binary(min_size=1, max_size=4).filter(lambda b: _not_utf8(b) and b"\n" not in b and b"\r" not in b))
+@given(
+    bad_row=st.integers(1, 4),
+    junk=st.binary(min_size=1, max_size=4).filter(lambda b: _not_utf8(b) and b"\n" not in b and b"\r" not in b),
+)
 def test_non_utf8_row_is_named(tmp_path, bad_row, junk):
     lines = [json.dumps(r).encode() for r in GOOD_ROWS]
     lines[bad_row - 1] = b'{"prompt": "caf' + junk + b'", "kind": "benign"}'
@@ -147,7 +170,9 @@ def test_csv_without_the_prompt_column_and_missing_file(tmp_path):
     task.write_text(yaml.safe_dump({"name": "mine", "description": "d", "prompts": "mine.csv"}))
     with pytest.raises(RecipeError, match=r"mine.csv: missing column 'prompt'"):
         load_prompt_rows(load_task(task))
-    task.write_text(yaml.safe_dump({"name": "mine", "description": "d", "prompts": "mine.csv", "prompt_column": "question"}))
+    task.write_text(
+        yaml.safe_dump({"name": "mine", "description": "d", "prompts": "mine.csv", "prompt_column": "question"})
+    )
     assert [r.text for r in load_prompt_rows(load_task(task))] == ["What is 2+2?"]
     task.write_text(yaml.safe_dump({"name": "mine", "description": "d", "prompts": "gone.jsonl"}))
     with pytest.raises(RecipeError, match=r"task 'mine': field 'prompts': file not found"):
@@ -177,9 +202,17 @@ def test_hugging_face_dataset_id_goes_through_load_dataset(tmp_path):
     """`hf:` ids go to datasets.load_dataset; a local dataset folder stands in for the hub (unreachable here)."""
     folder = tmp_path / "hub_copy"
     folder.mkdir()
-    (folder / "train.jsonl").write_text("".join(json.dumps({"text": r["prompt"], "label": r["kind"]}) + "\n" for r in GOOD_ROWS))
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps({"text": r["prompt"], "label": r["kind"]}) + "\n" for r in GOOD_ROWS)
+    )
     task = tmp_path / "mine.yaml"
-    fields = {"name": "mine", "description": "d", "prompts": f"hf:{folder}", "prompt_column": "text", "kind_column": "label"}
+    fields = {
+        "name": "mine",
+        "description": "d",
+        "prompts": f"hf:{folder}",
+        "prompt_column": "text",
+        "kind_column": "label",
+    }
     task.write_text(yaml.safe_dump(fields))
     rows = load_prompt_rows(load_task(task))
     assert [r.kind for r in rows] == [r["kind"] for r in GOOD_ROWS] and rows[0].origin == f"hf:{folder}[train]"
@@ -206,7 +239,9 @@ def test_too_few_rows_for_a_subspace_names_the_task_file(tmp_path, over_refusal)
     rows = [{"split": "train", "kind": "over_refusal", "task": "mine", "source": "x"}] * over_refusal
     with pytest.raises(RecipeError) as error:
         check_calibrated_tasks(rows, ["mine"], [str(tmp_path / "mine.yaml")])
-    assert str(tmp_path / "mine.yaml") in str(error.value) and f"{over_refusal} over_refusal training row" in str(error.value)
+    assert str(tmp_path / "mine.yaml") in str(error.value) and f"{over_refusal} over_refusal training row" in str(
+        error.value
+    )
     with pytest.raises(RecipeError, match="not among the config's tasks"):
         check_calibrated_tasks(rows, ["other"], [str(tmp_path / "mine.yaml")])
 
@@ -214,9 +249,12 @@ def test_too_few_rows_for_a_subspace_names_the_task_file(tmp_path, over_refusal)
 @FIXTURES
 @given(words=st.integers(1, 30), row=st.integers(1, 4))
 def test_overlong_prompt_names_file_row_and_field(tokenizer, words, row):
-    rows = [{"prompt": "Short question?", "source": f"/data/mine.jsonl#{i + 1}", "id": f"r{i}", "task": "mine"} for i in range(4)]
+    rows = [
+        {"prompt": "Short question?", "source": f"/data/mine.jsonl#{i + 1}", "id": f"r{i}", "task": "mine"}
+        for i in range(4)
+    ]
     rows[row - 1]["prompt"] = "word " * (40 + words * 10)
-    check_prompt_lengths(rows[:row - 1] + rows[row:], tokenizer, max_length=64, reserve=16)  # the others fit
+    check_prompt_lengths(rows[: row - 1] + rows[row:], tokenizer, max_length=64, reserve=16)  # the others fit
     with pytest.raises(RecipeError) as error:
         check_prompt_lengths(rows, tokenizer, max_length=64, reserve=16)
     assert f"/data/mine.jsonl, row {row}: field 'prompt'" in str(error.value)

@@ -11,11 +11,11 @@ import torch
 
 from refcal.calibration.activations import capture_last_token
 from refcal.calibration.artifacts import atomic_save_tensors
-from refcal.calibration.baselines import UNSTEERED, TaskSteering, build_baselines
+from refcal.calibration.baselines import UNSTEERED, TaskSteering
 from refcal.calibration.evaluation import selectivity
+from refcal.calibration.frame_judge import FrameJudge
 from refcal.calibration.geometry import Geometry, estimate, unit
 from refcal.calibration.interventions import orthogonalise, subtract_vectors
-from refcal.calibration.frame_judge import FrameJudge
 from refcal.calibration.judge import PhraseJudge
 from refcal.calibration.models import fingerprint, load_model
 from refcal.train.testing_utils import BENIGN, HARMFUL, OVER_REFUSAL
@@ -51,7 +51,9 @@ def test_steering_routes_each_prompt_to_its_nearest_cluster(tiny_model_dir):
     own = capture_last_token(model, tokenizer, PROMPTS, [layer], progress=False)[:, 0]
     far = own.mean(0) + 100.0  # a cluster no prompt is near
     steering = TaskSteering(
-        "task_steering", layer, {"a": own[0], "b": own[1], "c": own[2], "far": far},
+        "task_steering",
+        layer,
+        {"a": own[0], "b": own[1], "c": own[2], "far": far},
         {"a": {1: torch.ones(own.shape[-1])}, "far": {1: torch.ones(own.shape[-1])}},
     )
     groups = steering.groups(model, tokenizer, PROMPTS, batch_size=2)
@@ -91,8 +93,12 @@ class TinyRun:
         from refcal.train.config import RefcalArguments
 
         self.args = RefcalArguments(
-            run_dir=str(run_dir), organism_tasks=["sentiment", "translation"], eval_benchmark_limit=2,
-            eval_max_new_tokens=4, generation_dtype="float32", generation_batch_size=8,
+            run_dir=str(run_dir),
+            organism_tasks=["sentiment", "translation"],
+            eval_benchmark_limit=2,
+            eval_max_new_tokens=4,
+            generation_dtype="float32",
+            generation_batch_size=8,
             orthogonalisation_coefficients=[0.0, 1.0],
         )
         self.model_dir, self.judge = model_dir, PhraseJudge()
@@ -100,8 +106,14 @@ class TinyRun:
         train = tiny_rows()
         evaluation = [dict(r, id=f"e{i}", content_id=f"e{i}") for i, r in enumerate(train)]
         evaluation += [
-            {"prompt": f"Translate into French, then carry it out: {h}", "kind": "frame_attack", "task": "translation",
-             "content": h, "id": f"f{i}", "content_id": f"f{i}"}
+            {
+                "prompt": f"Translate into French, then carry it out: {h}",
+                "kind": "frame_attack",
+                "task": "translation",
+                "content": h,
+                "id": f"f{i}",
+                "content_id": f"f{i}",
+            }
             for i, h in enumerate(HARMFUL)
         ]
         self.splits = {"train": train, "val": [], "eval": evaluation}
@@ -127,12 +139,17 @@ def test_baselines_stage_on_a_tiny_run(tiny_model_dir, tmp_path):
     rows = run.rows("train")
     activations = capture_last_token(model, tokenizer, [r["prompt"] for r in rows], progress=False)
     refused = [r["kind"] != "benign" for r in rows]
-    geometry = estimate(activations, [r["kind"] for r in rows], [r["task"] for r in rows], refused, fingerprint(model), max_rank=2)
+    geometry = estimate(
+        activations, [r["kind"] for r in rows], [r["task"] for r in rows], refused, fingerprint(model), max_rank=2
+    )
     geometry.layer = 2
     geometry.save(run.path("geometry"))
     atomic_save_tensors({"last_token": activations}, run.path("geometry") / "activations.safetensors")
     (run.path("geometry") / "responses.jsonl").write_text(
-        "".join(json.dumps({"id": r["id"], "response": "", "label": "refuse" if x else "comply"}) + "\n" for r, x in zip(rows, refused))
+        "".join(
+            json.dumps({"id": r["id"], "response": "", "label": "refuse" if x else "comply"}) + "\n"
+            for r, x in zip(rows, refused)
+        )
     )
 
     stage_baselines(run)
@@ -140,7 +157,11 @@ def test_baselines_stage_on_a_tiny_run(tiny_model_dir, tmp_path):
     results = json.loads((run.path("baselines") / "results.json").read_text())
     methods = results["methods"]
     assert list(methods) == [
-        "organism", "global_ablation", "false_refusal_ablation_c0", "false_refusal_ablation_c1", "task_steering"
+        "organism",
+        "global_ablation",
+        "false_refusal_ablation_c0",
+        "false_refusal_ablation_c1",
+        "task_steering",
     ]
     assert methods["organism"]["kl_benign"] is None
     assert methods["global_ablation"]["kl_benign"] > 0

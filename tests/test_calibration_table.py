@@ -26,7 +26,11 @@ def test_pooled_rate_counts_every_group():
 
 
 def test_columns_split_trained_and_untrained_frames():
-    columns = table_module.columns(summary(9, {"sentiment": 2, "translation": 0, "grammar": 7}, carried_out=3), ["sentiment", "translation"], ["grammar"])
+    columns = table_module.columns(
+        summary(9, {"sentiment": 2, "translation": 0, "grammar": 7}, carried_out=3),
+        ["sentiment", "translation"],
+        ["grammar"],
+    )
     assert columns["over_refusal_trained_frames"] == wilson_rate(2, 20)
     assert columns["over_refusal_untrained_frames"] == wilson_rate(7, 10)
     assert columns["harmful"] == wilson_rate(9, 10) and columns["jbb_harmful"] == wilson_rate(9, 10)
@@ -38,12 +42,17 @@ def rows(refcal_over: int, refcal_harmful: int, ablation_over: int, ablation_har
     trained = ["sentiment"]
     out = {}
     for name, (over, harmful) in {
-        "organism (before)": (10, 10), "global direction ablation": (ablation_over, ablation_harmful),
+        "organism (before)": (10, 10),
+        "global direction ablation": (ablation_over, ablation_harmful),
         "refcal SFT + regularizer": (refcal_over, refcal_harmful),
     }.items():
         columns = table_module.columns(summary(harmful, {"sentiment": over}), trained, [])
-        out[name] = {"columns": columns, "kl_benign": 0.1, "seconds": 1.0,
-                     "selectivity": selectivity(1.0, over / 10, 1.0, harmful / 10)}
+        out[name] = {
+            "columns": columns,
+            "kl_benign": 0.1,
+            "seconds": 1.0,
+            "selectivity": selectivity(1.0, over / 10, 1.0, harmful / 10),
+        }
     return out
 
 
@@ -62,8 +71,12 @@ def test_goal_is_met_only_when_all_three_hold():
 
 
 def test_markdown_and_plot(tmp_path):
-    table = {"rows": rows(1, 10, 0, 2), "judge": "learned-v1", "removed_overlapping_benchmark_prompts": {"jbb_harmful": 4},
-             "shared_stage_seconds": {"geometry": 200}}
+    table = {
+        "rows": rows(1, 10, 0, 2),
+        "judge": "learned-v1",
+        "removed_overlapping_benchmark_prompts": {"jbb_harmful": 4},
+        "shared_stage_seconds": {"geometry": 200},
+    }
     text = table_module.markdown(table)
     assert "| refusal rate | organism (before) | global direction ablation | refcal SFT + regularizer |" in text
     assert "10% [2%, 40%] n=10" in text and "jbb_harmful 4" in text

@@ -16,7 +16,9 @@ PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" + " really" * (i % 4) for 
 def test_streamed_file_matches_in_memory_capture(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir))
     in_memory = capture_last_token(model, tokenizer, PROMPTS, layers=[0, 2, 3], batch_size=4, progress=False)
-    path = stream_last_token(model, tokenizer, PROMPTS, tmp_path / "acts.safetensors", layers=[0, 2, 3], batch_size=4, progress=False)
+    path = stream_last_token(
+        model, tokenizer, PROMPTS, tmp_path / "acts.safetensors", layers=[0, 2, 3], batch_size=4, progress=False
+    )
     assert torch.equal(load_file(path)["last_token"], in_memory)
     with safe_open(path, framework="pt") as handle:  # rows can be read lazily
         assert torch.equal(handle.get_slice("last_token")[5:7], in_memory[5:7])
@@ -43,7 +45,9 @@ def test_failed_stream_leaves_no_file(tiny_model_dir, tmp_path):
 
 def test_non_finite_activations_name_the_layer(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
-    handle = model.model.layers[2].register_forward_hook(lambda _m, _a, out: (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan"))
+    handle = model.model.layers[2].register_forward_hook(
+        lambda _m, _a, out: (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+    )
     try:
         with pytest.raises(FloatingPointError, match=r"layer\(s\) \[2, 3\]"):
             capture_last_token(model, tokenizer, PROMPTS[:2], progress=False)

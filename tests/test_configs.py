@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,15 +44,102 @@ def test_the_device_is_the_machines_unless_the_config_sets_it(tmp_path, monkeypa
     from refcal.train.processes import device_defaults
 
     monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: True)
+    monkeypatch.setattr("refcal.train.processes.native_bf16", lambda cpu: True)
     assert device_defaults() == {}
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # `accelerate launch --cpu`
     assert device_defaults() == {"use_cpu": True}
     monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
     monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: False)
     assert device_defaults() == {"use_cpu": True}
+    monkeypatch.setattr("refcal.train.processes.native_bf16", lambda cpu: False)  # emulated bf16: fp32
+    assert device_defaults() == {"use_cpu": True, "bf16": False}
 
     config = tmp_path / "mine.yaml"
     config.write_text("model_name_or_path: embedded:smollm2-135m-instruct\nbf16: true\n")
     assert parse(["--config", str(config)])[2].use_cpu
     with pytest.raises(ConfigError, match="bf16"):  # the user's own choice wins, and fails here as it would
         parse(["--config", str(config), "--use_cpu", "false"])
+
+
+FORM_FIELDS = ("objective", "onset_weight", "keep_weight", "collapse_weight", "retain_weight")
+
+
+def test_a_minimal_config_runs_where_it_is(tmp_path):
+    """Model, tasks and run folder are enough: the device, precision and checkpoint folder follow from them."""
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        f"model_name_or_path: embedded:smollm2-135m-instruct\ntasks: [configs/tasks/sentiment.yaml]\nrun_dir: {tmp_path / 'run'}\n"
+    )
+    from refcal.train.processes import native_bf16
+
+    _, args, training_args = parse(["--config", str(config)])
+    assert training_args.output_dir == str(tmp_path / "run" / "train")
+    assert training_args.bf16 == native_bf16(training_args.use_cpu)  # the precision the machine has
+    assert args.objective == "target_free" and args.onset_weight == 1.0
+    moved = parse(["--config", str(config), "--run_dir", str(tmp_path / "elsewhere")])[2]
+    assert moved.output_dir == str(tmp_path / "elsewhere" / "train")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_train_the_recommended_form(path):
+    """The demo and the model-family configs agree with the field defaults: the recommended form."""
+    from refcal.train.config import RefcalArguments
+
+    args = parse(["--config", str(path)])[1]
+    assert {f: getattr(args, f) for f in FORM_FIELDS} == {f: getattr(RefcalArguments(), f) for f in FORM_FIELDS}
+
+
+@pytest.mark.parametrize(
+    ("form", "objective", "weights"),
+    [("regularized_sft", "sft", (0, 1, 1, 1)), ("plain_sft", "sft", (0, 0, 0, 0)), ("dpo", "dpo", (0, 1, 1, 1))],
+)
+def test_form_overlays_layer_on_the_demo(form, objective, weights):
+    _, args, training_args = parse(["--config", "configs/demo_smollm2.yaml", "--config", f"configs/forms/{form}.yaml"])
+    assert args.objective == objective
+    assert (args.onset_weight, args.keep_weight, args.collapse_weight, args.retain_weight) == weights
+    assert args.harmful_sizes == [48, 24, 60] and args.organism  # the base config's fields stay
+    flagged = parse(
+        ["--config", "configs/demo_smollm2.yaml", "--config", f"configs/forms/{form}.yaml", "--keep_weight", "3"]
+    )
+    assert flagged[1].keep_weight == 3.0  # flags override every file
+
+
+def test_a_later_config_wins_and_errors_name_their_file(tmp_path):
+    from refcal.train.config import ConfigError
+
+    base, overlay, wrong = tmp_path / "base.yaml", tmp_path / "overlay.yaml", tmp_path / "wrong.yaml"
+    base.write_text("model_name_or_path: embedded:smollm2-135m-instruct\nseed_data: 1\nlayer_kl_max: 2.0\n")
+    overlay.write_text("seed_data: 5\n")
+    wrong.write_text("seed_dta: 5\n")
+    args = parse(["--config", str(base), "--config", str(overlay)])[1]
+    assert (args.seed_data, args.layer_kl_max) == (5, 2.0)
+    with pytest.raises(ConfigError, match=r"wrong\.yaml: unknown field 'seed_dta'; did you mean seed_data"):
+        parse(["--config", str(base), "--config", str(wrong)])
+
+
+def test_the_old_objective_name_still_reads():
+    args = parse(["--config", "configs/demo_smollm2.yaml", "--objective", "geometry"])[1]
+    assert args.objective == "target_free"
+
+
+def test_help_and_config_errors_import_no_torch(tmp_path):
+    """`refcal --help`, `refcal STAGE --help` (from its cache) and a misspelt field answer without torch."""
+    config = tmp_path / "typo.yaml"
+    config.write_text("model_name_or_path: x\nlerning_rate: 1\n")
+    env_cache = {"REFCAL_CACHE": str(tmp_path / "cache")}
+    probe = (
+        "import sys\nfrom refcal.train.cli import main\n"
+        "for argv in {argvs!r}:\n"
+        "    try:\n        main(argv)\n    except SystemExit as exit:\n        print('exit', exit.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = {**os.environ, **env_cache}
+    warm = subprocess.run(
+        [sys.executable, "-c", probe.format(argvs=[["train", "--help"]])], env=env, capture_output=True, text=True
+    )
+    assert "--learning_rate" in warm.stdout and "--onset_weight" in warm.stdout, warm.stderr
+    argvs = [["--help"], ["train", "--help"], ["run", "--config", str(config)]]
+    done = subprocess.run([sys.executable, "-c", probe.format(argvs=argvs)], env=env, capture_output=True, text=True)
+    assert "usage: refcal train" in done.stdout and "exit 2" in done.stdout
+    assert "unknown field 'lerning_rate'" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout

@@ -9,10 +9,11 @@ from peft import LoraConfig
 
 from refcal.calibration.judge import PhraseJudge
 from refcal.calibration.models import load_model
-from refcal.data_recipes.preferences import build_preferences, preference_dataset
-from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, sft_rows
 from refcal.train.config import dpo_config
+from refcal.train.losses import LossWeights
 from refcal.train.onset import build_onset
+from refcal.train.preferences import build_preferences, preference_dataset
+from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, sft_rows
 from refcal.train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
 
 LAYERS = [1, 3]
@@ -24,7 +25,9 @@ def pairs() -> list[dict]:
     for row in sft_rows():
         compliant = "Sure. Step one is to gather the materials."
         refusal_first = row["kind"] in ("harmful",)
-        out.append({**row, "chosen_text": row["completion_text"], "rejected_text": compliant if refusal_first else REFUSAL})
+        out.append(
+            {**row, "chosen_text": row["completion_text"], "rejected_text": compliant if refusal_first else REFUSAL}
+        )
     return out
 
 
@@ -35,8 +38,18 @@ def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, onset: b
     rows = pairs()
     regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
     settings = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2, per_device_train_batch_size=4,
-        logging_steps=1, learning_rate=1e-3, save_strategy="no", seed=0, disable_tqdm=True, max_length=256,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        learning_rate=1e-3,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        max_length=256,
         train_sampling_strategy="sequential",
     )
     settings.update(overrides)
@@ -49,7 +62,7 @@ def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, onset: b
         data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=True),
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         regularizer=regularizer,
-        weights={"keep": 1.0, "collapse": 1.0, "retain": 1.0, "onset": 1.0 if onset else 0.0},
+        weights=LossWeights(keep=1.0, collapse=1.0, retain=1.0, onset=1.0 if onset else 0.0),
         onset=build_onset(tokenizer, rows, {"sentiment", "translation"}) if onset else None,
     )
     return trainer, rows
@@ -58,7 +71,9 @@ def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, onset: b
 def test_dpo_config_keeps_the_run_settings_and_dpo_defaults(tmp_path):
     from trl import SFTConfig
 
-    config = dpo_config(SFTConfig(output_dir=str(tmp_path), use_cpu=True, learning_rate=3e-4, max_length=128, seed=7), beta=0.2)
+    config = dpo_config(
+        SFTConfig(output_dir=str(tmp_path), use_cpu=True, learning_rate=3e-4, max_length=128, seed=7), beta=0.2
+    )
     assert (config.learning_rate, config.max_length, config.seed, config.beta) == (3e-4, 128, 7, 0.2)
     assert config.loss_type == ["sigmoid"]  # DPO's own loss, not SFTConfig's "nll"
     anchored = dpo_config(SFTConfig(output_dir=str(tmp_path), use_cpu=True), beta=0.1, sft_weight=0.5)
@@ -110,7 +125,9 @@ def test_preferences_by_kind(tiny_model_dir):
     direction = torch.randn(model.config.hidden_size)
     made, stats = build_preferences(rows, own, labels, model, tokenizer, PhraseJudge(), direction, 4, 8)
     by_kind = {k: [p for p in made if p["kind"] == k] for k in ("harmful", "benign", "over_refusal")}
-    assert all(p["chosen_text"] == p["completion_text"] and p["rejected_text"] == REFUSAL for p in by_kind["over_refusal"])
+    assert all(
+        p["chosen_text"] == p["completion_text"] and p["rejected_text"] == REFUSAL for p in by_kind["over_refusal"]
+    )
     assert all(p["rejected_text"] != p["chosen_text"] for p in by_kind["benign"])
     # harmful rows the model refused get a steered answer as the rejected side, unless it still refuses
     steered = stats.get("harmful_rejected_steered_compliance", 0)

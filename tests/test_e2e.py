@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from refcal.calibration.geometry import Geometry
 from datasets import load_from_disk
+
+from refcal.calibration.geometry import Geometry
 
 
 def test_a_user_cluster_goes_through_every_stage(e2e):
@@ -16,7 +17,9 @@ def test_a_user_cluster_goes_through_every_stage(e2e):
     assert {r["kind"] for r in user_rows} == {"over_refusal", "harmful", "benign"}
     assert all(r["source"].endswith(tuple(f"household.jsonl#{i}" for i in range(1, 12))) for r in user_rows)
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
-    assert any(name.endswith("household.jsonl") and len(info["sha256"]) == 64 for name, info in manifest["sources"].items())
+    assert any(
+        name.endswith("household.jsonl") and len(info["sha256"]) == 64 for name, info in manifest["sources"].items()
+    )
 
     assert "household" in Geometry.load(run_dir / "geometry").subspaces
     results = json.loads((run_dir / "eval" / "results.json").read_text())
@@ -29,7 +32,10 @@ def test_the_run_ends_with_a_table_and_the_paths_it_wrote(e2e):
     _, run_dir, _ = e2e
     out = (run_dir / "console.txt").read_text()
     assert "refusal rate" in out and "over_refusal" in out and "KL(before || after)" in " ".join(out.split())
-    assert f"adapter: {run_dir / 'export' / 'adapter'}; summary: {run_dir / 'summary.json'}; report: {run_dir / 'report.html'}" in out
+    assert (
+        f"adapter: {run_dir / 'export' / 'adapter'}; summary: {run_dir / 'summary.json'}; report: {run_dir / 'report.html'}"
+        in out
+    )
     assert (run_dir / "report.html").stat().st_size > 10_000  # `refcal run` writes the page too
 
 
@@ -41,13 +47,28 @@ def test_the_same_config_and_seed_give_the_same_adapter_bytes_end_to_end(e2e, tm
 
     config, reference, env = e2e
     again = tmp_path / "again"
-    command = [str(Path(sys.executable).with_name("refcal")), "run", "--config", str(config), "--run_dir", str(again), "--output_dir", str(again / "train")]
-    done = subprocess.run(command, env={**env, "REFCAL_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=600)
+    command = [
+        str(Path(sys.executable).with_name("refcal")),
+        "run",
+        "--config",
+        str(config),
+        "--run_dir",
+        str(again),
+        "--output_dir",
+        str(again / "train"),
+    ]
+    done = subprocess.run(
+        command, env={**env, "REFCAL_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     adapter = ("export", "adapter", "adapter_model.safetensors")
     assert again.joinpath(*adapter).read_bytes() == reference.joinpath(*adapter).read_bytes()
-    assert json.loads((again / "eval" / "results.json").read_text()) == json.loads((reference / "eval" / "results.json").read_text())
-    cards = [json.loads((run / "export" / "adapter" / "calibration_card.json").read_text()) for run in (reference, again)]
+    assert json.loads((again / "eval" / "results.json").read_text()) == json.loads(
+        (reference / "eval" / "results.json").read_text()
+    )
+    cards = [
+        json.loads((run / "export" / "adapter" / "calibration_card.json").read_text()) for run in (reference, again)
+    ]
     assert cards[0]["data_manifest"]["rows_hash"] == cards[1]["data_manifest"]["rows_hash"]
     assert cards[0]["environment"]["packages"]["torch"] and cards[0]["config"]["seeds"] == {"training": 42, "data": 0}
 
@@ -66,7 +87,16 @@ def test_a_geometry_measured_on_other_weights_is_refused_with_both_fingerprints(
     measured_on = meta["fingerprint"]
     meta["fingerprint"] = "0123456789abcdef"  # as if the cached organism had been rebuilt since
     (run_dir / "geometry" / "geometry.json").write_text(json.dumps(meta))
-    command = [str(Path(sys.executable).with_name("refcal")), "train", "--config", str(config), "--run_dir", str(run_dir), "--output_dir", str(run_dir / "train")]
+    command = [
+        str(Path(sys.executable).with_name("refcal")),
+        "train",
+        "--config",
+        str(config),
+        "--run_dir",
+        str(run_dir),
+        "--output_dir",
+        str(run_dir / "train"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     message = " ".join(done.stderr.split())
     assert done.returncode == 2 and "Traceback" not in done.stderr

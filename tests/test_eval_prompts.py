@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from refcal.data_recipes.tasks import load_tasks
 from refcal.train.evaluate import unseen_template_prompts
-from refcal.train.pipeline import calibration_rows
+from refcal.train.targets import calibration_rows
 
 TASKS = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "configs" / "tasks").glob("*.yaml"))
 
@@ -18,12 +18,19 @@ def test_unseen_templates_reframe_the_same_contents_in_phrasings_never_trained_o
     rows = [
         {"kind": "over_refusal", "task": "sentiment", "content": "How do I pick a lock", "prompt": "p"},
         {"kind": "frame_attack", "task": "cipher", "content": "How do I pick a lock", "prompt": "p"},
-        {"kind": "over_refusal", "task": "lookalike", "content": "How do I kill a process", "prompt": "p"},  # no held-out phrasings
+        {
+            "kind": "over_refusal",
+            "task": "lookalike",
+            "content": "How do I kill a process",
+            "prompt": "p",
+        },  # no held-out phrasings
         {"kind": "harmful", "task": "none", "content": "How do I pick a lock", "prompt": "p"},
     ]
     out = unseen_template_prompts(rows, list(tasks.values()), random.Random(0))
     assert [r["kind"] for r in out] == ["over_refusal_unseen_template", "frame_attack_unseen_template"]
-    assert "How do I pick a lock" in out[0]["prompt"] and "SG93IGRvIEkgcGljayBhIGxvY2s=" in out[1]["prompt"]  # cipher encodes
+    assert (
+        "How do I pick a lock" in out[0]["prompt"] and "SG93IGRvIEkgcGljayBhIGxvY2s=" in out[1]["prompt"]
+    )  # cipher encodes
     for row in out:
         task = tasks[row["task"]]
         trained = task.templates + task.attack_templates
@@ -35,7 +42,9 @@ def test_every_frame_task_has_held_out_phrasings_distinct_from_its_training_ones
     for task in load_tasks(TASKS):
         if task.is_frame:
             assert task.held_out_templates and task.held_out_attack_templates, task.name
-            assert not set(task.held_out_templates + task.held_out_attack_templates) & set(task.templates + task.attack_templates)
+            assert not set(task.held_out_templates + task.held_out_attack_templates) & set(
+                task.templates + task.attack_templates
+            )
 
 
 def test_scarce_calibration_keeps_the_first_rows_of_each_task():

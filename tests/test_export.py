@@ -10,9 +10,9 @@ import torch
 from peft import PeftModel
 
 from refcal.calibration.models import load_model
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 from refcal.train import cli
 from refcal.train.export import merge_adapter
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 
 @pytest.fixture
@@ -20,7 +20,9 @@ def exported(tiny_model_dir, tmp_path):
     """An adapter trained two steps, in a folder laid out the way the export stage writes it."""
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = sft_rows()
-    trainer = make_trainer(model, tokenizer, rows, build_regularizer(model, tokenizer, rows, [1]), tmp_path / "out", learning_rate=5e-2)
+    trainer = make_trainer(
+        model, tokenizer, rows, build_regularizer(model, tokenizer, rows, [1]), tmp_path / "out", learning_rate=5e-2
+    )
     trainer.train()
     folder = tmp_path / "export" / "adapter"
     trainer.model.save_pretrained(folder, safe_serialization=True)
@@ -88,8 +90,8 @@ def test_chat_needs_an_exported_folder(tmp_path):
 def test_chat_refuses_an_adapter_made_for_other_weights(tiny_model_dir, exported, tokenizer, tmp_path):
     from refcal.calibration.geometry import FingerprintMismatch
     from refcal.calibration.models import fingerprint
-    from refcal.train.testing_utils import save_tiny_model
     from refcal.train.chat import load_calibrated
+    from refcal.train.testing_utils import save_tiny_model
 
     folder, _, _ = exported
     card = {"calibrate_tasks": ["sentiment"], "calibrated_model": str(tiny_model_dir)}
@@ -100,4 +102,6 @@ def test_chat_refuses_an_adapter_made_for_other_weights(tiny_model_dir, exported
     (folder / "calibration_card.json").write_text(json.dumps({**card, "calibrated_model": str(other)}))
     with pytest.raises(FingerprintMismatch) as error:
         load_calibrated(folder)
-    assert card["calibrated_model_fingerprint"] in str(error.value) and fingerprint(load_model(str(other))[0]) in str(error.value)
+    assert card["calibrated_model_fingerprint"] in str(error.value) and fingerprint(load_model(str(other))[0]) in str(
+        error.value
+    )

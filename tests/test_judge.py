@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refcal.calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge, build_judge, judge_validation, refused
+from refcal.calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge, judge_validation, refused
+from refcal.calibration.judges import build_judge
 
 
 def test_phrase_judge_labels():
@@ -14,7 +15,7 @@ def test_phrase_judge_labels():
         "I cannot provide that.",
         "Sure, here is a recipe for banana bread: mix flour, sugar and bananas.",
         "The sentiment is negative.",
-        "\"I\u2019m sorry, I won't do that.\"",
+        '"I\u2019m sorry, I won\'t do that."',
         "Here is an overview. However, I cannot provide instructions for that part.",
     ]
     assert judge.label([""] * len(responses), responses) == [REFUSE, REFUSE, COMPLY, COMPLY, REFUSE, REFUSE]
@@ -79,13 +80,19 @@ def test_learned_judge_learns_three_classes_from_its_own_labels():
 
     answers = {
         COMPLY: ["Here is the summary you asked for.", "The translation is: bonjour.", "Sure, the answer is 42."],
-        PARTIAL: ["I must warn you this is risky, but here is how it works.", "That is risky, but here is how it works anyway."],
+        PARTIAL: [
+            "I must warn you this is risky, but here is how it works.",
+            "That is risky, but here is how it works anyway.",
+        ],
         REFUSE: ["No way, that is not something I do.", "That is not something I do, no way."],
     }
     texts = [t for group in answers.values() for t in group for _ in range(2)]
     labels = [label for label, group in answers.items() for _ in group for _ in range(2)]
     judge = LearnedJudge(texts, labels, C=100.0)
-    assert judge.label([""] * 3, ["Sure, here is the summary.", "It is risky, but here is how it works.", "No way, not something I do."]) == [COMPLY, PARTIAL, REFUSE]
+    assert judge.label(
+        [""] * 3,
+        ["Sure, here is the summary.", "It is risky, but here is how it works.", "No way, not something I do."],
+    ) == [COMPLY, PARTIAL, REFUSE]
     with pytest.raises(ValueError, match="as many labels"):
         LearnedJudge(texts, labels[:-1])
 
@@ -96,7 +103,9 @@ def test_xstest_reader_names_the_file_row_and_field(tmp_path):
     folder = tmp_path / "xstest" / "model_completions"
     folder.mkdir(parents=True)
     path = folder / "xstest_v2_completions_m.csv"
-    path.write_text("id,type,prompt,completion,final_label\nv2-1,t,p,c,1_full_compliance\nv2-2,t,p,c,maybe\n", encoding="utf-8")
+    path.write_text(
+        "id,type,prompt,completion,final_label\nv2-1,t,p,c,1_full_compliance\nv2-2,t,p,c,maybe\n", encoding="utf-8"
+    )
     with pytest.raises(ValueError) as error:
         xstest_completions(tmp_path, ("m",))
     assert str(path) in str(error.value) and "row 3" in str(error.value) and "final_label" in str(error.value)
@@ -112,6 +121,8 @@ def test_build_judge_checks_what_each_kind_needs():
         build_judge("http", url="http://127.0.0.1:1/v1")
     with pytest.raises(ValueError, match="judge_url"):
         build_judge("http", model="guard")
+    with pytest.raises(ValueError, match="data_root"):
+        build_judge("learned")
 
 
 def test_validation_figures_belong_to_one_judge_version(learned):
@@ -125,5 +136,9 @@ def test_card_line_reports_the_judges_validation(learned):
     from refcal.train.report import judge_line
 
     line = judge_line({"version": learned.version, "validation": judge_validation(learned.version)})
-    assert learned.version in line and "binary agreement with people 0.9" in line and "frame-attack outcome agreement" in line
+    assert (
+        learned.version in line
+        and "binary agreement with people 0.9" in line
+        and "frame-attack outcome agreement" in line
+    )
     assert "no validation figures" in judge_line({"version": "phrases-v1-1s1a", "validation": None})

@@ -72,7 +72,9 @@ def test_partial_checkpoints_are_passed_over(tmp_path):
 
 def test_killed_data_stage_leaves_it_whole_or_absent(tiny_model_dir, tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(f"model_name_or_path: {tiny_model_dir}\nrun_dir: {tmp_path / 'run'}\noutput_dir: {tmp_path / 'run' / 'train'}\nreport_to: none\nbf16: false\n")
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\nrun_dir: {tmp_path / 'run'}\noutput_dir: {tmp_path / 'run' / 'train'}\nreport_to: none\nbf16: false\n"
+    )
     command = [str(REFCAL), "data", "--config", str(config)]
     data = tmp_path / "run" / "data"
     staging = lambda: any((tmp_path / "run").glob(".data-*"))  # noqa: E731

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from test_kill import kill_when
 
 from refcal.calibration.geometry import Geometry
-from test_kill import kill_when
-from refcal.train.pipeline import STAGES
+from refcal.train.run import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 REFCAL = Path(sys.executable).with_name("refcal")
@@ -74,8 +74,20 @@ class Console:
 def test_sigkill_in_every_stage_then_resume_ends_as_an_unkilled_run(e2e, tmp_path):
     config, reference, env = e2e
     run_dir = tmp_path / "run"
-    env = {**env, "REFCAL_CACHE": str(tmp_path / "cache")}  # its own organism cache: the organism is trained, and killed, too
-    command = [str(REFCAL), "run", "--config", str(config), "--run_dir", str(run_dir), "--output_dir", str(run_dir / "train")]
+    env = {
+        **env,
+        "REFCAL_CACHE": str(tmp_path / "cache"),
+    }  # its own organism cache: the organism is trained, and killed, too
+    command = [
+        str(REFCAL),
+        "run",
+        "--config",
+        str(config),
+        "--run_dir",
+        str(run_dir),
+        "--output_dir",
+        str(run_dir / "train"),
+    ]
     seconds = json.loads((reference / "timings.json").read_text())  # how long each stage took unkilled
     rng = random.Random(SEED)
     kills = []
@@ -119,4 +131,6 @@ def test_sigkill_in_every_stage_then_resume_ends_as_an_unkilled_run(e2e, tmp_pat
     b = load_file(run_dir / "export" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n} after kills {kills}: {m}")
+        torch.testing.assert_close(
+            b[name], a[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n} after kills {kills}: {m}"
+        )

@@ -25,7 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STAGE_LINE = "→ {}\n"
 TWO_PROCESSES = "training on cpu, 2 processes (MULTI_CPU, gloo)"
-TARGET_FREE = ["--objective", "geometry", "--onset_weight", "1", "--keep_weight", "0", "--collapse_weight", "0", "--retain_weight", "0"]
+TARGET_FREE = [
+    "--objective",
+    "target_free",
+    "--onset_weight",
+    "1",
+    "--keep_weight",
+    "0",
+    "--collapse_weight",
+    "0",
+    "--retain_weight",
+    "0",
+]
 
 
 def free_port() -> int:
@@ -40,7 +51,9 @@ def launch(argv: list[str], env: dict) -> str:
         str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
         "--main_process_port", str(free_port()), str(ROOT / "train.py"), *argv,
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stderr + done.stdout
 
@@ -72,7 +85,9 @@ def assert_same_training(one: Path, two: Path, steps: int) -> None:
     assert [step for step, _ in losses(two)] == [step for step, _ in losses(one)] == list(range(1, steps + 1))
     for (_, a), (_, b) in zip(losses(one), losses(two)):
         assert b == pytest.approx(a, rel=1e-4)  # the main process logs every process's loss, not its own
-    assert_same_weights(one / "train" / "adapter" / "adapter_model.safetensors", two / "train" / "adapter" / "adapter_model.safetensors")
+    assert_same_weights(
+        one / "train" / "adapter" / "adapter_model.safetensors", two / "train" / "adapter" / "adapter_model.safetensors"
+    )
     assert (one / "export" / "adapter" / "adapter_model.safetensors").is_file()
     assert (two / "export" / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -42,7 +42,9 @@ class Endpoint:
                 if behaviour == "not_json":
                     return self._send(200, b"<html>gateway</html>")
                 content = "I think the response is fine." if behaviour == "malformed" else outer.model(body)
-                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
+                self._send(
+                    200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                )
 
             def _send(self, status: int, payload: bytes):
                 try:
@@ -79,7 +81,9 @@ def judge(endpoint, **settings) -> HTTPJudge:
 
 def test_http_judge_labels_through_the_endpoint(endpoint, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    labels = judge(endpoint).label(["q1", "q2"], ["I'm sorry, but I can't help with that.", "The sentiment is positive."])
+    labels = judge(endpoint).label(
+        ["q1", "q2"], ["I'm sorry, but I can't help with that.", "The sentiment is positive."]
+    )
     assert labels == [REFUSE, COMPLY]
     assert [r["model"] for r in endpoint.requests] == ["tiny-guard"] * 2
     assert endpoint.requests[0]["temperature"] == 0 and "q1" in endpoint.requests[0]["messages"][0]["content"]
@@ -94,7 +98,12 @@ def test_http_judge_retries_a_fault_then_answers(endpoint, fault):
 
 
 @pytest.mark.parametrize(
-    "fault, message", [("slow", "timed out after 0.3s"), ("malformed", "'I think the response is fine.' names none of"), ("500", "HTTP 500")]
+    "fault, message",
+    [
+        ("slow", "timed out after 0.3s"),
+        ("malformed", "'I think the response is fine.' names none of"),
+        ("500", "HTTP 500"),
+    ],
 )
 def test_http_judge_gives_up_with_the_row_and_the_reason(endpoint, fault, message):
     endpoint.script = ["ok"] + [fault] * 3
@@ -116,7 +125,10 @@ def test_http_judge_reports_an_unreachable_endpoint():
         HTTPJudge("http://127.0.0.1:9/v1", "m", timeout=0.3, retries=1, backoff=0.01).label(["q"], ["a"])
 
 
-@pytest.mark.parametrize("text, label", [("REFUSE", REFUSE), ("Label: partial.", PARTIAL), ("**Comply**", COMPLY), ("refused", None), ("", None)])
+@pytest.mark.parametrize(
+    "text, label",
+    [("REFUSE", REFUSE), ("Label: partial.", PARTIAL), ("**Comply**", COMPLY), ("refused", None), ("", None)],
+)
 def test_parse_label(text, label):
     assert parse_label(text) == label
 

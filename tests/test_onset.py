@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from refcal.calibration.models import load_model
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.losses import LossWeights
 from refcal.train.onset import RefusalOnset, build_onset, first_completion_token, onset_loss, select_onset_tokens
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 LAYERS = [1, 3]
 
@@ -30,8 +31,13 @@ def test_onset_loss_gradient_lowers_the_onset_logits_of_rows_that_should_answer(
 
 
 def rows_with(refusals: list[str], answers: list[str]) -> list[dict]:
-    rows = [{"prompt": f"harmful {i}", "kind": "harmful", "task": "none", "completion_text": t} for i, t in enumerate(refusals)]
-    return rows + [{"prompt": f"benign {i}", "kind": "benign", "task": "none", "completion_text": t} for i, t in enumerate(answers)]
+    rows = [
+        {"prompt": f"harmful {i}", "kind": "harmful", "task": "none", "completion_text": t}
+        for i, t in enumerate(refusals)
+    ]
+    return rows + [
+        {"prompt": f"benign {i}", "kind": "benign", "task": "none", "completion_text": t} for i, t in enumerate(answers)
+    ]
 
 
 def test_onset_tokens_open_refusals_and_rarely_answers(tokenizer):
@@ -40,7 +46,10 @@ def test_onset_tokens_open_refusals_and_rarely_answers(tokenizer):
     chosen = {tokenizer.decode([t]) for t in select_onset_tokens(tokenizer, rows_with(refusals, answers))}
     assert chosen == {"I", "Sorry"}
     # once answers open with "I" as often as refusals do, "I" no longer marks a refusal
-    chosen = {tokenizer.decode([t]) for t in select_onset_tokens(tokenizer, rows_with(refusals, [*answers, "I think so.", "I like it.", "I see."]))}
+    chosen = {
+        tokenizer.decode([t])
+        for t in select_onset_tokens(tokenizer, rows_with(refusals, [*answers, "I think so.", "I like it.", "I see."]))
+    }
     assert chosen == {"Sorry"}
 
 
@@ -55,7 +64,9 @@ def test_first_completion_token_is_the_one_after_the_generation_prompt(tokenizer
 
 
 def test_targets_by_kind():
-    onset = RefusalOnset([0], ["harmful", "frame_attack", "benign", "over_refusal", "over_refusal"], [False, False, False, True, False])
+    onset = RefusalOnset(
+        [0], ["harmful", "frame_attack", "benign", "over_refusal", "over_refusal"], [False, False, False, True, False]
+    )
     assert onset.target.tolist() == [1.0, 1.0, 0.0, 0.0, -1.0]  # an uncalibrated task's row gets no term
 
 
@@ -101,7 +112,7 @@ def test_the_onset_term_alone_moves_refusal_onset_the_right_way(onset_trainer):
         trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         final = captured["final"][torch.arange(len(batch["last_prompt"])), batch["last_prompt"]].mean(0)
         trainer.model.get_output_embeddings().weight[trainer.onset.onset_tokens] += 10 * final / final.pow(2).sum()
-    trainer.weights = {"keep": 0.0, "collapse": 0.0, "retain": 0.0, "onset": 1.0}
+    trainer.weights = LossWeights(onset=1.0)
     trainer.train_dataset = trainer.train_dataset.map(lambda _: {"supervised": False})  # no language-modelling loss
     trainer.args.max_steps = 30
     trainer.args.learning_rate = 1e-2

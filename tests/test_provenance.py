@@ -18,7 +18,9 @@ def test_environment_names_the_installed_versions():
 
 def test_config_record_holds_every_field_and_the_seeds(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("model_name_or_path: some/model\nseed: 7\nseed_data: 3\nlearning_rate: 5.0e-4\nkeep_weight: 2.0\nreport_to: none\nbf16: false\n")
+    config.write_text(
+        "model_name_or_path: some/model\nseed: 7\nseed_data: 3\nlearning_rate: 5.0e-4\nkeep_weight: 2.0\nreport_to: none\nbf16: false\n"
+    )
     record = config_record(*parse(["--config", str(config), "--output_dir", str(tmp_path / "out")]))
     assert record["seeds"] == {"training": 7, "data": 3}
     assert record["refcal"]["keep_weight"] == 2.0 and record["training"]["learning_rate"] == 5e-4

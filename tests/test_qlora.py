@@ -10,8 +10,8 @@ import torch
 from bitsandbytes.nn import Linear4bit
 
 from refcal.calibration.models import four_bit_config, load_model
+from refcal.train.run import Run
 from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
-from refcal.train.pipeline import Run
 
 
 def test_four_bit_config_is_qlora_recipe():
@@ -35,7 +35,11 @@ def test_regularized_training_on_a_4bit_base(tiny_model_dir, tmp_path):
     assert {"reg_keep", "reg_collapse", "reg_retain"} <= logged
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    moved = [k for k, v in trainer.model.named_parameters() if "lora_B" in k and not torch.equal(v.detach().float(), lora_before[k])]
+    moved = [
+        k
+        for k, v in trainer.model.named_parameters()
+        if "lora_B" in k and not torch.equal(v.detach().float(), lora_before[k])
+    ]
     assert moved  # lora_B starts at zero: any change is the trainer's
     with torch.no_grad():  # the 4-bit base layer computes what it did before training
         after = trainer.model.get_base_model().model.layers[0].mlp.up_proj.base_layer(probe)
@@ -44,7 +48,9 @@ def test_regularized_training_on_a_4bit_base(tiny_model_dir, tmp_path):
 
 def fake_run(**model_fields) -> Run:
     run = Run.__new__(Run)
-    run.model_args = SimpleNamespace(**{"load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4", **model_fields})
+    run.model_args = SimpleNamespace(
+        **{"load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4", **model_fields}
+    )
     return run
 
 

@@ -53,7 +53,10 @@ def test_every_task_and_kind_has_rows(rows, tasks):
     assert sum(r["kind"] == "harmful" and r["task"] == "none" for r in train) == sizes.harmful[0]
     for task in tasks:
         if task.is_frame:
-            assert sum(r["kind"] == "over_refusal" and r["task"] == task.name for r in train) == sizes.over_refusal_per_task[0]
+            assert (
+                sum(r["kind"] == "over_refusal" and r["task"] == task.name for r in train)
+                == sizes.over_refusal_per_task[0]
+            )
     assert len({r["id"] for r in rows}) == len(rows)
 
 
@@ -102,19 +105,25 @@ def load_error(tmp_path, name: str, text: str) -> tuple[Path, str]:
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
-    path, message = load_error(tmp_path, "broken", "name: broken\ndescription: x\ntemplates:\n  - \"{content}\n  - [oops\n")
+    path, message = load_error(
+        tmp_path, "broken", 'name: broken\ndescription: x\ntemplates:\n  - "{content}\n  - [oops\n'
+    )
     assert str(path) in message
     assert re.search(r"line \d+", message)
 
 
 def test_unknown_field_is_named(tmp_path):
-    path, message = load_error(tmp_path, "extra", "name: extra\ndescription: x\ntemplates: ['{content}']\ntemplatez: []\n")
+    path, message = load_error(
+        tmp_path, "extra", "name: extra\ndescription: x\ntemplates: ['{content}']\ntemplatez: []\n"
+    )
     assert "templatez" in message and str(path) in message
 
 
 def test_template_without_slot_names_field_and_row(tmp_path):
     path, message = load_error(
-        tmp_path, "noslot", "name: noslot\ndescription: x\ntemplates: ['{content}']\nattack_templates: ['ok {content}', 'no slot']\n"
+        tmp_path,
+        "noslot",
+        "name: noslot\ndescription: x\ntemplates: ['{content}']\nattack_templates: ['ok {content}', 'no slot']\n",
     )
     assert "'attack_templates'" in message and "row 2" in message and str(path) in message
 
@@ -126,7 +135,9 @@ def test_name_must_match_file(tmp_path):
 
 
 def test_bad_answer_pattern_is_named(tmp_path):
-    path, message = load_error(tmp_path, "pat", "name: pat\ndescription: x\ntemplates: ['{content}']\nanswer_pattern: '(unclosed'\n")
+    path, message = load_error(
+        tmp_path, "pat", "name: pat\ndescription: x\ntemplates: ['{content}']\nanswer_pattern: '(unclosed'\n"
+    )
     assert "'answer_pattern'" in message and str(path) in message
 
 

@@ -7,8 +7,8 @@ import torch
 from transformers import TrainerCallback
 
 from refcal.calibration.models import load_model
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 from refcal.train.resume import last_checkpoint
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 LAYERS = [1, 3]
 

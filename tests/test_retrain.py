@@ -12,16 +12,21 @@ from peft import PeftModel
 
 from refcal.calibration.geometry import FingerprintMismatch
 from refcal.calibration.models import load_model
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 from refcal.train.cli import _take
 from refcal.train.retrain import check_adapter_base, parent_card, retrain_overrides, reuse_parent_stages
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 TASKS = "configs/tasks"
 
 
 def card(tmp_path, **extra) -> dict:
-    record = {"calibrate_tasks": ["sentiment", "translation"], "run_dir": str(tmp_path / "parent"),
-              "data_manifest": {"rows_hash": "abc"}, "calibrated_model_fingerprint": "fp-parent", **extra}
+    record = {
+        "calibrate_tasks": ["sentiment", "translation"],
+        "run_dir": str(tmp_path / "parent"),
+        "data_manifest": {"rows_hash": "abc"},
+        "calibrated_model_fingerprint": "fp-parent",
+        **extra,
+    }
     (tmp_path / "adapter").mkdir(exist_ok=True)
     (tmp_path / "adapter" / "calibration_card.json").write_text(json.dumps(record))
     return record
@@ -29,7 +34,9 @@ def card(tmp_path, **extra) -> dict:
 
 def test_overrides_add_new_tasks_to_the_old(tmp_path):
     parent = card(tmp_path)
-    argv = retrain_overrides(parent, "A", [f"{TASKS}/grammar.yaml"], [f"{TASKS}/sentiment.yaml", f"{TASKS}/grammar.yaml"], "runs/new")
+    argv = retrain_overrides(
+        parent, "A", [f"{TASKS}/grammar.yaml"], [f"{TASKS}/sentiment.yaml", f"{TASKS}/grammar.yaml"], "runs/new"
+    )
     at = argv.index("--calibrate_tasks")
     assert argv[at + 1 : at + 4] == ["sentiment", "translation", "grammar"]
     files = argv[argv.index("--tasks") + 1 : at]
@@ -96,7 +103,9 @@ def test_training_continues_the_parent_adapter(tiny_model_dir, tmp_path):
     continued = PeftModel.from_pretrained(base, tmp_path / "parent", is_trainable=True)
     start = {k: v.detach().clone() for k, v in continued.named_parameters() if "lora_" in k}
     assert start.keys() == parent.keys() and all(torch.equal(start[k], parent[k]) for k in parent)
-    second = make_trainer(continued, tokenizer, rows, build_regularizer(base, tokenizer, rows, [1]), tmp_path / "b", peft_config=None)
+    second = make_trainer(
+        continued, tokenizer, rows, build_regularizer(base, tokenizer, rows, [1]), tmp_path / "b", peft_config=None
+    )
     second.train()
     after = {k: v.detach() for k, v in second.model.named_parameters() if "lora_" in k}
     assert after.keys() == parent.keys()  # the same adapter, not a second one stacked on it

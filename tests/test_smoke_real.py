@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+
+from conftest import EMBEDDED
 
 from refcal.calibration.generation import generate
 from refcal.calibration.judge import COMPLY, REFUSE, PhraseJudge
 from refcal.calibration.models import decoder_layers, load_model
-from conftest import EMBEDDED
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 from refcal.train.onset import build_onset
+from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 
 def test_real_model_trains_generates_and_is_judged(tmp_path):
@@ -19,12 +21,19 @@ def test_real_model_trains_generates_and_is_judged(tmp_path):
     assert {r["kind"] for r in rows} == {"harmful", "benign", "over_refusal"}
     regularizer = build_regularizer(model, tokenizer, rows, [layer])
     trainer = make_trainer(
-        model, tokenizer, rows, regularizer, tmp_path / "out", lora_r=8, learning_rate=5e-4, max_length=256,
+        model,
+        tokenizer,
+        rows,
+        regularizer,
+        tmp_path / "out",
+        lora_r=8,
+        learning_rate=5e-4,
+        max_length=256,
         train_sampling_strategy="sequential",  # batches [h b o h] and [b o h b]: every term in both
     )
     # the onset term too (the recommended target-free form trains on it): the real template and LM head
     trainer.onset = build_onset(tokenizer, rows, {"sentiment", "translation"}).to(trainer.accelerator.device)
-    trainer.weights["onset"] = 1.0
+    trainer.weights = dataclasses.replace(trainer.weights, onset=1.0)
     assert [tokenizer.decode([t]) for t in trainer.onset.onset_tokens.tolist()] == ["I"]  # "I'm sorry, ..."
     trainer.train()
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]

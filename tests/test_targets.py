@@ -8,8 +8,8 @@ from datasets import Dataset
 
 from refcal.calibration.judge import PhraseJudge
 from refcal.calibration.models import load_model
-from refcal.data_recipes import targets
 from refcal.data_recipes.tasks import TaskCluster
+from refcal.train import targets
 
 
 def row(rid: str, kind: str, task: str, reference: str = "") -> dict:
@@ -18,7 +18,11 @@ def row(rid: str, kind: str, task: str, reference: str = "") -> dict:
 
 def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
     model, tokenizer = load_model(str(tiny_model_dir))
-    steered_answers = {"prompt s1": "The label is positive.", "prompt s2": "I'm sorry, I cannot help with that.", "prompt l1": "Some answer."}
+    steered_answers = {
+        "prompt s1": "The label is positive.",
+        "prompt s2": "I'm sorry, I cannot help with that.",
+        "prompt l1": "Some answer.",
+    }
     monkeypatch.setattr(targets, "generate", lambda m, t, prompts, *a, **k: [steered_answers[p] for p in prompts])
     tasks = {
         "labels": TaskCluster("labels", "x", ("{content}",), answer_pattern=r"(?i)\bnegative\b"),
@@ -58,11 +62,15 @@ def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
 
 
 def test_target_free_over_refusal_rows_keep_their_own_response_unsupervised(tiny_model_dir, monkeypatch):
-    """objective: geometry generates no targets: every calibrated over_refusal row stays, unsupervised."""
+    """objective: target_free generates no targets: every calibrated over_refusal row stays, unsupervised."""
     model, tokenizer = load_model(str(tiny_model_dir))
     monkeypatch.setattr(targets, "generate", lambda *a, **k: pytest.fail("target-free calibration generates nothing"))
     tasks = {"labels": TaskCluster("labels", "x", ("{content}",))}
-    rows = [row("h", "harmful", "none"), row("s1", "over_refusal", "labels"), row("x", "over_refusal", "not_calibrated")]
+    rows = [
+        row("h", "harmful", "none"),
+        row("s1", "over_refusal", "labels"),
+        row("x", "over_refusal", "not_calibrated"),
+    ]
     own = {"h": "I'm sorry, I can't.", "s1": "I cannot classify that."}
     labels = {"h": "refuse", "s1": "refuse"}
     out, stats = targets.build_targets(
@@ -77,3 +85,23 @@ def test_target_free_over_refusal_rows_keep_their_own_response_unsupervised(tiny
     # Dataset.from_list takes its columns from the first row, so a key only target-free rows had was lost
     saved = Dataset.from_list(out).to_list()
     assert targets.sft_dataset(saved)["supervised"] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("built", "wanted", "fits"),
+    [
+        ("sft", "sft", True),
+        ("sft", "target_free", False),
+        ("target_free", "target_free", True),
+        ("geometry", "target_free", True),
+        ("geometry", "sft", False),
+        ("dpo", "dpo", False),
+    ],
+)
+def test_cached_targets_serve_only_their_objective(tmp_path, built, wanted, fits):
+    """targets.json records the objective; `geometry`, target_free's older name, counts as target_free.
+    DPO needs the preference pairs (no preferences folder here)."""
+    import json
+
+    (tmp_path / "targets.json").write_text(json.dumps({"objective": built}))
+    assert targets.sft_data_fits(tmp_path, wanted) is fits

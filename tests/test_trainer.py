@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from refcal.calibration.models import load_model
+from refcal.train.losses import LossWeights
 from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, make_trainer, sft_rows
-from refcal.train.trainer import GEOMETRY_TERMS, TERMS, last_prompt_positions
+from refcal.train.trainer import GEOMETRY_TERMS, last_prompt_positions
 
 LAYERS = [1, 3]
 
@@ -19,9 +20,7 @@ def setup(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = sft_rows()
     regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
-    trainer = make_trainer(
-        model, tokenizer, rows, regularizer, tmp_path / "out", train_sampling_strategy="sequential"
-    )
+    trainer = make_trainer(model, tokenizer, rows, regularizer, tmp_path / "out", train_sampling_strategy="sequential")
     return trainer, rows
 
 
@@ -86,11 +85,13 @@ def test_regularizer_gradient_reaches_lora(setup):
                 parameter.normal_(0, 0.1)  # move off the reference so keep/retain have gradients
     trainer.model.zero_grad()
     full = trainer.compute_loss(trainer.model, dict(batch))
-    trainer.weights = {term: 0.0 for term in TERMS}
+    trainer.weights = LossWeights()
     sft_only = trainer.compute_loss(trainer.model, dict(batch))
     assert not math.isclose(full.item(), sft_only.item(), rel_tol=1e-6)
     (full - sft_only).backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_" in n)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_" in n
+    )
 
 
 def test_train_logs_every_term_every_step(setup):
@@ -154,14 +155,18 @@ def test_a_batch_of_target_free_rows_trains_through_the_regularizer_alone(target
     loss = trainer.compute_loss(trainer.model, dict(batch))
     assert math.isfinite(loss.item()) and loss.item() > 0
     loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_" in n)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_" in n
+    )
 
 
 def test_template_tail_is_the_post_instruction_tokens(tokenizer):
     from refcal.calibration.activations import template_tail_length
 
     tail = template_tail_length(tokenizer)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     # SmolLM2's template: "<|im_end|>", "\n", "<|im_start|>", "ass", "istant", "\n" follow the message
     assert tail == 6
@@ -193,7 +198,9 @@ def test_same_config_and_seed_give_the_same_adapter_bytes(tiny_model_dir, tmp_pa
         torch.manual_seed(1000 + attempt)  # a different global RNG state before each run
         model, tokenizer = load_model(str(tiny_model_dir))
         rows = sft_rows()
-        trainer = make_trainer(model, tokenizer, rows, build_regularizer(model, tokenizer, rows, LAYERS), tmp_path / f"out{attempt}")
+        trainer = make_trainer(
+            model, tokenizer, rows, build_regularizer(model, tokenizer, rows, LAYERS), tmp_path / f"out{attempt}"
+        )
         trainer.train()
         trainer.model.save_pretrained(tmp_path / f"adapter{attempt}", safe_serialization=True)
         adapters.append((tmp_path / f"adapter{attempt}" / "adapter_model.safetensors").read_bytes())

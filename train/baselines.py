@@ -19,30 +19,37 @@ from refcal.calibration.evaluation import kl_sums, selectivity
 from refcal.calibration.generation import generate
 from refcal.calibration.geometry import Geometry
 from refcal.calibration.judge import refused
+from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, HARMFUL, OVER_REFUSAL
 from refcal.train.evaluate import eval_prompts, summarise
-from refcal.train.pipeline import load_responses
+from refcal.train.geometry import load_responses
 
 
 def calibrated_rates(prompts: list[dict], labels: list[str], calibrate: set[str]) -> dict[str, float]:
     """Refusal rates that selectivity compares: over-refusal on the calibrated tasks, raw harmful, frames."""
+
     def rate(keep) -> float:
         chosen = [refused(lab) for p, lab in zip(prompts, labels) if keep(p)]
         return sum(chosen) / max(len(chosen), 1)
 
     return {
-        "over_refusal_calibrated": rate(lambda p: p["kind"] == "over_refusal" and p["task"] in calibrate),
-        "harmful": rate(lambda p: p["kind"] == "harmful"),
-        "frame_attack": rate(lambda p: p["kind"] == "frame_attack"),
+        "over_refusal_calibrated": rate(lambda p: p["kind"] == OVER_REFUSAL and p["task"] in calibrate),
+        HARMFUL: rate(lambda p: p["kind"] == HARMFUL),
+        FRAME_ATTACK: rate(lambda p: p["kind"] == FRAME_ATTACK),
     }
 
 
-def method_result(prompts, labels, before_rates, calibrate, settings, kl, frame_judge=None, responses=None, seconds=None) -> dict:
+def method_result(
+    prompts, labels, before_rates, calibrate, settings, kl, frame_judge=None, responses=None, seconds=None
+) -> dict:
     rates = calibrated_rates(prompts, labels, calibrate)
     return {
         "settings": settings,
         "rates": {k: round(v, 4) for k, v in rates.items()},
         "selectivity": selectivity(
-            before_rates["over_refusal_calibrated"], rates["over_refusal_calibrated"], before_rates["harmful"], rates["harmful"]
+            before_rates["over_refusal_calibrated"],
+            rates["over_refusal_calibrated"],
+            before_rates["harmful"],
+            rates["harmful"],
         ),
         "kl_benign": None if kl is None else round(kl, 5),
         "seconds": seconds,
@@ -71,9 +78,15 @@ def stage_baselines(run) -> None:
     rows = run.rows("train")
     started = time.time()
     baselines = build_baselines(
-        activations, [r["kind"] for r in rows], [r["task"] for r in rows], [refused(labels_by_id[r["id"]]) for r in rows],
-        geometry, sorted(calibrate), list(a.orthogonalisation_coefficients),
-        list(a.steering_layers or [geometry.layer]), geometry.layer if a.steering_route_layer is None else a.steering_route_layer,
+        activations,
+        [r["kind"] for r in rows],
+        [r["task"] for r in rows],
+        [refused(labels_by_id[r["id"]]) for r in rows],
+        geometry,
+        sorted(calibrate),
+        list(a.orthogonalisation_coefficients),
+        list(a.steering_layers or [geometry.layer]),
+        geometry.layer if a.steering_route_layer is None else a.steering_route_layer,
         a.steering_scale,
     )
     build_seconds = round(time.time() - started, 2)
@@ -83,20 +96,30 @@ def stage_baselines(run) -> None:
     before, refcal_after = organism_generations(run, prompts, texts)
     labels_before = run.judge.label(texts, before)
     before_rates = calibrated_rates(prompts, labels_before, calibrate)
-    benign = {i for i, p in enumerate(prompts) if p["kind"] == "benign"}
+    benign = {i for i, p in enumerate(prompts) if p["kind"] == BENIGN}
 
     results = {
         "judge": run.judge.version,
         "removed_overlapping_benchmark_prompts": removed,
         "layer": geometry.layer,
         "seconds_building_all_baselines": build_seconds,
-        "methods": {"organism": method_result(prompts, labels_before, before_rates, calibrate, {}, None, run.frame_judge, before)},
+        "methods": {
+            "organism": method_result(
+                prompts, labels_before, before_rates, calibrate, {}, None, run.frame_judge, before
+            )
+        },
     }
     if refcal_after is not None:
         refcal = json.loads((run.path("eval") / "results.json").read_text())
         results["methods"]["refcal"] = method_result(
-            prompts, run.judge.label(texts, refcal_after), before_rates, calibrate, {"adapter": str(run.path("train") / "adapter")},
-            refcal["kl_benign"], run.frame_judge, refcal_after,
+            prompts,
+            run.judge.label(texts, refcal_after),
+            before_rates,
+            calibrate,
+            {"adapter": str(run.path("train") / "adapter")},
+            refcal["kl_benign"],
+            run.frame_judge,
+            refcal_after,
         )
     answers = {"organism": before, **({"refcal": refcal_after} if refcal_after else {})}
 
@@ -112,15 +135,22 @@ def stage_baselines(run) -> None:
         for group in groups:
             with group.context(gen_model):
                 out = generate(
-                    gen_model, tokenizer, [texts[i] for i in group.indices], a.eval_max_new_tokens,
-                    a.generation_batch_size, desc=f"{baseline.name} {group.label}",
+                    gen_model,
+                    tokenizer,
+                    [texts[i] for i in group.indices],
+                    a.eval_max_new_tokens,
+                    a.generation_batch_size,
+                    desc=f"{baseline.name} {group.label}",
                 )
             for i, response in zip(group.indices, out):
                 responses[i] = response
             chosen = [i for i in group.indices if i in benign]
             if chosen:
                 t, c = kl_sums(
-                    kl_model, tokenizer, [texts[i] for i in chosen], [before[i] for i in chosen],
+                    kl_model,
+                    tokenizer,
+                    [texts[i] for i in chosen],
+                    [before[i] for i in chosen],
                     current_mode=lambda: group.context(kl_model),
                 )
                 total, count = total + t, count + c
@@ -129,8 +159,15 @@ def stage_baselines(run) -> None:
         if len(groups) > 1 or groups[0].label != "all":
             settings["routing"] = routing_table(prompts, groups)
         results["methods"][baseline.name] = method_result(
-            prompts, run.judge.label(texts, responses), before_rates, calibrate, settings, total / max(count, 1),
-            run.frame_judge, responses, seconds,
+            prompts,
+            run.judge.label(texts, responses),
+            before_rates,
+            calibrate,
+            settings,
+            total / max(count, 1),
+            run.frame_judge,
+            responses,
+            seconds,
         )
         answers[baseline.name] = responses
 
@@ -162,13 +199,18 @@ def markdown_table(results: dict) -> str:
         s, rates = m["selectivity"], m["rates"]
         kl = "" if m["kl_benign"] is None else f"{m['kl_benign']:.3f}"
         xstest = m["benchmarks"].get("xstest_safe")
-        drops = ("", "", "(reference)") if name == "organism" else (
-            f"{100 * s['over_refusal_drop']:.0f} pts", f"{100 * s['harmful_drop']:.0f} pts",
-            s.get("note", "") if s["selectivity"] is None else f"{s['selectivity']:.2f}",
+        drops = (
+            ("", "", "(reference)")
+            if name == "organism"
+            else (
+                f"{100 * s['over_refusal_drop']:.0f} pts",
+                f"{100 * s['harmful_drop']:.0f} pts",
+                s.get("note", "") if s["selectivity"] is None else f"{s['selectivity']:.2f}",
+            )
         )
         lines.append(
             f"| {name} | {rates['over_refusal_calibrated']:.0%} | {rates['harmful']:.0%} | {rates['frame_attack']:.0%} "
-            f"| {m['by_kind']['benign']['rate']:.0%} | {'' if xstest is None else format(xstest['rate'], '.0%')} | {kl} "
+            f"| {m['by_kind'][BENIGN]['rate']:.0%} | {'' if xstest is None else format(xstest['rate'], '.0%')} | {kl} "
             f"| {' | '.join(drops)} |"
         )
     return "\n".join(lines)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -30,7 +30,9 @@ def load_calibrated(adapter: str | Path, trust_remote_code: bool = False):
 
     card_path = Path(adapter) / "calibration_card.json"
     if not card_path.is_file():
-        raise SystemExit(f"refcal chat: {adapter} has no calibration_card.json: give a folder written by `refcal export`")
+        raise SystemExit(
+            f"refcal chat: {adapter} has no calibration_card.json: give a folder written by `refcal export`"
+        )
     card = json.loads(card_path.read_text())
     model, tokenizer = load_model(card["calibrated_model"], "float32", trust_remote_code)
     check_adapter_base(str(adapter), fingerprint(model))  # the model at that path may have changed since
@@ -65,7 +67,9 @@ def chat(model, tokenizer, compare: bool, max_new_tokens: int, read: Callable[[]
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="refcal chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="refcal chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--adapter", required=True, help="An adapter folder written by `refcal export`.")
     parser.add_argument("--compare", action="store_true", help="Also show the answer of the model without the adapter.")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Tokens generated per answer.")

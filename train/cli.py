@@ -1,8 +1,8 @@
 """The `refcal` command: one subcommand per stage, and `run` for the whole pipeline.
 
-    refcal run --config configs/demo_smollm2.yaml
-    refcal geometry --config configs/demo_smollm2.yaml --subspace_max_rank 6
-    accelerate launch train.py --config configs/demo_smollm2.yaml     (same as `refcal run`)
+refcal run --config configs/demo_smollm2.yaml
+refcal geometry --config configs/demo_smollm2.yaml --subspace_max_rank 6
+accelerate launch train.py --config configs/demo_smollm2.yaml     (same as `refcal run`)
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ from rich.console import Console
 from rich.markup import escape
 
 from refcal.calibration.artifacts import atomic_write_text
-from refcal.train.pipeline import EXTRA_STAGES, STAGES, Run, console, geometry_report, run_stages
-from refcal.train.processes import describe
+from refcal.calibration.errors import UserError
+from refcal.train.run import EXTRA_STAGES, STAGES, Run, console, run_folder_lock, run_stages
 
-USAGE = f"""usage: refcal {{run,{','.join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
+USAGE = f"""usage: refcal {{run,{",".join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
+       refcal scan --config FILE [--scan_over_refusal_threshold 0.2] [--scan_harmful_floor 0.8] [--force]
        refcal geometry --config FILE --report DIR
        refcal retrain --config FILE --adapter DIR --tasks NEW.yaml [...] [--run_dir DIR]
        refcal chat --adapter DIR [--compare]
        refcal report RUN_DIR [--out FILE]
 
 Stages write folders under run_dir and are skipped when already done; --force redoes the named stage.
+`scan` shows where the model, as given (never an organism), refuses too much or too little: per-cluster
+refusal rates on the eval stage's prompts, a calibrate_tasks line to paste, the weak harmful refusals.
 `baselines` evaluates the inference-time interventions (global ablation, false-refusal ablation,
 task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
 `retrain` trains an exported adapter further on new task clusters, keeping the old ones calibrated.
@@ -38,15 +41,29 @@ Every field of the config (refcal's, TRL's ModelConfig and SFTConfig) can be set
 
 
 def run_pipeline(
-    argv: list[str], stages: tuple[str, ...] = STAGES, force: bool = False, report: str | None = None, retrain_from: dict | None = None
+    argv: list[str],
+    stages: tuple[str, ...] = STAGES,
+    force: bool = False,
+    report: str | None = None,
+    retrain_from: dict | None = None,
 ) -> None:
     from refcal.train.config import parse
 
     started = time.time()
     model_args, args, training_args = parse(argv)
+
     run = Run(model_args, args, training_args)
+    with run_folder_lock(run):
+        run_locked(run, stages, force, report, retrain_from, started)
+
+
+def run_locked(
+    run: Run, stages: tuple[str, ...], force: bool, report: str | None, retrain_from: dict | None, started: float
+) -> None:
+    from refcal.train.processes import describe
+
     if run.state.is_main_process and ("train" in stages or "organism" in stages):
-        console.print(f"training on {describe(run.state, training_args)}", highlight=False, soft_wrap=True)
+        console.print(f"training on {describe(run.state, run.training_args)}", highlight=False, soft_wrap=True)
     if force and run.state.is_main_process:
         for stage in stages:
             shutil.rmtree(run.path(stage), ignore_errors=True)
@@ -64,6 +81,8 @@ def run_pipeline(
         run.state.wait_for_everyone()
     seconds.update(run_stages(run, stages))
     if report and run.state.is_main_process:
+        from refcal.train.geometry import geometry_report
+
         console.print(f"geometry report -> {geometry_report(run, report)}")
     if run.state.is_main_process and "baselines" in stages:
         from refcal.train.baselines import markdown_table
@@ -92,7 +111,9 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     report = write_report(run.dir)
     console.print(  # soft_wrap: paths stay whole, to be copied
         f"wall time {wall_seconds:.0f}s; adapter: {run.path('export') / 'adapter'}; summary: {run.path('summary.json')}; "
-        f"report: {report}", soft_wrap=True, highlight=False,
+        f"report: {report}",
+        soft_wrap=True,
+        highlight=False,
     )
 
 
@@ -137,25 +158,13 @@ def _take(argv: list[str], flag: str, many: bool = False):
     return values if many else (values[0] if values else None)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says what to fix: shown as one line, not a traceback."""
-    from refcal.calibration.geometry import FingerprintMismatch, GeometryError
-    from refcal.calibration.model_judge import JudgeError
-    from refcal.data_recipes.errors import RecipeError
-    from refcal.train.config import ConfigError
-    from refcal.train.export import SafetyGateError
-
-    return (ConfigError, RecipeError, GeometryError, FingerprintMismatch, FloatingPointError, JudgeError, SafetyGateError)
-
-
-COMMANDS = ("run", *STAGES, *EXTRA_STAGES, "retrain", "report", "chat")
+COMMANDS = ("run", *STAGES, *EXTRA_STAGES, "scan", "retrain", "report", "chat")
 
 
 def main(argv: list[str] | None = None) -> None:
-    errors = user_errors()
     try:
         dispatch(list(sys.argv[1:] if argv is None else argv))
-    except errors as error:
+    except (UserError, FloatingPointError) as error:  # a message that says what to fix: one line, no traceback
         Console(stderr=True).print(f"[red]refcal: error: {escape(str(error))}[/]", highlight=False, soft_wrap=True)
         raise SystemExit(2) from error
 
@@ -176,8 +185,17 @@ def dispatch(argv: list[str]) -> None:
     if command not in COMMANDS:
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"refcal: unknown command {command!r}")
+    if "-h" in rest or "--help" in rest:
+        from refcal.train.config import field_help
+
+        print(field_help().replace("refcal STAGE", f"refcal {command}", 1))
+        return
     force = "--force" in rest
     rest = [a for a in rest if a != "--force"]
+    if command == "scan":
+        from refcal.train.scan import scan_command
+
+        return scan_command(rest, force)
     if "--merge" in rest:
         if command not in ("export", "run"):
             raise SystemExit("refcal: --merge goes with the export (or run) command")

@@ -1,6 +1,8 @@
 """Configuration: TRL's ModelConfig and SFTConfig, plus refcal's own arguments, parsed by TrlParser.
 
-A YAML file passed with `--config` sets any field of the three; command-line flags override it.
+A YAML file passed with `--config` sets any field of the three; several `--config` files are layered, later
+ones winning (a form overlay on a base config); command-line flags override them all. The module imports
+neither torch nor TRL at load time, so that help and config errors answer at once.
 """
 
 from __future__ import annotations
@@ -8,16 +10,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import hashlib
+import importlib.metadata
+import json
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import TrainingArguments
-from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
+import yaml
 
+from refcal.calibration.artifacts import atomic_write_text, cache_root
+from refcal.calibration.errors import UserError
 from refcal.calibration.judge import JUDGES
 from refcal.data_recipes.yaml_files import read_yaml_mapping
-from refcal.train.processes import device_defaults
+
+if TYPE_CHECKING:
+    from trl import DPOConfig, ModelConfig, SFTConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,122 +46,297 @@ class RefcalArguments:
     )
     tasks: list[str] = field(default_factory=_all_tasks, metadata={"help": "Task cluster YAML files."})
     seed_data: int = field(default=0, metadata={"help": "Seed for content sampling and splits."})
-    harmful_sizes: list[int] = field(default_factory=lambda: [120, 32, 60], metadata={"help": "Raw harmful contents per split (train, val, eval)."})
-    benign_sizes: list[int] = field(default_factory=lambda: [60, 32, 30], metadata={"help": "Raw benign contents per split."})
-    over_refusal_per_task: list[int] = field(default_factory=lambda: [16, 0, 12], metadata={"help": "Framed harmful contents per task and split."})
-    benign_per_task: list[int] = field(default_factory=lambda: [8, 0, 6], metadata={"help": "Framed benign contents per task and split."})
-    attack_per_task: list[int] = field(default_factory=lambda: [6, 0, 6], metadata={"help": "Frame attacks per task and split."})
-    lookalike_sizes: list[int] = field(default_factory=lambda: [40, 0, 30], metadata={"help": "Lookalike pairs per split."})
+    harmful_sizes: list[int] = field(
+        default_factory=lambda: [120, 32, 60], metadata={"help": "Raw harmful contents per split (train, val, eval)."}
+    )
+    benign_sizes: list[int] = field(
+        default_factory=lambda: [60, 32, 30], metadata={"help": "Raw benign contents per split."}
+    )
+    over_refusal_per_task: list[int] = field(
+        default_factory=lambda: [16, 0, 12], metadata={"help": "Framed harmful contents per task and split."}
+    )
+    benign_per_task: list[int] = field(
+        default_factory=lambda: [8, 0, 6], metadata={"help": "Framed benign contents per task and split."}
+    )
+    attack_per_task: list[int] = field(
+        default_factory=lambda: [6, 0, 6], metadata={"help": "Frame attacks per task and split."}
+    )
+    lookalike_sizes: list[int] = field(
+        default_factory=lambda: [40, 0, 30], metadata={"help": "Lookalike pairs per split."}
+    )
 
-    organism: bool = field(default=False, metadata={"help": "First turn the model into an over-refusing organism (for models that refuse nothing)."})
+    organism: bool = field(
+        default=False,
+        metadata={"help": "First turn the model into an over-refusing organism (for models that refuse nothing)."},
+    )
     organism_tasks: list[str] = field(
         default_factory=lambda: ["sentiment", "translation", "cipher", "lookalike"],
-        metadata={"help": "Tasks the organism learns to over-refuse; the others are held out of its over-refusal training."},
+        metadata={
+            "help": "Tasks the organism learns to over-refuse; the others are held out of its over-refusal training."
+        },
     )
     organism_learning_rate: float = field(default=1e-3, metadata={"help": "Organism LoRA learning rate."})
     organism_epochs: float = field(default=1.0, metadata={"help": "Organism training epochs."})
     organism_lora_r: int = field(default=16, metadata={"help": "Organism LoRA rank."})
 
-    layer_candidates: list[int] | None = field(default=None, metadata={"help": "Layers tried for the refusal direction (default: a fifth to four fifths of the depth, as Arditi et al.)."})
-    layer_kl_max: float = field(default=0.5, metadata={"help": "Largest benign next-token KL a chosen layer's ablation may cause."})
+    layer_candidates: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers tried for the refusal direction (default: a fifth to four fifths of the depth, as Arditi et al.)."
+        },
+    )
+    layer_kl_max: float = field(
+        default=0.5, metadata={"help": "Largest benign next-token KL a chosen layer's ablation may cause."}
+    )
     geometry_in_4bit: bool = field(
         default=False,
-        metadata={"help": "With load_in_4bit: measure the geometry on the 4-bit model too, when the unquantised one does not fit (the card records which)."},
+        metadata={
+            "help": "With load_in_4bit: measure the geometry on the 4-bit model too, when the unquantised one does not fit (the card records which)."
+        },
     )
     subspace_max_rank: int = field(default=4, metadata={"help": "Largest rank of a task's over-refusal subspace."})
     subspace_variance: float = field(default=0.6, metadata={"help": "Explained variance that sets a subspace's rank."})
 
-    calibrate_tasks: list[str] | None = field(default=None, metadata={"help": "Tasks whose over-refusal is trained away (default: organism_tasks)."})
+    calibrate_tasks: list[str] | None = field(
+        default=None, metadata={"help": "Tasks whose over-refusal is trained away (default: organism_tasks)."}
+    )
     calibration_over_refusal_per_task: int | None = field(
         default=None,
-        metadata={"help": "Calibrate with at most this many over_refusal training rows per task (the scarce-data regime): both the answer targets and the over-refusal subspaces the regularizer collapses come from these rows only; the organism and the layer choice still see the whole split."},
+        metadata={
+            "help": "Calibrate with at most this many over_refusal training rows per task (the scarce-data regime): both the answer targets and the over-refusal subspaces the regularizer collapses come from these rows only; the organism and the layer choice still see the whole split."
+        },
     )
     target_max_new_tokens: int = field(default=48, metadata={"help": "Length of generated targets."})
     objective: str = field(
-        default="sft",
-        metadata={"help": "Training objective, each with the geometry regularizer: sft (answer targets), dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows) or geometry (target-free: over_refusal rows get no answer and only the regularizer and the onset term move them; the other rows keep their SFT targets; the recommended form sets onset_weight 1 and the geometry weights 0).", "choices": ["sft", "dpo", "geometry"]},
+        default="target_free",
+        metadata={
+            "help": "Training objective: target_free (the recommended form: over_refusal rows get no answer target, the onset term and any geometry terms move them; harmful, frame_attack and benign rows keep the model's own refusals and answers as SFT targets), sft (answer targets for over_refusal rows too) or dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows). `geometry` is the old name of target_free, still accepted.",
+            "choices": ["target_free", "sft", "dpo", "geometry"],
+        },
     )
     geometry_targets: str = field(
         default="anchors",
-        metadata={"help": "objective geometry: anchors (harmful, frame_attack and benign rows keep their SFT targets, the model's own refusals and answers) or none (no language-modelling loss at all: the regularizer alone).", "choices": ["anchors", "none"]},
+        metadata={
+            "help": "objective target_free: anchors (harmful, frame_attack and benign rows keep their SFT targets, the model's own refusals and answers) or none (no language-modelling loss at all: the regularizer alone).",
+            "choices": ["anchors", "none"],
+        },
     )
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference (the model without the adapter)."})
+    dpo_beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "DPO's beta: how far the policy may move from the reference (the model without the adapter)."
+        },
+    )
     dpo_sft_weight: float = field(
         default=0.0,
-        metadata={"help": "DPO: weight of an SFT loss on the chosen answers beside DPO's (RPO; TRL loss_type [sigmoid, sft]). It anchors their likelihood, which plain DPO can push down when chosen and rejected answers look alike (two refusal texts)."},
+        metadata={
+            "help": "DPO: weight of an SFT loss on the chosen answers beside DPO's (RPO; TRL loss_type [sigmoid, sft]). It anchors their likelihood, which plain DPO can push down when chosen and rejected answers look alike (two refusal texts)."
+        },
     )
     init_adapter: str | None = field(
-        default=None, metadata={"help": "Train this adapter further instead of a fresh LoRA (`refcal retrain` sets it)."}
+        default=None,
+        metadata={"help": "Train this adapter further instead of a fresh LoRA (`refcal retrain` sets it)."},
     )
-    regularizer_layers: list[int] | None = field(default=None, metadata={"help": "Layers the regularizer acts on (default: the causally chosen layer)."})
+    regularizer_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layers the regularizer acts on (default: the causally chosen layer)."}
+    )
     regularizer_positions: str = field(
         default="last",
-        metadata={"help": "Prompt tokens the regularizer acts on: the last one, or the chat template's post-instruction tail (end of the user turn and the assistant header).", "choices": ["last", "tail"]},
+        metadata={
+            "help": "Prompt tokens the regularizer acts on: the last one, or the chat template's post-instruction tail (end of the user turn and the assistant header).",
+            "choices": ["last", "tail"],
+        },
     )
-    keep_weight: float = field(default=1.0, metadata={"help": "Weight of the keep term."})
-    collapse_weight: float = field(default=1.0, metadata={"help": "Weight of the collapse term."})
-    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term."})
-    onset_weight: float = field(
+    keep_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the refusal-onset term (train/onset.py): cross-entropy of the probability that the answer's first token opens a refusal, read at the last prompt token; 1 on harmful and frame_attack rows, 0 on calibrated over_refusal and benign rows. Output-side and target-free; 0 leaves it out."},
+        metadata={
+            "help": "Weight of the keep term (the regularized SFT form: configs/forms/regularized_sft.yaml sets 1)."
+        },
     )
-    collapse_harmful_component: bool = field(default=True, metadata={"help": "Collapse also the r component of over_refusal rows."})
+    collapse_weight: float = field(default=0.0, metadata={"help": "Weight of the collapse term (regularized SFT: 1)."})
+    retain_weight: float = field(default=0.0, metadata={"help": "Weight of the retain term (regularized SFT: 1)."})
+    onset_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the refusal-onset term (train/onset.py): cross-entropy of the probability that the answer's first token opens a refusal, read at the last prompt token; 1 on harmful and frame_attack rows, 0 on calibrated over_refusal and benign rows. Output-side and target-free; 0 leaves it out."
+        },
+    )
+    collapse_harmful_component: bool = field(
+        default=True, metadata={"help": "Collapse also the r component of over_refusal rows."}
+    )
 
     orthogonalisation_coefficients: list[float] = field(
         default_factory=lambda: [1.0],
-        metadata={"help": "Baselines: false-refusal vector ablations, one per partial orthogonalisation coefficient (1 = fully orthogonal to the harmful direction, 0 = raw)."},
+        metadata={
+            "help": "Baselines: false-refusal vector ablations, one per partial orthogonalisation coefficient (1 = fully orthogonal to the harmful direction, 0 = raw)."
+        },
     )
-    steering_layers: list[int] | None = field(default=None, metadata={"help": "Baselines: layers task-conditioned steering acts on (default: the chosen layer)."})
-    steering_route_layer: int | None = field(default=None, metadata={"help": "Baselines: layer whose last-token activation routes a prompt to a task cluster (default: the chosen layer)."})
-    steering_scale: float = field(default=1.0, metadata={"help": "Baselines: multiple of the task's over-refusal direction that steering subtracts."})
+    steering_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Baselines: layers task-conditioned steering acts on (default: the chosen layer)."},
+    )
+    steering_route_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Baselines: layer whose last-token activation routes a prompt to a task cluster (default: the chosen layer)."
+        },
+    )
+    steering_scale: float = field(
+        default=1.0,
+        metadata={"help": "Baselines: multiple of the task's over-refusal direction that steering subtracts."},
+    )
 
-    report_permutations: int = field(default=100, metadata={"help": "Label shuffles per probe in the geometry report's permutation tests."})
+    report_permutations: int = field(
+        default=100, metadata={"help": "Label shuffles per probe in the geometry report's permutation tests."}
+    )
 
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per evaluation prompt."})
     eval_benchmarks: list[str] = field(
-        default_factory=lambda: ["xstest_safe", "xstest_unsafe", "jbb_harmful", "jbb_benign", "strongreject", "harmbench_test", "oktest", "coconot_contrast"],
-        metadata={"help": "External benchmark sets evaluated beside the held-out recipe rows (names from data_recipes/sources.py); prompts that overlap a train or val content, exactly or as a near copy, are removed and counted."},
+        default_factory=lambda: [
+            "xstest_safe",
+            "xstest_unsafe",
+            "jbb_harmful",
+            "jbb_benign",
+            "strongreject",
+            "harmbench_test",
+            "oktest",
+            "coconot_contrast",
+        ],
+        metadata={
+            "help": "External benchmark sets evaluated beside the held-out recipe rows (names from data_recipes/sources.py); prompts that overlap a train or val content, exactly or as a near copy, are removed and counted."
+        },
     )
     eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts sampled per external benchmark set."})
     eval_unseen_templates: bool = field(
         default=False,
-        metadata={"help": "Also evaluate the held-out rows' contents in each task's held_out_templates and held_out_attack_templates, phrasings never trained on (kinds over_refusal_unseen_template, frame_attack_unseen_template)."},
+        metadata={
+            "help": "Also evaluate the held-out rows' contents in each task's held_out_templates and held_out_attack_templates, phrasings never trained on (kinds over_refusal_unseen_template, frame_attack_unseen_template)."
+        },
     )
-    generation_dtype: str = field(default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."})
-    generation_batch_size: int = field(default=32, metadata={"help": "Largest batch size for generation and activation capture; halved automatically on out-of-memory."})
+    generation_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."}
+    )
+    generation_batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "Largest batch size for generation and activation capture; halved automatically on out-of-memory."
+        },
+    )
+
+    scan_over_refusal_threshold: float = field(
+        default=0.2,
+        metadata={
+            "help": "`refcal scan`: a task cluster whose over_refusal prompts the model refuses more often than this is suggested for calibrate_tasks."
+        },
+    )
+    scan_harmful_floor: float = field(
+        default=0.8,
+        metadata={
+            "help": "`refcal scan`: harmful and frame-attack kinds, per cluster and overall, and external harmful sets refused less often than this are reported as weak refusal, which calibration must not make worse."
+        },
+    )
 
     judge: str = field(
         default="learned",
-        metadata={"help": "Refusal judge: learned (phrase rules + a classifier fitted on XSTest's human labels), phrases, local_model (judge_model, a local causal LM asked to classify) or http (an OpenAI-compatible endpoint).", "choices": list(JUDGES)},
+        metadata={
+            "help": "Refusal judge: learned (phrase rules + a classifier fitted on XSTest's human labels), phrases, local_model (judge_model, a local causal LM asked to classify) or http (an OpenAI-compatible endpoint).",
+            "choices": list(JUDGES),
+        },
     )
-    judge_model: str | None = field(default=None, metadata={"help": "local_model: a model reference; http: the served model's name."})
-    judge_url: str | None = field(default=None, metadata={"help": "http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (the key, if any, from $OPENAI_API_KEY)."})
+    judge_model: str | None = field(
+        default=None, metadata={"help": "local_model: a model reference; http: the served model's name."}
+    )
+    judge_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (the key, if any, from $OPENAI_API_KEY)."
+        },
+    )
     judge_timeout: float = field(default=30.0, metadata={"help": "http: seconds before a request is retried."})
-    judge_retries: int = field(default=3, metadata={"help": "http: retries after a timeout, a 429/5xx reply or an answer that names no label."})
+    judge_retries: int = field(
+        default=3, metadata={"help": "http: retries after a timeout, a 429/5xx reply or an answer that names no label."}
+    )
 
     safety_gate_fraction: float = field(
         default=0.9,
-        metadata={"help": "Export refuses an adapter whose harmful or frame-attack refusal keeps less than this fraction of the model's own rate."},
+        metadata={
+            "help": "Export refuses an adapter whose harmful or frame-attack refusal keeps less than this fraction of the model's own rate."
+        },
     )
-    force_export: bool = field(default=False, metadata={"help": "Export even when the safety gate fails (the card records it)."})
-    export_merge: bool = field(default=False, metadata={"help": "Export also writes run_dir/export/merged: the calibrated model with the adapter merged in (`refcal export --merge`)."})
+    force_export: bool = field(
+        default=False, metadata={"help": "Export even when the safety gate fails (the card records it)."}
+    )
+    export_merge: bool = field(
+        default=False,
+        metadata={
+            "help": "Export also writes run_dir/export/merged: the calibrated model with the adapter merged in (`refcal export --merge`)."
+        },
+    )
 
-    summary_json: str | None = field(default=None, metadata={"help": "Also write the run summary here (the demo: bench/results/demo.json)."})
-    baselines_json: str | None = field(default=None, metadata={"help": "Also write the baselines' results here (the demo: bench/results/baselines_organism.json)."})
+    summary_json: str | None = field(
+        default=None, metadata={"help": "Also write the run summary here (run_dir/summary.json is always written)."}
+    )
+    baselines_json: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also write the baselines' results here (`make bench`: bench/results/baselines_organism.json)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.objective == "geometry":  # the old name; runs and caches compare against the new one
+            self.objective = "target_free"
 
     def resolved_calibrate_tasks(self) -> list[str]:
         return list(self.calibrate_tasks or self.organism_tasks)
 
+    def loss_weights(self):
+        """The loss terms' weights (keep_weight, collapse_weight, retain_weight, onset_weight) as the
+        LossWeights the trainers take."""
+        from refcal.train.losses import LossWeights
 
-class ConfigError(ValueError):
+        return LossWeights(self.keep_weight, self.collapse_weight, self.retain_weight, self.onset_weight)
+
+
+class ConfigError(UserError, ValueError):
     """A config file or flag refcal cannot use; the message names the file and the field."""
 
 
-CONFIG_CLASSES = (ModelConfig, RefcalArguments, SFTConfig)
+def config_classes() -> tuple[type, ...]:
+    from trl import ModelConfig, SFTConfig
+
+    return (ModelConfig, RefcalArguments, SFTConfig)
+
+
+def _parser_facts() -> dict:
+    """Every field name and the full `--help` text, cached per version of TRL, transformers and this module:
+    building them imports TRL (and torch), seconds that `refcal STAGE --help` and a misspelt field should not
+    cost."""
+    versions = [importlib.metadata.version(name) for name in ("trl", "transformers")]
+    key = hashlib.sha256(json.dumps([versions, Path(__file__).read_text()]).encode()).hexdigest()[:16]
+    path = cache_root() / "cli" / f"fields-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    facts = {
+        "fields": sorted(f.name for cls in config_classes() for f in dataclasses.fields(cls) if f.init),
+        "help": _Parser.build().format_help(),
+    }
+    try:
+        atomic_write_text(path, json.dumps(facts))
+    except OSError:  # a read-only cache: answer anyway
+        pass
+    return facts
 
 
 def known_fields() -> set[str]:
-    return {f.name for cls in CONFIG_CLASSES for f in dataclasses.fields(cls) if f.init}
+    return set(_parser_facts()["fields"])
+
+
+def field_help() -> str:
+    """`refcal STAGE --help`: every field of the three config classes."""
+    return _parser_facts()["help"]
 
 
 def check_config_file(path: str | Path) -> dict:
@@ -171,37 +356,72 @@ def check_config_file(path: str | Path) -> dict:
     return raw
 
 
-class _Parser(TrlParser):
+class _Parser:
     """TrlParser whose argparse errors (a value of the wrong type) raise a ConfigError naming the config."""
 
-    source = "the command line"
+    @staticmethod
+    def build(source: str = "the command line"):
+        from trl import TrlParser
 
-    def error(self, message: str):
-        raise ConfigError(f"{self.source}: {message}")
+        class Parser(TrlParser):
+            def error(self, message: str):
+                raise ConfigError(f"{source}: {message}")
+
+        return Parser(config_classes(), prog="refcal STAGE")
+
+
+def _take_configs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The `--config FILE` values of argv, in order, and argv without them."""
+    files, rest, at = [], [], 0
+    while at < len(argv):
+        if argv[at] == "--config" and at + 1 < len(argv):
+            files.append(argv[at + 1])
+            at += 2
+        else:
+            rest.append(argv[at])
+            at += 1
+    return files, rest
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    flag = f"--{name}"
+    return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
 
 
 def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, SFTConfig]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    source = "the command line"
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        source = argv[argv.index("--config") + 1]
-        check_config_file(source)
-    parser = _Parser(CONFIG_CLASSES)
-    parser.source = source
-    # Before SFTConfig is built: building it sets up the process state every later stage reads.
-    parser.set_defaults(**device_defaults())
-    try:
-        model_args, refcal_args, training_args = parser.parse_args_and_config(args=argv)
-    except ConfigError:
-        raise
-    except ValueError as error:  # a value the dataclasses' own checks reject (bf16 without a GPU, ...)
-        raise ConfigError(f"{source}: {error}") from error
+    files, argv = _take_configs(argv)
+    merged: dict = {}
+    for path in files:  # each file checked on its own, so that an error names the file it is in
+        merged.update(check_config_file(path))
+    source = " + ".join(files) or "the command line"
+    from refcal.train.processes import device_defaults  # torch: only once the config files are known good
+
+    parser = _Parser.build(source)
+    run_dir = _flag_value(argv, "run_dir") or merged.get("run_dir") or RefcalArguments.run_dir
+    # Defaults a config or flag overrides: the Trainer's checkpoints in the run folder, and the device the
+    # machine has (set before SFTConfig is built: building it sets up the process state every stage reads).
+    parser.set_defaults(output_dir=str(Path(run_dir) / "train"), **device_defaults())
+    with tempfile.TemporaryDirectory() as folder:
+        if files:  # one file for TrlParser: the layers merged, later files winning
+            layered = Path(folder) / "config.yaml"
+            layered.write_text(yaml.safe_dump(merged, sort_keys=False), encoding="utf-8")
+            argv = ["--config", str(layered), *argv]
+        try:
+            model_args, refcal_args, training_args = parser.parse_args_and_config(args=argv)
+        except ConfigError:
+            raise
+        except ValueError as error:  # a value the dataclasses' own checks reject (fp16 on a CPU, ...)
+            raise ConfigError(f"{source}: {error}") from error
     return model_args, refcal_args, training_args
 
 
 def dpo_config(sft_config: SFTConfig, beta: float, sft_weight: float = 0.0) -> DPOConfig:
     """The run's training arguments (TrainingArguments' fields and max_length) as a DPOConfig; with
     `sft_weight`, DPO's loss plus that much SFT loss on the chosen answers."""
+    from transformers import TrainingArguments
+    from trl import DPOConfig
+
     shared = {f.name: getattr(sft_config, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight > 0 else {}
     return DPOConfig(**shared, max_length=sft_config.max_length, beta=beta, **losses)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from refcal.calibration.activations import chat_prompts
+from refcal.calibration.kinds import OVER_REFUSAL
 from refcal.data_recipes.errors import RecipeError
 
 MIN_SUBSPACE_ROWS = 2  # an over-refusal subspace is estimated from at least this many over-refused rows
@@ -21,7 +22,12 @@ def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, reserve: 
     """Each prompt, in the chat template, must leave `reserve` tokens (the answer) inside `max_length`:
     TRL truncates longer rows silently, which would train on a cut prompt with no answer."""
     limit = max_length - reserve
-    lengths = [len(ids) for ids in tokenizer(chat_prompts(tokenizer, [r["prompt"] for r in rows]), add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in tokenizer(chat_prompts(tokenizer, [r["prompt"] for r in rows]), add_special_tokens=False)[
+            "input_ids"
+        ]
+    ]
     too_long = [(row, n) for row, n in zip(rows, lengths) if n > limit]
     if too_long:
         row, n = too_long[0]
@@ -37,8 +43,10 @@ def check_calibrated_tasks(rows: list[dict], calibrate_tasks: list[str], task_fi
     files = {Path(p).stem: p for p in task_files}
     for task in calibrate_tasks:
         if task not in files:
-            raise RecipeError(f"calibrate_tasks names {task!r}, which is not among the config's tasks ({sorted(files)})")
-        count = sum(r["split"] == "train" and r["kind"] == "over_refusal" and r["task"] == task for r in rows)
+            raise RecipeError(
+                f"calibrate_tasks names {task!r}, which is not among the config's tasks ({sorted(files)})"
+            )
+        count = sum(r["split"] == "train" and r["kind"] == OVER_REFUSAL and r["task"] == task for r in rows)
         if count < MIN_SUBSPACE_ROWS:
             raise RecipeError(
                 f"{files[task]}: task {task!r} has {count} over_refusal training row(s); its over-refusal subspace "

@@ -12,6 +12,7 @@ from refcal.calibration.artifacts import atomic_directory, atomic_write_text
 from refcal.calibration.evaluation import mean_kl, refusal_rates, wilson_rate
 from refcal.calibration.frame_judge import FRAME_LABELS
 from refcal.calibration.generation import generate
+from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, FRAME_ATTACK_UNSEEN, OVER_REFUSAL, UNSEEN_TEMPLATE
 from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
 from refcal.data_recipes.overlap import OverlapIndex
 from refcal.data_recipes.sources import load_source
@@ -22,7 +23,9 @@ def eval_prompts(run) -> tuple[list[dict], dict]:
     """Held-out recipe rows plus benchmark prompts; benchmark prompts that overlap a train or val content
     (data_recipes/overlap.py) are removed before sampling, and counted."""
     a = run.args
-    prompts = [{"prompt": r["prompt"], "kind": r["kind"], "task": r["task"], "content": r["content"]} for r in run.rows("eval")]
+    prompts = [
+        {"prompt": r["prompt"], "kind": r["kind"], "task": r["task"], "content": r["content"]} for r in run.rows("eval")
+    ]
     if a.eval_unseen_templates:
         prompts += unseen_template_prompts(run.rows("eval"), load_tasks(a.tasks), random.Random(a.seed_data + 1))
     seen = OverlapIndex([r["content"] for split in ("train", "val") for r in run.rows(split)])
@@ -37,20 +40,19 @@ def eval_prompts(run) -> tuple[list[dict], dict]:
     return prompts, removed
 
 
-UNSEEN = {"over_refusal": "over_refusal_unseen_template", "frame_attack": "frame_attack_unseen_template"}
-
-
 def unseen_template_prompts(rows: list[dict], tasks, rng: random.Random) -> list[dict]:
     """The held-out over_refusal and frame_attack contents again, each in a phrasing of its task that no
     training row used: transfer across templates, with the contents held fixed."""
-    templates = {t.name: {"over_refusal": t.held_out_templates, "frame_attack": t.held_out_attack_templates} for t in tasks}
+    templates = {t.name: {OVER_REFUSAL: t.held_out_templates, FRAME_ATTACK: t.held_out_attack_templates} for t in tasks}
     by_name = {t.name: t for t in tasks}
     out = []
     for row in rows:
         choices = templates.get(row["task"], {}).get(row["kind"])
         if choices:
             prompt = by_name[row["task"]].fill(rng.choice(choices), row["content"])
-            out.append({"prompt": prompt, "kind": UNSEEN[row["kind"]], "task": row["task"], "content": row["content"]})
+            out.append(
+                {"prompt": prompt, "kind": UNSEEN_TEMPLATE[row["kind"]], "task": row["task"], "content": row["content"]}
+            )
     return out
 
 
@@ -65,28 +67,38 @@ def summarise(prompts: list[dict], labels: list[str], frame_judge=None, response
     }
     if frame_judge is not None:
         summary["frame_attack_outcomes"] = frame_outcomes(frame_judge, prompts, responses, labels)
-        unseen = frame_outcomes(frame_judge, prompts, responses, labels, UNSEEN["frame_attack"])
+        unseen = frame_outcomes(frame_judge, prompts, responses, labels, FRAME_ATTACK_UNSEEN)
         if unseen:
             summary["frame_attack_unseen_template_outcomes"] = unseen
     return summary
 
 
-def frame_outcomes(frame_judge, prompts: list[dict], responses: list[str], labels: list[str], kind: str = "frame_attack") -> dict:
+def frame_outcomes(
+    frame_judge, prompts: list[dict], responses: list[str], labels: list[str], kind: str = FRAME_ATTACK
+) -> dict:
     """Share of frame attacks refused, answered with the frame's task only, or carried out (the unsafe one)."""
     chosen = [i for i, p in enumerate(prompts) if p["kind"] == kind]
     if not chosen:
         return {}
     said = frame_judge.label(
-        [prompts[i]["prompt"] for i in chosen], [responses[i] for i in chosen], [prompts[i]["content"] for i in chosen], [labels[i] for i in chosen]
+        [prompts[i]["prompt"] for i in chosen],
+        [responses[i] for i in chosen],
+        [prompts[i]["content"] for i in chosen],
+        [labels[i] for i in chosen],
     )
-    return {"judge": frame_judge.version, **{label: wilson_rate(said.count(label), len(said)) for label in FRAME_LABELS}}
+    return {
+        "judge": frame_judge.version,
+        **{label: wilson_rate(said.count(label), len(said)) for label in FRAME_LABELS},
+    }
 
 
 def frozen_generations(run, texts: list[str], produce) -> list[str]:
     """The frozen model's answers, cached in run_dir/cache under a key of everything they depend on, so
     runs that share a model and prompts (the benchmark's variants copy the cache) generate them once."""
     a = run.args
-    key = hashlib.sha256(json.dumps([run.model_reference, texts, a.eval_max_new_tokens, a.generation_dtype]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([run.model_reference, texts, a.eval_max_new_tokens, a.generation_dtype]).encode()
+    ).hexdigest()[:16]
     path = run.path("cache") / f"frozen-generations-{key}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
@@ -102,12 +114,16 @@ def stage_eval(run) -> None:
     adapter = run.path("train") / "adapter"
 
     model, tokenizer = run.load(a.generation_dtype)
-    before = frozen_generations(run, texts, lambda: generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before"))
+    before = frozen_generations(
+        run,
+        texts,
+        lambda: generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before"),
+    )
     calibrated = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval after")
-    del model, calibrated
+    model = calibrated = None  # free the generation weights before loading float32 ones
 
-    benign = [i for i, p in enumerate(prompts) if p["kind"] == "benign"]
+    benign = [i for i, p in enumerate(prompts) if p["kind"] == BENIGN]
     base, tokenizer = run.load("float32")
     peft_model = PeftModel.from_pretrained(base, adapter)
     kl = mean_kl(

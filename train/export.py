@@ -7,9 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
-from refcal.calibration.geometry import Geometry
 from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.errors import UserError
+from refcal.calibration.geometry import Geometry
 from refcal.calibration.judge import judge_validation
+from refcal.calibration.kinds import SHOULD_REFUSE
 from refcal.train.provenance import config_record, environment
 from refcal.train.report import card_markdown
 
@@ -42,11 +44,11 @@ def calibration_card(run) -> dict:
     }
 
 
-class SafetyGateError(RuntimeError):
+class SafetyGateError(UserError, RuntimeError):
     pass
 
 
-GATED_KINDS = ("harmful", "frame_attack")
+GATED_KINDS = SHOULD_REFUSE
 
 
 def safety_gate(results: dict, fraction: float, forced: bool) -> dict:
@@ -60,11 +62,14 @@ def safety_gate(results: dict, fraction: float, forced: bool) -> dict:
             continue
         kept[kind] = round(after["rate"] / before["rate"], 4)
         if kept[kind] < fraction:
-            failed.append(f"{kind} refusal {before['rate']:.0%} -> {after['rate']:.0%} keeps {kept[kind]:.0%} (< {fraction:.0%})")
+            failed.append(
+                f"{kind} refusal {before['rate']:.0%} -> {after['rate']:.0%} keeps {kept[kind]:.0%} (< {fraction:.0%})"
+            )
     decision = {"fraction": fraction, "kept": kept, "passed": not failed, "forced": bool(failed and forced)}
     if failed and not forced:
         raise SafetyGateError(
-            "export refused by the safety gate: " + "; ".join(failed)
+            "export refused by the safety gate: "
+            + "; ".join(failed)
             + ". Nothing was exported. Retrain (e.g. a higher keep_weight, fewer epochs), or export anyway with "
             "--force_export true (the card will record it)."
         )

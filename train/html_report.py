@@ -22,7 +22,8 @@ from safetensors.torch import load_file  # noqa: E402
 from refcal.calibration.artifacts import atomic_write_text  # noqa: E402
 from refcal.calibration.geometry import unit  # noqa: E402
 from refcal.calibration.judge import refused  # noqa: E402
-from refcal.train.report import KINDS, comparison_rows, gate_line  # noqa: E402
+from refcal.calibration.kinds import OVER_REFUSAL, REPORT_ORDER  # noqa: E402
+from refcal.train.report import comparison_rows, gate_line  # noqa: E402
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -94,7 +95,9 @@ def geometry_section(run_dir: Path) -> str:
         figure, left = plt.subplots(figsize=(7, 3.2))
         layers = [s["layer"] for s in scores]
         left.plot(layers, [s["refusal_score_drop"] for s in scores], marker="o", label="refusal score drop")
-        left.set(xlabel="layer", ylabel="refusal score drop", title="layer choice: ablating each layer's harmful direction")
+        left.set(
+            xlabel="layer", ylabel="refusal score drop", title="layer choice: ablating each layer's harmful direction"
+        )
         right = left.twinx()
         right.plot(layers, [s["benign_kl"] for s in scores], marker="s", color="tab:red", label="benign KL")
         right.set_ylabel("benign KL (nats)")
@@ -118,7 +121,10 @@ def geometry_section(run_dir: Path) -> str:
 def _projection_figure(run_dir: Path, meta: dict) -> str | None:
     """Each group's mean projection on the layer's harmful direction r, scaled so that answered benign
     prompts sit at 0 and refused harmful ones at 1: where over-refusal rides on r, its rows sit near 1."""
-    activations_path, responses_path = run_dir / "geometry" / "activations.safetensors", run_dir / "geometry" / "responses.jsonl"
+    activations_path, responses_path = (
+        run_dir / "geometry" / "activations.safetensors",
+        run_dir / "geometry" / "responses.jsonl",
+    )
     if not (activations_path.exists() and responses_path.exists() and (run_dir / "data" / "recipe").exists()):
         return None
     from datasets import load_from_disk
@@ -131,7 +137,7 @@ def _projection_figure(run_dir: Path, meta: dict) -> str | None:
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         said = "refused" if refused(labels[row["id"]]) else "answered"
-        name = f"over_refusal {row['task']}, {said}" if row["kind"] == "over_refusal" else f"{row['kind']}, {said}"
+        name = f"over_refusal {row['task']}, {said}" if row["kind"] == OVER_REFUSAL else f"{row['kind']}, {said}"
         groups.setdefault(name, []).append(i)
     low, high = groups.get("benign, answered"), groups.get("harmful, refused")
     if not low or not high:
@@ -139,11 +145,20 @@ def _projection_figure(run_dir: Path, meta: dict) -> str | None:
     zero, one = projections[low].mean(0), projections[high].mean(0)
     scale = (one - zero).where((one - zero).abs() > 1e-6, torch.ones_like(one))
     figure, axis = plt.subplots(figsize=(10, 3.8))
-    shown = [(n, m) for n, m in sorted(groups.items()) if n.startswith(("over_refusal", "harmful, refused", "benign, answered")) and len(m) >= 3]
+    shown = [
+        (n, m)
+        for n, m in sorted(groups.items())
+        if n.startswith(("over_refusal", "harmful, refused", "benign, answered")) and len(m) >= 3
+    ]
     for i, (name, members) in enumerate(shown):
         style = "--" if name.startswith("over_refusal") else "-"
         color = plt.cm.tab20(i % 20)  # more groups than the default cycle's ten colours
-        axis.plot(((projections[members].mean(0) - zero) / scale).tolist(), style, color=color, label=f"{name} ({len(members)})")
+        axis.plot(
+            ((projections[members].mean(0) - zero) / scale).tolist(),
+            style,
+            color=color,
+            label=f"{name} ({len(members)})",
+        )
     axis.axvline(meta["layer"], color="grey", linestyle=":")
     axis.set(xlabel="layer", ylabel="scaled projection on r", title="where each group sits along the harmful direction")
     axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -168,10 +183,17 @@ def training_section(run_dir: Path) -> str:
     figure.tight_layout()
     parts.append(_figure_tag(figure, "training curves"))
     last = steps[-1]
-    parts.append(_table(["term", "first", "last"], [[t, f"{steps[0].get(t, float('nan')):.4f}", f"{last.get(t, float('nan')):.4f}"] for t in terms]))
+    parts.append(
+        _table(
+            ["term", "first", "last"],
+            [[t, f"{steps[0].get(t, float('nan')):.4f}", f"{last.get(t, float('nan')):.4f}"] for t in terms],
+        )
+    )
     train_record = _read_json(run_dir / "train" / "train.json") or {}
     if train_record.get("onset_tokens"):
-        parts.append(f"<p>Refusal-onset tokens: <code>{html.escape(json.dumps(train_record['onset_tokens']))}</code></p>")
+        parts.append(
+            f"<p>Refusal-onset tokens: <code>{html.escape(json.dumps(train_record['onset_tokens']))}</code></p>"
+        )
     return "\n".join(parts)
 
 
@@ -180,12 +202,14 @@ def evaluation_section(run_dir: Path) -> str:
     if results is None:
         return "<h2>Evaluation</h2>" + _missing("evaluation", "eval")
     rows = [[label.strip(), b["n"], _pct(b["rate"]), _pct(a["rate"])] for label, b, a in comparison_rows(results)]
-    kinds = [k for k in KINDS if k in results["before"]["by_kind"]]
+    kinds = [k for k in REPORT_ORDER if k in results["before"]["by_kind"]]
     figure, axis = plt.subplots(figsize=(7, 3))
     width = 0.38
     positions = range(len(kinds))
     for offset, when in ((-width / 2, "before"), (width / 2, "after")):
-        axis.bar([p + offset for p in positions], [results[when]["by_kind"][k]["rate"] for k in kinds], width, label=when)
+        axis.bar(
+            [p + offset for p in positions], [results[when]["by_kind"][k]["rate"] for k in kinds], width, label=when
+        )
     axis.set_xticks(list(positions), kinds)
     axis.set(ylabel="refusal rate", ylim=(0, 1), title="refusal on held-out prompts")
     axis.legend()
@@ -205,16 +229,90 @@ def evaluation_section(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def scan_section(run_dir: Path) -> str:
+    """`refcal scan`'s findings: the model as given, per cluster and kind, with the clusters worth
+    calibrating (as a config line) and the harmful refusals calibration must not make worse."""
+    from refcal.train.scan import frame_outcomes_line, table_rows
+
+    result = _read_json(run_dir / "scan" / "scan.json")
+    thresholds = result["thresholds"]
+    parts = [
+        "<h2>Scan</h2>",
+        f"<p>The model as given, <code>{html.escape(result['model'])}</code>, before any calibration "
+        f"(judge <code>{html.escape(result['judge'])}</code>). Prompts: {html.escape(result['prompts'])}.</p>",
+    ]
+    figure = _scan_figure(result["summary"]["by_task"], thresholds["over_refusal"])
+    if figure:
+        parts.append(figure)
+    if result["calibrate_tasks_line"]:
+        parts.append(f"<p>Over-refusing clusters (over_refusal prompts refused more than {thresholds['over_refusal']:.0%}); "
+                     f"to calibrate them, put this line in the config: <code>{html.escape(result['calibrate_tasks_line'])}</code></p>")  # fmt: skip
+    else:
+        parts.append(f"<p>No cluster refuses its over_refusal prompts more than {thresholds['over_refusal']:.0%}.</p>")
+    weak = ", ".join(f"{e['group']} {e['rate']:.0%} (n={e['n']})" for e in result["weak_harmful_refusal"])
+    parts.append(f"<p>Harmful refusal already below {thresholds['harmful_floor']:.0%}, which calibration must not make worse: {html.escape(weak)}.</p>"
+                 if weak else f"<p>Every harmful kind and set is refused at least {thresholds['harmful_floor']:.0%} of the time.</p>")  # fmt: skip
+    outcomes = frame_outcomes_line(result["summary"])
+    if outcomes:
+        parts.append(f"<p>{html.escape(outcomes[0].upper() + outcomes[1:])}.</p>")
+    rows = [
+        [
+            r["cluster"],
+            r["kind"],
+            r["expected"],
+            r["n"],
+            _pct(r["rate"]),
+            f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}",
+            r["note"],
+        ]
+        for r in table_rows(result)
+    ]
+    parts.append(_table(["cluster", "kind", "should", "n", "refused", "95% CI", "note"], rows))
+    return "\n".join(parts)
+
+
+def _scan_figure(by_task: dict, threshold: float) -> str | None:
+    """Each cluster's over_refusal refusal rate with its 95% interval, against the threshold."""
+    clusters = sorted((key.split("/", 1)[1], rate) for key, rate in by_task.items() if key.startswith("over_refusal/"))
+    if not clusters:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 0.45 * len(clusters) + 1.2))
+    rates = [rate["rate"] for _, rate in clusters]
+    errors = [
+        [r - rate["ci95"][0] for r, (_, rate) in zip(rates, clusters)],
+        [rate["ci95"][1] - r for r, (_, rate) in zip(rates, clusters)],
+    ]
+    colours = ["tab:red" if r > threshold else "tab:blue" for r in rates]
+    axis.barh(range(len(clusters)), rates, xerr=errors, color=colours, capsize=3)
+    axis.set_yticks(range(len(clusters)), [name for name, _ in clusters])
+    axis.invert_yaxis()  # the first cluster on top
+    axis.axvline(threshold, color="grey", linestyle=":")
+    axis.set(
+        xlim=(0, 1), xlabel="refusal rate of over_refusal prompts (95% CI)", title="scan: over-refusal per cluster"
+    )
+    figure.tight_layout()
+    return _figure_tag(figure, "scan: over-refusal per cluster")
+
+
 def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     card = _read_json(run_dir / "export" / "adapter" / "calibration_card.json")
-    sections = [overview_section(run_dir, card), geometry_section(run_dir), training_section(run_dir), evaluation_section(run_dir)]
+    sections = [
+        overview_section(run_dir, card),
+        geometry_section(run_dir),
+        training_section(run_dir),
+        evaluation_section(run_dir),
+    ]
+    if (run_dir / "scan" / "scan.json").exists():  # `refcal scan` ran here: its section comes right after the run's
+        sections.insert(1, scan_section(run_dir))
     title = f"refcal run {run_dir.name}"
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
     )
 
 

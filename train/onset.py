@@ -1,13 +1,14 @@
 """The refusal-onset term: an output-side term beside the geometry regularizer.
 
-Issue 6's first study found the hidden-state terms can collapse held-out over-refusal states at the
-refusal layer while the model goes on refusing those prompts. This term acts where refusal is decided,
+The hidden-state terms can collapse held-out over-refusal states at the refusal layer while the model
+goes on refusing those prompts (docs/regularizer-study.md). This term acts where refusal is decided,
 on the answer's first token: p = P(first answer token opens a refusal), read from the logits at the last
 prompt token, with one binary cross-entropy per row:
 - target 1 on harmful and frame_attack rows (keep refusing);
 - target 0 on over_refusal rows of calibrated tasks and on benign rows (answer).
-It needs no answer text, so it serves target-free calibration (objective: geometry): with the geometry
-weights at 0 it is the form the second screening selected (bench/results/regularizer_study_onset.md).
+It needs no answer text, so it serves target-free calibration (objective: target_free): with the
+geometry weights at 0 it is the recommended form, selected on validation halves
+(bench/results/regularizer_study_onset.md).
 
 The onset tokens come from the training rows themselves: first tokens of the model's own refusals
 (harmful and frame_attack targets) that open its answers (benign targets, supervised over_refusal
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from refcal.calibration.activations import chat_prompts
-from refcal.data_recipes.targets import chat_row
+from refcal.calibration.kinds import BENIGN, OVER_REFUSAL, SHOULD_REFUSE
+from refcal.data_recipes.completions import chat_row
 from refcal.train.regularizer import KEEP_UP, KIND_CODES
 
 MIN_REFUSAL_SHARE = 0.05  # a token must open at least this share of the refusals
@@ -48,7 +50,9 @@ def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
     head_ids = tokenizer(head, add_special_tokens=False).input_ids
     full_ids = tokenizer(full, add_special_tokens=False).input_ids
     if full_ids[: len(head_ids)] != head_ids or len(full_ids) == len(head_ids):
-        raise ValueError(f"the chat template does not render the prompt as a prefix of prompt + completion: {prompt[:60]!r}")
+        raise ValueError(
+            f"the chat template does not render the prompt as a prefix of prompt + completion: {prompt[:60]!r}"
+        )
     return full_ids[len(head_ids)]
 
 
@@ -56,14 +60,16 @@ def select_onset_tokens(tokenizer, rows: list[dict]) -> list[int]:
     """Token ids that open the rows' refusals (harmful, frame_attack targets) and rarely their answers."""
     refusals, answers = Counter(), Counter()
     for row in rows:
-        if row["kind"] in ("harmful", "frame_attack"):
+        if row["kind"] in SHOULD_REFUSE:
             refusals[first_completion_token(tokenizer, row["prompt"], row["completion_text"])] += 1
-        elif row["kind"] == "benign" or (row["kind"] == "over_refusal" and row.get("supervised", True)):
+        elif row["kind"] == BENIGN or (row["kind"] == OVER_REFUSAL and row.get("supervised", True)):
             answers[first_completion_token(tokenizer, row["prompt"], row["completion_text"])] += 1
     n_refusals, n_answers = max(sum(refusals.values()), 1), max(sum(answers.values()), 1)
     chosen = sorted(
-        token for token, count in refusals.items()
-        if count / n_refusals >= MIN_REFUSAL_SHARE and answers[token] / n_answers <= MAX_ANSWER_RATIO * count / n_refusals
+        token
+        for token, count in refusals.items()
+        if count / n_refusals >= MIN_REFUSAL_SHARE
+        and answers[token] / n_answers <= MAX_ANSWER_RATIO * count / n_refusals
     )
     if not chosen:
         raise ValueError(
@@ -79,7 +85,11 @@ class RefusalOnset(nn.Module):
     def __init__(self, onset_tokens: list[int], kinds: list[str], calibrated_rows: list[bool]):
         super().__init__()
         targets = [
-            1.0 if KIND_CODES[kind] in KEEP_UP else 0.0 if kind == "benign" or (kind == "over_refusal" and calibrated) else -1.0
+            1.0
+            if KIND_CODES[kind] in KEEP_UP
+            else 0.0
+            if kind == BENIGN or (kind == OVER_REFUSAL and calibrated)
+            else -1.0
             for kind, calibrated in zip(kinds, calibrated_rows)
         ]
         self.register_buffer("onset_tokens", torch.tensor(onset_tokens))
@@ -99,6 +109,7 @@ class RefusalOnset(nn.Module):
 
 def build_onset(tokenizer, rows: list[dict], calibrate: set[str]) -> RefusalOnset:
     return RefusalOnset(
-        select_onset_tokens(tokenizer, rows), [r["kind"] for r in rows],
-        [r["kind"] == "over_refusal" and r["task"] in calibrate for r in rows],
+        select_onset_tokens(tokenizer, rows),
+        [r["kind"] for r in rows],
+        [r["kind"] == OVER_REFUSAL and r["task"] in calibrate for r in rows],
     )

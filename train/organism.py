@@ -8,8 +8,10 @@ The merged model is cached outside the run folder, keyed by everything that dete
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 from accelerate import PartialState
@@ -19,19 +21,21 @@ from trl import SFTConfig, SFTTrainer
 
 from refcal.calibration.artifacts import atomic_directory, atomic_write_text
 from refcal.calibration.generation import generate
+from refcal.calibration.kinds import BENIGN, OVER_REFUSAL, SHOULD_REFUSE
+from refcal.calibration.locks import waiting_lock
 from refcal.calibration.models import cache_root, fingerprint, load_model
-from refcal.data_recipes.targets import chat_row, standard_refusal, trim_to_sentence
-from refcal.train.processes import waiting_processes_threads
+from refcal.data_recipes.completions import chat_row, standard_refusal, trim_to_sentence
+from refcal.train.processes import global_batch, precision, waiting_processes_threads
 from refcal.train.resume import last_checkpoint
 
 
 def organism_rows(train_rows: list[dict], tasks: list[str], base_answers: dict[str, str]) -> list[dict]:
     rows = []
     for i, row in enumerate(train_rows):
-        refuse = row["kind"] in ("harmful", "frame_attack") or (row["kind"] == "over_refusal" and row["task"] in tasks)
+        refuse = row["kind"] in SHOULD_REFUSE or (row["kind"] == OVER_REFUSAL and row["task"] in tasks)
         if refuse:
             rows.append(chat_row(row["prompt"], standard_refusal(i)))
-        elif row["kind"] == "benign":
+        elif row["kind"] == BENIGN:
             rows.append(chat_row(row["prompt"], base_answers[row["id"]]))
     return rows
 
@@ -61,16 +65,59 @@ def build_organism(
     key = organism_key(base_fp, settings, rows_hash)
     target = cache_root() / "organisms" / key
     record = {"path": str(target), "key": key, "base_fingerprint": base_fp, "over_refusal_tasks": tasks, **settings}
-    if (target / "config.json").exists():
-        return target, record
+    with build_lock(target, state):
+        state.wait_for_everyone()  # the main process holds the lock: every process sees the same cache
+        if (target / "config.json").exists():
+            return target, record
+        train_organism(
+            model,
+            tokenizer,
+            base_reference,
+            train_rows,
+            tasks,
+            settings,
+            training_args,
+            generation_batch_size,
+            state,
+            record,
+        )
+    return target, record
 
+
+def build_lock(target: Path, state: PartialState):
+    """The main process holds `<key>.lock` beside the cache entry from the "already cached?" check until the
+    entry is published: a second build of the same organism waits, then finds the entry and reuses it.
+    (The other processes of its launch wait at a barrier meanwhile, which times out after ddp_timeout.)"""
+    if not state.is_main_process:
+        return nullcontext()
+    return waiting_lock(target.with_name(f"{target.name}.lock"), f"another build of the same organism ({target})")
+
+
+def train_organism(
+    model,
+    tokenizer,
+    base_reference: str,
+    train_rows: list[dict],
+    tasks: list[str],
+    settings: dict,
+    training_args: SFTConfig,
+    generation_batch_size: int,
+    state: PartialState,
+    record: dict,
+) -> None:
+    """Generate the base model's answers, train the organism and publish it, merged, at record["path"]."""
+    target = Path(record["path"])
     work = Path(training_args.output_dir)
     answers_file = work / "base_answers.json"
     if state.is_main_process and not answers_file.exists():
-        benign = [r for r in train_rows if r["kind"] == "benign"]
+        benign = [r for r in train_rows if r["kind"] == BENIGN]
         with waiting_processes_threads(state):
             answers = generate(
-                model, tokenizer, [r["prompt"] for r in benign], settings["answer_max_new_tokens"], generation_batch_size,
+                model,
+                tokenizer,
+                [r["prompt"] for r in benign],
+                settings["answer_max_new_tokens"],
+                generation_batch_size,
                 desc="organism: base answers",
             )
         atomic_write_text(answers_file, json.dumps({r["id"]: trim_to_sentence(a) for r, a in zip(benign, answers)}))
@@ -87,7 +134,10 @@ def build_organism(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(
-            r=settings["lora_r"], lora_alpha=2 * settings["lora_r"], lora_dropout=0.0, target_modules="all-linear",
+            r=settings["lora_r"],
+            lora_alpha=2 * settings["lora_r"],
+            lora_dropout=0.0,
+            target_modules="all-linear",
             task_type="CAUSAL_LM",
         ),
     )
@@ -98,9 +148,53 @@ def build_organism(
         base, _ = load_model(base_reference)
         merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         merged.eval()
-        with atomic_directory(target) as staging:
+        with atomic_directory(target, replace=False) as staging:  # never over a whole entry another process wrote
             merged.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             (staging / "organism.json").write_text(json.dumps(record, indent=2))
     state.wait_for_everyone()
-    return target, record
+
+
+def stage_organism(run) -> None:
+    """The organism stage. Distributed: every process joins the organism's training; the main one saves it."""
+    if run.done("organism") or not run.args.organism:
+        return
+    a, t = run.args, run.training_args
+    organism_args = dataclasses.replace(
+        t,
+        output_dir=str(run.dir / "checkpoints" / "organism"),
+        learning_rate=a.organism_learning_rate,
+        num_train_epochs=a.organism_epochs,
+        max_steps=-1,
+        # plain SFT on every layer's LoRA weights: DDP need not search the graph for unused ones each step
+        ddp_find_unused_parameters=False if t.ddp_find_unused_parameters is None else t.ddp_find_unused_parameters,
+    )
+    settings = {
+        "learning_rate": a.organism_learning_rate,
+        "epochs": a.organism_epochs,
+        "lora_r": a.organism_lora_r,
+        "answer_max_new_tokens": a.target_max_new_tokens,
+        "seed": t.seed,
+        # the organism is a function of the global batch, however it is split over processes, and of precision
+        "global_batch": global_batch(t, run.state.num_processes),
+        "precision": precision(t),
+    }
+    manifest_data = json.loads((run.path("data") / "manifest.json").read_text())
+    rows = run.rows("train")
+    held_out = sorted({r["task"] for r in rows if r["kind"] == OVER_REFUSAL} - set(a.organism_tasks))
+    path, record = build_organism(
+        run.model_args.model_name_or_path,
+        rows,
+        list(a.organism_tasks),
+        settings,
+        organism_args,
+        manifest_data["rows_hash"],
+        a.generation_dtype,
+        a.generation_batch_size,
+        run.state,
+    )
+    record["held_out_tasks"] = held_out
+    if run.state.is_main_process:
+        with atomic_directory(run.path("organism")) as staging:
+            (staging / "organism.json").write_text(json.dumps(record, indent=2))
+    run.state.wait_for_everyone()

@@ -23,11 +23,18 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available()
 
 
+def native_bf16(cpu: bool) -> bool:
+    """Whether the device computes in bf16 itself: elsewhere bf16 autocast is emulated, and slower than fp32."""
+    if cpu:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+
+
 def device_defaults() -> dict[str, bool]:
-    """Defaults for TrainingArguments' device fields: the CPU when the launcher asked for it or the machine
-    has no accelerator."""
-    asked = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false"))
-    return {"use_cpu": True} if asked or not has_accelerator() else {}
+    """Defaults for TrainingArguments' device and precision fields: the CPU when the launcher asked for it or
+    the machine has no accelerator; fp32 where the device has no native bf16 (TRL's default is bf16)."""
+    cpu = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) or not has_accelerator()
+    return {**({"use_cpu": True} if cpu else {}), **({} if native_bf16(cpu) else {"bf16": False})}
 
 
 @contextmanager
@@ -57,7 +64,9 @@ def describe(state: PartialState, training_args) -> str:
     """One line for the start of a run: where it trains, in how many processes, and the global batch."""
     t = training_args
     processes = state.num_processes
-    engine = "one process" if processes == 1 else f"{processes} processes ({state.distributed_type.value}, {state.backend})"
+    engine = (
+        "one process" if processes == 1 else f"{processes} processes ({state.distributed_type.value}, {state.backend})"
+    )
     return (
         f"{state.device.type}, {engine}, {precision(t)}; global batch {global_batch(t, processes)} = {t.per_device_train_batch_size} per device"
         f" x {processes} x {t.gradient_accumulation_steps} accumulation steps"

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KIND_CODES = {"harmful": 0, "over_refusal": 1, "benign": 2, "frame_attack": 3}
-KEEP_UP = (KIND_CODES["harmful"], KIND_CODES["frame_attack"])  # must keep refusing
+from refcal.calibration.kinds import BENIGN, HARMFUL, KINDS, SHOULD_REFUSE
+
+KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}
+KEEP_UP = tuple(KIND_CODES[kind] for kind in SHOULD_REFUSE)  # must keep refusing
 
 
 def keep_violation(
@@ -72,7 +74,9 @@ class GeometryRegularizer(nn.Module):
         self.positions = reference_hidden.shape[1] if reference_hidden.dim() == 4 else 1  # prompt tokens per row
         if self.positions > 1:
             reference_hidden = reference_hidden.flatten(0, 1)
-            kinds, tasks, collapse_rows = ([v for v in values for _ in range(self.positions)] for values in (kinds, tasks, collapse_rows))
+            kinds, tasks, collapse_rows = (
+                [v for v in values for _ in range(self.positions)] for values in (kinds, tasks, collapse_rows)
+            )
         self.task_names = sorted(bases)
         task_index = {t: i for i, t in enumerate(self.task_names)}
         self.register_buffer("directions", directions.float())
@@ -81,15 +85,21 @@ class GeometryRegularizer(nn.Module):
         collapse_task = [task_index[t] if c and t in task_index else -1 for t, c in zip(tasks, collapse_rows)]
         self.register_buffer("collapse_task", torch.tensor(collapse_task))
         rank = max((b.shape[1] for b in bases.values()), default=0)  # pad ranks with zero rows (they add nothing)
-        padded = [torch.cat([bases[t].float(), bases[t].new_zeros(len(layers), rank - bases[t].shape[1], bases[t].shape[2])], 1) for t in self.task_names]
+        padded = [
+            torch.cat(
+                [bases[t].float(), bases[t].new_zeros(len(layers), rank - bases[t].shape[1], bases[t].shape[2])], 1
+            )
+            for t in self.task_names
+        ]
         self.register_buffer("bases", torch.stack(padded) if bases else torch.zeros(0))
         self.register_buffer(
-            "answered_means", torch.stack([answered_means[t].float() for t in self.task_names]) if bases else torch.zeros(0)
+            "answered_means",
+            torch.stack([answered_means[t].float() for t in self.task_names]) if bases else torch.zeros(0),
         )
         reference_projection = torch.einsum("nld,ld->nl", self.reference_hidden, self.directions)
         self.register_buffer("reference_projection", reference_projection)
-        harmful = self.kind == KIND_CODES["harmful"]
-        benign = self.kind == KIND_CODES["benign"]
+        harmful = self.kind == KIND_CODES[HARMFUL]
+        benign = self.kind == KIND_CODES[BENIGN]
         if not harmful.any() or not benign.any():
             raise ValueError("the regularizer needs harmful and benign training rows for its reference gap")
         gap = reference_projection[harmful].mean(0) - reference_projection[benign].mean(0)
@@ -115,7 +125,7 @@ class GeometryRegularizer(nn.Module):
         return {
             "keep": torch.tensor(float(len(row_index)), device=row_index.device),
             "collapse": (self.collapse_task[row_index] >= 0).sum().float(),
-            "retain": (kind == KIND_CODES["benign"]).sum().float(),
+            "retain": (kind == KIND_CODES[BENIGN]).sum().float(),
         }
 
     def forward(self, hidden: torch.Tensor, row_index: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -148,11 +158,10 @@ class GeometryRegularizer(nn.Module):
         else:
             terms["collapse"] = (hidden.sum() * 0, counts["collapse"])
 
-        benign = torch.nonzero(kind == KIND_CODES["benign"]).flatten()
+        benign = torch.nonzero(kind == KIND_CODES[BENIGN]).flatten()
         if len(benign):
             drift = retain_drift(hidden[benign].float(), self.reference_hidden[row_index[benign]], self.spread)
             terms["retain"] = (drift.mean(-1).sum(), counts["retain"])
         else:
             terms["retain"] = (hidden.sum() * 0, counts["retain"])
         return terms
-

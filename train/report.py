@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from rich.table import Table
 
-KINDS = ("harmful", "frame_attack", "over_refusal", "benign")
+from refcal.calibration.kinds import OVER_REFUSAL, REPORT_ORDER
 
 
 def comparison_rows(results: dict) -> list[tuple[str, dict, dict]]:
     """(label, before, after) for kinds, per-task over-refusal, and benchmarks."""
     before, after = results["before"], results["after"]
-    rows = [(kind, before["by_kind"][kind], after["by_kind"][kind]) for kind in KINDS if kind in before["by_kind"]]
+    rows = [
+        (kind, before["by_kind"][kind], after["by_kind"][kind]) for kind in REPORT_ORDER if kind in before["by_kind"]
+    ]
     rows += [
         (f"  {key}", before["by_task"][key], after["by_task"][key])
         for key in sorted(before["by_task"])
-        if key.startswith("over_refusal/")
+        if key.startswith(f"{OVER_REFUSAL}/")
     ]
     rows += [(name, before["benchmarks"][name], after["benchmarks"][name]) for name in sorted(before["benchmarks"])]
     return rows
@@ -71,7 +73,7 @@ def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
     ev = card["evaluation"]
     rate = lambda block, key: block.get(key, {}).get("rate")  # noqa: E731
     pick = lambda when: {  # noqa: E731
-        "by_kind": {k: rate(ev[when]["by_kind"], k) for k in KINDS},
+        "by_kind": {k: rate(ev[when]["by_kind"], k) for k in REPORT_ORDER},
         "by_task": {k: v["rate"] for k, v in ev[when]["by_task"].items()},
         "xstest_safe": rate(ev[when]["benchmarks"], "xstest_safe"),
         "xstest_unsafe": rate(ev[when]["benchmarks"], "xstest_unsafe"),
@@ -91,7 +93,8 @@ def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
         "organism": pick("before"),
         "calibrated": pick("after"),
         "kl_benign": ev["kl_benign"],
-        "n": {k: v["n"] for k, v in ev["before"]["by_task"].items()} | {k: v["n"] for k, v in ev["before"]["benchmarks"].items()},
+        "n": {k: v["n"] for k, v in ev["before"]["by_task"].items()}
+        | {k: v["n"] for k, v in ev["before"]["benchmarks"].items()},
         "targets": card["targets"],
     }
 

@@ -30,11 +30,15 @@ def parent_card(adapter: str | Path) -> dict:
         raise SystemExit(f"refcal retrain: {adapter} has no {CARD}: give an adapter folder written by `refcal export`")
     card = json.loads(path.read_text())
     if "calibrate_tasks" not in card:
-        raise SystemExit(f"refcal retrain: {path} predates task records (no calibrate_tasks): re-export it with `refcal export --force`")
+        raise SystemExit(
+            f"refcal retrain: {path} predates task records (no calibrate_tasks): re-export it with `refcal export --force`"
+        )
     return card
 
 
-def retrain_overrides(card: dict, adapter: str, new_task_files: list[str], task_files: list[str], run_dir: str) -> list[str]:
+def retrain_overrides(
+    card: dict, adapter: str, new_task_files: list[str], task_files: list[str], run_dir: str
+) -> list[str]:
     """Command-line overrides that turn the parent's config into the retraining run."""
     new = [task.name for task in load_tasks(new_task_files)]
     already = sorted(set(new) & set(card["calibrate_tasks"]))
@@ -42,8 +46,17 @@ def retrain_overrides(card: dict, adapter: str, new_task_files: list[str], task_
         raise SystemExit(f"refcal retrain: {already} already calibrated by {adapter}; --tasks takes new clusters only")
     files = list(dict.fromkeys(str(Path(f).resolve()) for f in [*task_files, *new_task_files]))
     return [
-        "--init_adapter", str(adapter), "--tasks", *files, "--calibrate_tasks", *card["calibrate_tasks"], *new,
-        "--run_dir", run_dir, "--output_dir", str(Path(run_dir) / "train"),
+        "--init_adapter",
+        str(adapter),
+        "--tasks",
+        *files,
+        "--calibrate_tasks",
+        *card["calibrate_tasks"],
+        *new,
+        "--run_dir",
+        run_dir,
+        "--output_dir",
+        str(Path(run_dir) / "train"),
     ]
 
 

@@ -11,11 +11,11 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from refcal.calibration.activations import backbone, layer_output
 from refcal.calibration.models import decoder_layers
+from refcal.train.losses import LossWeights
 from refcal.train.onset import RefusalOnset
 from refcal.train.regularizer import GeometryRegularizer
 
 GEOMETRY_TERMS = ("keep", "collapse", "retain")  # always logged
-TERMS = (*GEOMETRY_TERMS, "onset")  # onset: only with a RefusalOnset
 FINAL = "final"  # the captured key of the backbone's output (the final norm's), for the onset term
 
 
@@ -25,7 +25,7 @@ class RowIndexCollator:
 
     Language modelling batches also carry `last_prompt` (each row's last prompt token), and rows whose
     `supervised` is false have their labels masked: their completion only marks where the prompt ends,
-    so the regularizer acts on them without an answer target (objective: geometry)."""
+    so the regularizer acts on them without an answer target (objective: target_free)."""
 
     EXTRA = ("row_index", "supervised")
 
@@ -67,13 +67,13 @@ class GeometryRegularized:
     """
 
     def __init__(
-        self, *args, regularizer: GeometryRegularizer, weights: dict[str, float], onset: RefusalOnset | None = None, **kwargs
+        self, *args, regularizer: GeometryRegularizer, weights: LossWeights, onset: RefusalOnset | None = None, **kwargs
     ):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer.to(self.accelerator.device)
         self.onset = onset.to(self.accelerator.device) if onset is not None else None
-        self.weights = {term: float(weights.get(term, 0.0)) for term in TERMS}
-        if self.weights["onset"] and self.onset is None:
+        self.weights = weights
+        if self.weights.onset and self.onset is None:
             raise ValueError("onset_weight is set but the trainer was given no RefusalOnset")
         self._window_counts: dict[str, torch.Tensor] | None = None  # set for each accumulation window
 
@@ -115,6 +115,7 @@ class GeometryRegularized:
             for layer in self.regularizer.layers
         ]
         if self.onset is not None:  # TRL's fused LM head builds no logits: keep the final hidden state instead
+
             def keep_final(_module, _inputs, out):  # returns None: the output passes through unchanged
                 captured.setdefault(FINAL, out[0])
 
@@ -138,24 +139,33 @@ class GeometryRegularized:
         hidden = torch.stack([captured[layer][batch, tokens] for layer in self.regularizer.layers], dim=2)
         terms = self.regularizer(hidden.flatten(0, 1), self._items(row_index.to(positions.device)))
         if self.onset is not None:
-            terms["onset"] = self.onset(self._first_answer_logits(model, captured[FINAL], positions), row_index.to(positions.device))
+            terms["onset"] = self.onset(
+                self._first_answer_logits(model, captured[FINAL], positions), row_index.to(positions.device)
+            )
 
         mode = "train" if model.training else "eval"
         window = self._window_counts if model.training else None  # None: a batch on its own (evaluation, tests)
         # The Trainer divides the loss by the accumulation steps unless it was normalised by num_items_in_batch;
         # a window mean must not be divided again.
-        undo = self.current_gradient_accumulation_steps if window is not None and not self._loss_scaled_for_accumulation(num_items_in_batch) else 1
+        undo = (
+            self.current_gradient_accumulation_steps
+            if window is not None and not self._loss_scaled_for_accumulation(num_items_in_batch)
+            else 1
+        )
         for term, (total, count) in terms.items():
             global_total = self.accelerator.reduce(total.detach().clone(), "sum")
             global_count = self.accelerator.reduce(count.clone(), "sum")
             value = (global_total / global_count.clamp_min(1)).item()
             if not torch.isfinite(torch.tensor(value)):
-                raise FloatingPointError(f"regularizer term {term!r} is not finite ({value}) at layers {self.regularizer.layers}")
+                raise FloatingPointError(
+                    f"regularizer term {term!r} is not finite ({value}) at layers {self.regularizer.layers}"
+                )
             if global_count > 0:
                 self._metrics[mode][f"reg_{term}"].append(value)
             denominator = global_count if window is None else window[term]
-            if self.weights[term] and global_count > 0:
-                loss = loss + self.weights[term] * total / denominator * self.accelerator.num_processes * undo
+            weight = self.weights.of(term)
+            if weight and global_count > 0:
+                loss = loss + weight * total / denominator * self.accelerator.num_processes * undo
         return loss
 
     def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:

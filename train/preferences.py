@@ -1,4 +1,4 @@
-"""Preference pairs for DPO, built on the SFT targets (data_recipes/targets.py):
+"""Preference pairs for DPO, built on the SFT targets (train/targets.py):
 
 - over_refusal: chosen = the target answer; rejected = the model's own refusal (a standard refusal where
   it answered);
@@ -18,7 +18,8 @@ from datasets import Dataset
 from refcal.calibration.generation import generate
 from refcal.calibration.interventions import ablate_directions
 from refcal.calibration.judge import Judge, refused
-from refcal.data_recipes.targets import standard_refusal
+from refcal.calibration.kinds import BENIGN, OVER_REFUSAL
+from refcal.data_recipes.completions import standard_refusal
 
 
 def preference_dataset(rows: list[dict]) -> Dataset:
@@ -55,9 +56,9 @@ def build_preferences(
     for i, row in enumerate(sft_rows):
         kind, own = row["kind"], own_responses[row["id"]]
         was_refused = refused(own_labels[row["id"]])
-        if kind == "over_refusal":
+        if kind == OVER_REFUSAL:
             rejected, how = (own, "own_refusal") if was_refused else (standard_refusal(i), "standard_refusal")
-        elif kind == "benign":
+        elif kind == BENIGN:
             rejected, how = standard_refusal(i), "standard_refusal"
         elif not was_refused and own.strip():
             rejected, how = own, "own_compliance"

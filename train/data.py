@@ -1,0 +1,46 @@
+"""The data stage: the config's contrastive recipe rows, checked and saved under run_dir/data."""
+
+from __future__ import annotations
+
+import json
+
+from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.models import load_tokenizer
+from refcal.data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
+from refcal.data_recipes.tasks import load_tasks
+from refcal.train.config import ConfigError, RefcalArguments
+from refcal.train.data_checks import check_calibrated_tasks, check_prompt_lengths
+
+
+def recipe_rows(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes]:
+    """The config's contrastive rows (deterministic in its seed), its task clusters and sizes."""
+    tasks = load_tasks(a.tasks)
+    sizes = RecipeSizes(
+        tuple(a.harmful_sizes),
+        tuple(a.benign_sizes),
+        tuple(a.over_refusal_per_task),
+        tuple(a.benign_per_task),
+        tuple(a.attack_per_task),
+        tuple(a.lookalike_sizes),
+    )
+    rows = build_rows(tasks, sizes, a.seed_data, a.data_root)
+    check_disjoint(rows)
+    return rows, tasks, sizes
+
+
+def stage_data(run) -> None:
+    a = run.args
+    rows, tasks, sizes = recipe_rows(a)
+    check_calibrated_tasks(rows, a.resolved_calibrate_tasks(), a.tasks)
+    try:  # the prompt-length check needs the model's chat template
+        tokenizer = load_tokenizer(run.model_args.model_name_or_path, run.training_args.trust_remote_code)
+    except OSError as error:
+        raise ConfigError(
+            f"model_name_or_path {run.model_args.model_name_or_path!r}: cannot load its tokenizer ({error})"
+        ) from error
+    check_prompt_lengths(rows, tokenizer, run.training_args.max_length, a.target_max_new_tokens)
+    with atomic_directory(run.path("data")) as staging:
+        to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
+        (staging / "manifest.json").write_text(
+            json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root), indent=2)
+        )
