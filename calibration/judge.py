@@ -33,7 +33,7 @@ class Judge(Protocol):
 
 
 class PhraseJudge:
-    """A refusal starts with a refusal phrase, or says one early on. Known to be weak (see issue 5)."""
+    """A refusal starts with a refusal phrase, or says one early on. Known to be weak (docs/judge.md)."""
 
     name = "phrases"
 

@@ -1,4 +1,4 @@
-"""The sft_data stage: target responses for the training rows, as DESIGN.md says (and DPO's preference
+"""The sft_data stage: target responses for the training rows (and DPO's preference
 pairs on top of them, train/preferences.py), cached under run_dir/sft_data.
 
 - harmful, frame_attack: the model's own refusal; a standard refusal where it did not refuse.
