@@ -100,6 +100,18 @@ def four_bit_config(quant_type: str = "nf4") -> BitsAndBytesConfig:
     )
 
 
+def native_bf16(cpu: bool) -> bool:
+    """Whether the device computes in bf16 itself: elsewhere bf16 is emulated, and slower than fp32."""
+    if cpu:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+
+
+def auto_dtype() -> torch.dtype:
+    """dtype "auto": bf16 where the device computes in it natively, else fp32."""
+    return torch.bfloat16 if native_bf16(cpu=not torch.cuda.is_available()) else torch.float32
+
+
 def load_model(
     reference: str,
     dtype: str | torch.dtype = "float32",
@@ -110,7 +122,7 @@ def load_model(
     through bitsandbytes (the other weights in bf16)."""
     tokenizer = load_tokenizer(reference, trust_remote_code)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = auto_dtype() if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(reference),
         dtype=torch.bfloat16 if quantization is not None else dtype,

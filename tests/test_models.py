@@ -47,3 +47,12 @@ def test_fingerprint_tells_models_apart_and_ignores_dtype(tiny_model_dir, tokeni
     with torch.no_grad():
         same.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
     assert fingerprint(same) != fingerprint(model)
+
+
+def test_auto_dtype_is_bf16_only_where_the_device_computes_in_it(tiny_model_dir, monkeypatch):
+    from refcal.calibration import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda cpu: False)
+    assert models.load_model(str(tiny_model_dir), "auto")[0].dtype == torch.float32
+    monkeypatch.setattr(models, "native_bf16", lambda cpu: True)
+    assert models.load_model(str(tiny_model_dir), "auto")[0].dtype == torch.bfloat16

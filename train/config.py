@@ -214,7 +214,11 @@ class RefcalArguments:
         },
     )
     generation_dtype: str = field(
-        default="bfloat16", metadata={"help": "dtype for generation and capture-free evaluation."}
+        default="auto",
+        metadata={
+            "help": "dtype for generation and capture-free evaluation; auto: bfloat16 where the device computes "
+            "in bf16 natively, else float32 (emulated bf16 is slower)."
+        },
     )
     generation_batch_size: int = field(
         default=32,

@@ -18,16 +18,11 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available, str_to_bool
 
+from refcal.calibration.models import native_bf16
+
 
 def has_accelerator() -> bool:
     return torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available()
-
-
-def native_bf16(cpu: bool) -> bool:
-    """Whether the device computes in bf16 itself: elsewhere bf16 autocast is emulated, and slower than fp32."""
-    if cpu:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
 
 
 def device_defaults() -> dict[str, bool]:
