@@ -41,15 +41,14 @@ def e2e(tokenizer, tmp_path_factory):
     (config path, run folder, environment). Its organism cache is its own, never ~/.cache/refcal."""
     import subprocess
 
-    from refcal.train.testing_utils import E2E_CONFIG, save_refusing_model, write_user_task
+    from refcal.train.testing_utils import E2E_CONFIG, isolated_env, save_refusing_model, write_user_task
 
     base = tmp_path_factory.mktemp("e2e")
     config = base / "config.yaml"
     user_task = write_user_task(base / "my_tasks")
     config.write_text(E2E_CONFIG.format(model=base / "model", run_dir=base / "run", root=ROOT, user_task=user_task))
     save_refusing_model(tokenizer, base / "model", config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "REFCAL_CACHE": str(base / "cache"), "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    env = isolated_env(base / "cache")
     refcal = Path(sys.executable).with_name("refcal")
     done = subprocess.run(
         [str(refcal), "run", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

@@ -13,7 +13,7 @@ from refcal.train.config import dpo_config
 from refcal.train.losses import LossWeights
 from refcal.train.onset import build_onset
 from refcal.train.preferences import build_preferences, preference_dataset
-from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, sft_rows
+from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, sft_rows, tiny_training_settings
 from refcal.train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
 
 LAYERS = [1, 3]
@@ -37,22 +37,9 @@ def make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight: float = 0.0, onset: b
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = pairs()
     regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
-    settings = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=2,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        learning_rate=1e-3,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        max_length=256,
-        train_sampling_strategy="sequential",
+    settings = tiny_training_settings(
+        tmp_path, **{"max_length": 256, "train_sampling_strategy": "sequential", **overrides}
     )
-    settings.update(overrides)
     model.train()
     trainer = RefcalDPOTrainer(
         model=model,

@@ -6,7 +6,6 @@ organism its config asks for."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ def refuses(row: dict) -> bool:
 @pytest.fixture(scope="module")
 def scanned(tokenizer, tmp_path_factory):
     """(config, run folder, organism cache folder, what `refcal scan` printed), after one scan."""
-    from refcal.train.testing_utils import E2E_CONFIG, save_refusing_model, write_user_task
+    from refcal.train.testing_utils import E2E_CONFIG, isolated_env, save_refusing_model, write_user_task
 
     base = tmp_path_factory.mktemp("scan")
     config = base / "config.yaml"
@@ -37,8 +36,7 @@ def scanned(tokenizer, tmp_path_factory):
     assert "organism: true" in config.read_text()
     # learnt on the eval rows too: the test is about what scan reports, not about how a tiny model generalises
     save_refusing_model(tokenizer, base / "model", config, refuse=refuses, splits=("train", "eval"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "REFCAL_CACHE": str(base / "cache"), "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    env = isolated_env(base / "cache")
     refcal = Path(sys.executable).with_name("refcal")
     done = subprocess.run(
         [str(refcal), "scan", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

@@ -40,6 +40,7 @@ def prepare_sft_data(run) -> None:
     answer_tasks = {task.name: task for task in load_tasks(a.tasks) if task.name in calibrate}
     model, tokenizer = run.load(a.generation_dtype)
     geometry = run.geometry_for(model)
+    direction = geometry.direction(geometry.layer)
     sft_rows, stats = build_targets(
         calibration_rows(run),
         responses,
@@ -47,7 +48,7 @@ def prepare_sft_data(run) -> None:
         model,
         tokenizer,
         run.judge,
-        geometry.direction(geometry.layer),
+        direction,
         answer_tasks,
         a.target_max_new_tokens,
         a.generation_batch_size,
@@ -62,7 +63,7 @@ def prepare_sft_data(run) -> None:
             model,
             tokenizer,
             run.judge,
-            geometry.direction(geometry.layer),
+            direction,
             a.target_max_new_tokens,
             a.generation_batch_size,
         )

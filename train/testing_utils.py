@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -118,6 +119,30 @@ WEIGHTS = LossWeights(keep=1.0, collapse=1.0, retain=1.0)
 FRESH_LORA = "fresh"
 
 
+def tiny_training_settings(output_dir, **overrides) -> dict:
+    """SFTConfig fields for two short CPU steps, deterministic and quiet; `overrides` win."""
+    return {
+        "output_dir": str(output_dir),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        **overrides,
+    }
+
+
+def isolated_env(cache) -> dict[str, str]:
+    """The environment of a `refcal` subprocess in a test: one thread, offline, its own organism cache."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "REFCAL_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}  # fmt: skip
+
+
 def make_trainer(model, tokenizer, rows, regularizer, output_dir, lora_r: int = 4, peft_config=FRESH_LORA, **overrides):
     """A RefcalSFTTrainer the way stage_train builds one, on CPU, with a LoRA adapter and dropout 0
     (peft_config=None: `model` already is a PEFT model to train further)."""
@@ -127,20 +152,7 @@ def make_trainer(model, tokenizer, rows, regularizer, output_dir, lora_r: int = 
     from refcal.train.targets import sft_dataset
     from refcal.train.trainer import RefcalSFTTrainer, RowIndexCollator
 
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=2,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        learning_rate=1e-3,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
+    settings = tiny_training_settings(output_dir, **overrides)
     model.train()
     return RefcalSFTTrainer(
         model=model,
