@@ -44,7 +44,7 @@ BENCH_FORM = "configs/forms/regularized_sft.yaml"  # the reference form every fl
 NO_REGULARIZER = ["--keep_weight", "0", "--collapse_weight", "0", "--retain_weight", "0"]
 PLAIN_SFT = ["--config", "configs/forms/plain_sft.yaml"]
 VARIANTS = {"plain_sft": PLAIN_SFT, "refcal_dpo": ["--config", "configs/forms/dpo.yaml"]}
-SHARED = ("data", "organism", "geometry", "sft_data", "cache")
+SHARED = ("data", "organism", "geometry", "sft_data")  # the frozen answers: cached by the model's fingerprint
 INTERVENTIONS = {
     "global_ablation": "global direction ablation",
     "false_refusal_ablation_c1": "false-refusal ablation, orthogonalised (c=1)",

@@ -67,7 +67,6 @@ TABLE_FLAGS = {"plain": PLAIN_SFT, "refcal": []}
 SHARED = ("data", "organism", "geometry", "sft_data")
 DATA_FLAGS = ("--harmful_sizes", "--over_refusal_per_task")  # the regime builds its own rows, organism, geometry
 TARGET_FLAGS = ("--calibration_over_refusal_per_task", "--calibrate_tasks")  # the regime builds its own targets
-CACHE = BENCH / "regimes" / "cache"  # the frozen model's answers on the regime prompts, generated once
 MEASURES = {  # name: its title (the arrow: which direction is better)
     "over_refusal_trained": "over-refusal, trained frames ↓",
     "over_refusal_unseen_template": "over-refusal, trained tasks in unseen phrasings ↓",
@@ -108,13 +107,9 @@ def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
         if regime == "default" and side in TABLE_ADAPTERS:  # the table's adapters, trained with exactly these settings
             shutil.copytree(TABLE_ADAPTERS[side] / "train", run_dir / "train")
             shutil.copy(TABLE_ADAPTERS[side] / "timings.json", run_dir / "timings.json")
-    if CACHE.is_dir() and not (run_dir / "eval").exists():
-        shutil.copytree(CACHE, run_dir / "cache", dirs_exist_ok=True)
     stages = ("data", "organism", "geometry", "train", "eval") if own_rows and side == "plain" else ("train", "eval")
     for stage in stages:
         cli(stage, config, run_dir, flags + EVAL)
-    if (run_dir / "cache").is_dir():
-        shutil.copytree(run_dir / "cache", CACHE, dirs_exist_ok=True)
     return run_dir
 
 

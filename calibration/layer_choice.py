@@ -40,7 +40,8 @@ def first_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int =
     out = []
     for start in range(0, len(texts), batch_size):
         batch = encode_left_padded(tokenizer, texts[start : start + batch_size], device)
-        logits = model(**batch, use_cache=False).logits[:, -1, :].float()
+        # logits_to_keep: the vocabulary projection at the last position only, not at every prompt token
+        logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
         out.append(F.log_softmax(logits, dim=-1).cpu())
     return torch.cat(out)
 

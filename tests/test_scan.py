@@ -91,18 +91,22 @@ def test_scan_needs_no_organism_even_when_the_config_asks_for_one(scanned):
     assert "scan ignored it" in printed
 
 
-def test_a_run_of_the_same_model_reuses_the_scans_answers(scanned):
-    """The eval stage's frozen answers are cached under a key of the model and the prompts: a run of the
-    same model (organism off) in the same folder finds the scan's answers and generates nothing."""
+def test_a_run_of_the_same_model_reuses_the_scans_answers(scanned, tmp_path, monkeypatch):
+    """The eval stage's frozen answers are cached under a key of the weights and the prompts: a run of the
+    same model (organism off), in another folder, finds the scan's answers and generates nothing."""
     from refcal.train.config import parse
     from refcal.train.evaluate import eval_prompts, frozen_generations
     from refcal.train.run import Run
 
-    config, run_dir, _, _ = scanned
-    run = Run(*parse(["--config", str(config), "--organism", "false"]))
+    config, run_dir, cache, _ = scanned
+    monkeypatch.setenv("REFCAL_CACHE", str(cache))
+    other = tmp_path / "other-run"
+    shutil.copytree(run_dir / "data", other / "data")
+    run = Run(*parse(["--config", str(config), "--organism", "false", "--run_dir", str(other)]))
     texts = [p["prompt"] for p in eval_prompts(run)[0]]
+    model, _ = run.load(run.args.generation_dtype)
     answers = frozen_generations(
-        run, texts, lambda: pytest.fail("generated again instead of reusing the scan's answers")
+        run, model, texts, lambda: pytest.fail("generated again instead of reusing the scan's answers")
     )
     scanned_answers = [
         json.loads(line)["response"] for line in (run_dir / "scan" / "generations.jsonl").read_text().splitlines()

@@ -26,7 +26,7 @@ def setup(tiny_model_dir, tmp_path):
 
 def first_batch(trainer):
     batch = next(iter(trainer.get_train_dataloader()))
-    return {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+    return {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def test_terms_at_step_zero_match_the_reference(setup):
@@ -111,6 +111,43 @@ def test_train_logs_every_term_every_step(setup):
     assert steps[0]["reg_retain"] == pytest.approx(0.0, abs=1e-4)
     # after one update on a random tiny model the hidden states moved
     assert steps[1]["reg_retain"] > 0
+
+
+@pytest.mark.parametrize("supervised", [True, False])
+def test_a_padding_free_batch_trains_as_the_padded_one(tiny_model_dir, tmp_path, supervised):
+    """The same rows laid end to end in one sequence: the same loss, terms and gradients as padded (the rows
+    do not attend to each other, and every row's last prompt token is found), with or without answer targets."""
+    from refcal.train.onset import build_onset
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    rows = [{**r, "supervised": supervised or r["kind"] != "over_refusal"} for r in sft_rows()]
+    regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
+    results = []
+    for padding_free in (False, True):
+        torch.manual_seed(0)
+        trainer = make_trainer(
+            load_model(str(tiny_model_dir))[0], tokenizer, rows, regularizer, tmp_path / str(padding_free),
+            train_sampling_strategy="sequential", padding_free=padding_free,
+        )  # fmt: skip
+        trainer.onset = build_onset(tokenizer, rows, {"sentiment"}).to(trainer.accelerator.device)
+        trainer.weights = LossWeights(keep=1.0, collapse=1.0, retain=1.0, onset=1.0)
+        batch = first_batch(trainer)
+        assert batch["input_ids"].shape[0] == (1 if padding_free else 4)
+        if padding_free:
+            assert_terms_at_reference(trainer, batch)
+        trainer.model.train()
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        grads = [p.grad.clone() for n, p in sorted(trainer.model.named_parameters()) if "lora_B" in n]
+        results.append((loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("reg_")}, grads))
+    (padded_loss, padded_terms, padded_grads), (free_loss, free_terms, free_grads) = results
+    assert free_loss == pytest.approx(padded_loss, rel=1e-4)
+    assert free_terms.keys() == padded_terms.keys() and "reg_onset" in free_terms
+    for term, value in padded_terms.items():
+        assert free_terms[term] == pytest.approx(value, rel=1e-4, abs=1e-6), term
+    for free, padded in zip(free_grads, padded_grads):
+        assert (free - padded).abs().max() <= 1e-4 * padded.abs().max()
 
 
 def test_last_prompt_positions_rejects_rows_without_completion():

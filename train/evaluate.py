@@ -12,6 +12,7 @@ from refcal.calibration.artifacts import atomic_directory, atomic_write_text
 from refcal.calibration.evaluation import mean_kl, refusal_rates, wilson_rate
 from refcal.calibration.frame_judge import FRAME_LABELS
 from refcal.calibration.generation import generate
+from refcal.calibration.profiling import section
 from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, FRAME_ATTACK_UNSEEN, OVER_REFUSAL, UNSEEN_TEMPLATE
 from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
 from refcal.data_recipes.overlap import OverlapIndex
@@ -92,14 +93,15 @@ def frame_outcomes(
     }
 
 
-def frozen_generations(run, texts: list[str], produce) -> list[str]:
-    """The frozen model's answers, cached in run_dir/cache under a key of everything they depend on, so
-    runs that share a model and prompts (the benchmark's variants copy the cache) generate them once."""
-    a = run.args
-    key = hashlib.sha256(
-        json.dumps([run.model_reference, texts, a.eval_max_new_tokens, a.generation_dtype]).encode()
-    ).hexdigest()[:16]
-    path = run.path("cache") / f"frozen-generations-{key}.json"
+def frozen_generations(run, model, texts: list[str], produce) -> list[str]:
+    """The frozen `model`'s answers, cached outside the run folder under a key of everything they depend
+    on (the weights' fingerprint, the prompts, the length, the dtype), so every run of the same model and
+    prompts (a benchmark's variants, a retrain, a scan then a run) generates them once."""
+    from refcal.calibration.models import cache_root, fingerprint
+
+    dtype = str(next(model.parameters()).dtype)
+    key = hashlib.sha256(json.dumps([fingerprint(model), texts, run.args.eval_max_new_tokens, dtype]).encode())
+    path = cache_root() / "generations" / f"{key.hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     answers = produce()
@@ -113,31 +115,34 @@ def stage_eval(run) -> None:
     texts = [p["prompt"] for p in prompts]
     adapter = run.path("train") / "adapter"
 
+    # one model in the generation dtype for everything: the KL with the adapter on and off, then merged
     model, tokenizer = run.load(a.generation_dtype)
     before = frozen_generations(
         run,
+        model,
         texts,
         lambda: generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before"),
     )
-    calibrated = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval after")
-    model = calibrated = None  # free the generation weights before loading float32 ones
-
     benign = [i for i, p in enumerate(prompts) if p["kind"] == BENIGN]
-    base, tokenizer = run.load("float32")
-    peft_model = PeftModel.from_pretrained(base, adapter)
-    kl = mean_kl(
-        peft_model, tokenizer, [texts[i] for i in benign], [before[i] for i in benign], peft_model.disable_adapter
-    )
-
-    labels_before = run.judge.label(texts, before)
-    labels_after = run.judge.label(texts, after)
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    with section("benign KL"):
+        kl = mean_kl(
+            peft_model, tokenizer, [texts[i] for i in benign], [before[i] for i in benign], peft_model.disable_adapter
+        )
+    with section("merge the adapter"):
+        calibrated = peft_model.merge_and_unload()
+    after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval after")
+    with section("judging"):
+        labels_before = run.judge.label(texts, before)
+        labels_after = run.judge.label(texts, after)
+        before_summary = summarise(prompts, labels_before, run.frame_judge, before)
+        after_summary = summarise(prompts, labels_after, run.frame_judge, after)
     results = {
         "judge": run.judge.version,
         "removed_overlapping_benchmark_prompts": removed,
         "overlap_rule": OVERLAP_RULE,
-        "before": summarise(prompts, labels_before, run.frame_judge, before),
-        "after": summarise(prompts, labels_after, run.frame_judge, after),
+        "before": before_summary,
+        "after": after_summary,
         "kl_benign": round(kl, 5),
     }
     with atomic_directory(run.path("eval")) as staging:

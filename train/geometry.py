@@ -9,36 +9,37 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from refcal.calibration.activations import NonFiniteActivations, capture_last_token
+from refcal.calibration.activations import NonFiniteActivations
 from refcal.calibration.artifacts import atomic_directory, atomic_save_tensors
-from refcal.calibration.generation import generate
+from refcal.calibration.generation import generate_with_activations
 from refcal.calibration.geometry import Geometry, estimate
 from refcal.calibration.judge import refused
 from refcal.calibration.kinds import BENIGN, HARMFUL
 from refcal.calibration.layer_choice import choose_layer, refusal_tokens
 from refcal.calibration.models import fingerprint
+from refcal.calibration.profiling import section
 
 
 def stage_geometry(run) -> None:
     a = run.args
     rows = run.rows("train")
     val = run.rows("val")
-    gen_model, tokenizer = run.load(a.generation_dtype, qlora=a.geometry_in_4bit)
-    prompts = [r["prompt"] for r in rows]
-    responses = generate(
-        gen_model, tokenizer, prompts, a.target_max_new_tokens, a.generation_batch_size, desc="own responses"
-    )
-    labels = run.judge.label(prompts, responses)
-    del gen_model
-    model, tokenizer = run.load("float32", qlora=a.geometry_in_4bit)
+    # One model for the whole stage, in the generation dtype: the activations come from the generation's own
+    # prefill, and the layer choice's forward passes cost half as much in bf16 as in float32.
+    model, tokenizer = run.load(a.generation_dtype, qlora=a.geometry_in_4bit)
     model_fp = fingerprint(model)
+    prompts = [r["prompt"] for r in rows]
     try:
-        activations = capture_last_token(model, tokenizer, prompts, batch_size=a.generation_batch_size)
+        responses, activations = generate_with_activations(
+            model, tokenizer, prompts, a.target_max_new_tokens, a.generation_batch_size, desc="own responses"
+        )
     except NonFiniteActivations as error:
         tasks = sorted({f"{rows[i]['kind']}/{rows[i]['task']}" for i in error.rows})
         raise NonFiniteActivations(
             f"{error} in rows of {tasks}, e.g. {rows[error.rows[0]]['id']}", error.rows, error.layers
         ) from error
+    with section("judging"):
+        labels = run.judge.label(prompts, responses)
     geometry = estimate(
         activations,
         [r["kind"] for r in rows],
@@ -53,17 +54,18 @@ def stage_geometry(run) -> None:
     tokens = refusal_tokens(
         tokenizer, [r for r, lab, row in zip(responses, labels, rows) if refused(lab) and row["kind"] == HARMFUL]
     )
-    layer, table = choose_layer(
-        model,
-        tokenizer,
-        geometry,
-        [r["prompt"] for r in val if r["kind"] == HARMFUL],
-        [r["prompt"] for r in val if r["kind"] == BENIGN],
-        tokens,
-        candidates,
-        a.layer_kl_max,
-        a.generation_batch_size,
-    )
+    with section("layer choice"):
+        layer, table = choose_layer(
+            model,
+            tokenizer,
+            geometry,
+            [r["prompt"] for r in val if r["kind"] == HARMFUL],
+            [r["prompt"] for r in val if r["kind"] == BENIGN],
+            tokens,
+            candidates,
+            a.layer_kl_max,
+            a.generation_batch_size,
+        )
     geometry.layer = layer
     geometry.info.update(
         {

@@ -18,12 +18,14 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from refcal.calibration.artifacts import atomic_directory, atomic_write_text
 from refcal.calibration.generation import generate
 from refcal.calibration.kinds import BENIGN, OVER_REFUSAL, SHOULD_REFUSE
 from refcal.calibration.locks import waiting_lock
 from refcal.calibration.models import cache_root, fingerprint, load_model
+from refcal.calibration.profiling import section
 from refcal.data_recipes.completions import chat_row, standard_refusal, trim_to_sentence
 from refcal.train.processes import global_batch, precision, waiting_processes_threads
 from refcal.train.resume import last_checkpoint
@@ -130,9 +132,11 @@ def train_organism(
     model.train()
     trainer = SFTTrainer(
         model=model,
-        args=training_args,
+        # TRL's padding-free collator, given as the collator: TRL's own flag also refuses a max_length
+        args=dataclasses.replace(training_args, padding_free=False),
         train_dataset=dataset,
         processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=training_args.padding_free),
         peft_config=LoraConfig(
             r=settings["lora_r"],
             lora_alpha=2 * settings["lora_r"],
@@ -141,17 +145,19 @@ def train_organism(
             task_type="CAUSAL_LM",
         ),
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(training_args.output_dir))
+    with section("training steps"):
+        trainer.train(resume_from_checkpoint=last_checkpoint(training_args.output_dir))
     adapter = work / "adapter"
     trainer.save_model(str(adapter))  # every process: FSDP and DeepSpeed gather sharded weights; the main one writes
     if state.is_main_process:
-        base, _ = load_model(base_reference)
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        merged.eval()
-        with atomic_directory(target, replace=False) as staging:  # never over a whole entry another process wrote
-            merged.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-            (staging / "organism.json").write_text(json.dumps(record, indent=2))
+        with section("merge and save"):
+            base, _ = load_model(base_reference)
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            merged.eval()
+            with atomic_directory(target, replace=False) as staging:  # never over a whole entry another wrote
+                merged.save_pretrained(staging, safe_serialization=True)
+                tokenizer.save_pretrained(staging)
+                (staging / "organism.json").write_text(json.dumps(record, indent=2))
     state.wait_for_everyone()
 
 

@@ -54,19 +54,21 @@ class Run:
     def judge(self):
         if self._judge is None:
             from refcal.calibration.judges import build_judge
+            from refcal.calibration.profiling import section
             from refcal.data_recipes.sources import default_data_root
 
             a = self.args
             # the data root is resolved on this side: calibration (the judges) must not import data_recipes
-            self._judge = build_judge(
-                a.judge,
-                a.data_root or default_data_root(),
-                a.judge_model,
-                a.judge_url,
-                a.judge_timeout,
-                a.judge_retries,
-                self.training_args.trust_remote_code,
-            )
+            with section("build the judge"):
+                self._judge = build_judge(
+                    a.judge,
+                    a.data_root or default_data_root(),
+                    a.judge_model,
+                    a.judge_url,
+                    a.judge_timeout,
+                    a.judge_retries,
+                    self.training_args.trust_remote_code,
+                )
         return self._judge
 
     @property
@@ -156,6 +158,7 @@ def run_folder_lock(run: Run):
 
 def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     """Run the given stages in order, skipping finished ones; returns seconds spent per stage."""
+    from refcal.calibration import profiling
     from refcal.calibration.artifacts import remove_stale_staging
     from refcal.train.baselines import stage_baselines
     from refcal.train.data import stage_data
@@ -189,19 +192,22 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
         ran = not run.done(stage)
         if ran and run.state.is_main_process:
             console.print(f"[bold]→ {stage}[/]")  # the stage starting; its bars follow, "✓ stage" ends it
+        profiling.take()  # what ran before this stage (config, imports) is not the stage's
         started = time.time()
         work[stage]()
         seconds[stage] = round(time.time() - started, 1)
         if ran and run.state.is_main_process:
-            record_timing(run, stage, seconds[stage])
+            record_timing(run, stage, seconds[stage], profiling.take())
     return seconds
 
 
-def record_timing(run: Run, stage: str, seconds: float) -> None:
-    """run_dir/timings.json: wall seconds of each stage's last completed run (the benchmark's wall times)."""
+def record_timing(run: Run, stage: str, seconds: float, sections: dict | None = None) -> None:
+    """run_dir/timings.json: wall seconds of each stage's last completed run (the benchmark's wall times);
+    run_dir/profile.json: the same with the stage's timed sections (calibration/profiling.py)."""
     from refcal.calibration.artifacts import atomic_write_text
 
-    path = run.path("timings.json")
-    timings = json.loads(path.read_text()) if path.exists() else {}
-    timings[stage] = seconds
-    atomic_write_text(path, json.dumps(timings, indent=2))
+    for name, entry in (("timings.json", seconds), ("profile.json", {"seconds": seconds, "sections": sections or {}})):
+        path = run.path(name)
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        recorded[stage] = entry
+        atomic_write_text(path, json.dumps(recorded, indent=2))

@@ -69,11 +69,13 @@ def stage_scan(run) -> None:
     prompts, removed = eval_prompts(model_run)
     texts = [p["prompt"] for p in prompts]
 
-    def produce() -> list[str]:  # the model is loaded only when the cache has no answers
-        model, tokenizer = model_run.load(a.generation_dtype)
-        return generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="scan")
-
-    responses = frozen_generations(model_run, texts, produce)
+    model, tokenizer = model_run.load(a.generation_dtype)
+    responses = frozen_generations(
+        model_run,
+        model,
+        texts,
+        lambda: generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="scan"),
+    )
     labels = model_run.judge.label(texts, responses)
     summary = summarise(prompts, labels, model_run.frame_judge, responses)
     result = {

@@ -153,13 +153,14 @@ def make_trainer(model, tokenizer, rows, regularizer, output_dir, lora_r: int = 
     from refcal.train.trainer import RefcalSFTTrainer, RowIndexCollator
 
     settings = tiny_training_settings(output_dir, **overrides)
+    padding_free = settings.pop("padding_free", False)  # refcal's collator, as stage_train has it
     model.train()
     return RefcalSFTTrainer(
         model=model,
         args=SFTConfig(**settings),
         train_dataset=sft_dataset(rows),
         processing_class=tokenizer,
-        data_collator=RowIndexCollator(tokenizer.pad_token_id),
+        data_collator=RowIndexCollator(tokenizer.pad_token_id, padding_free=padding_free),
         peft_config=LoraConfig(
             r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         )

@@ -25,24 +25,50 @@ class RowIndexCollator:
 
     Language modelling batches also carry `last_prompt` (each row's last prompt token), and rows whose
     `supervised` is false have their labels masked: their completion only marks where the prompt ends,
-    so the regularizer acts on them without an answer target (objective: target_free)."""
+    so the regularizer acts on them without an answer target (objective: target_free).
+
+    `padding_free` (TRL's padding-free batches, which TRL itself refuses beside a custom collator):
+    the rows are laid end to end in one sequence, position ids restarting at each, so no step computes
+    padding; `last_prompt` then indexes that one sequence."""
 
     EXTRA = ("row_index", "supervised")
 
-    def __init__(self, pad_token_id: int, preference: bool = False):
-        collator = DataCollatorForPreference if preference else DataCollatorForLanguageModeling
-        self.inner = collator(pad_token_id=pad_token_id)
-        self.preference = preference
+    def __init__(self, pad_token_id: int, preference: bool = False, padding_free: bool = False):
+        if preference:
+            self.inner = DataCollatorForPreference(pad_token_id=pad_token_id)
+        else:
+            self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=padding_free)
+        self.preference, self.padding_free = preference, padding_free and not preference
 
     def __call__(self, examples: list[dict]) -> dict:
         rows = torch.tensor([example["row_index"] for example in examples])
         batch = self.inner([{k: v for k, v in e.items() if k not in self.EXTRA} for e in examples])
         batch["row_index"] = rows
-        if not self.preference:
+        if self.preference:
+            return batch
+        unsupervised = [not example.get("supervised", True) for example in examples]
+        if not self.padding_free:
             batch["last_prompt"] = last_prompt_positions(batch["labels"] != -100)
-            unsupervised = torch.tensor([not example.get("supervised", True) for example in examples])
-            batch["labels"][unsupervised] = -100
+            batch["labels"][torch.tensor(unsupervised)] = -100
+            return batch
+        lengths = torch.tensor([len(example["input_ids"]) for example in examples])
+        starts = torch.cumsum(lengths, 0) - lengths
+        supervised = batch["labels"][0] != -100
+        batch["last_prompt"] = torch.stack(
+            [last_prompt_positions(supervised[None, s : s + n])[0] + s for s, n in zip(starts.tolist(), lengths.tolist())]
+        )
+        for skip, s, n in zip(unsupervised, starts.tolist(), lengths.tolist()):
+            if skip:
+                batch["labels"][0, s : s + n] = -100
         return batch
+
+
+def sequence_of_rows(positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Which sequence of `hidden` ([sequences, tokens, ...]) holds each row: its own in a padded batch, the
+    one shared sequence in a padding-free one."""
+    if hidden.shape[0] == len(positions):
+        return torch.arange(len(positions), device=positions.device)
+    return torch.zeros(len(positions), dtype=torch.long, device=positions.device)
 
 
 def last_prompt_positions(supervised: torch.Tensor) -> torch.Tensor:
@@ -135,7 +161,7 @@ class GeometryRegularized:
         span = self.regularizer.positions  # the last `span` prompt tokens of each row, earliest first
         offsets = torch.arange(span, device=positions.device)
         tokens = positions[:, None] - (span - 1) + offsets  # [rows, span]
-        batch = torch.arange(len(positions), device=positions.device)[:, None]
+        batch = sequence_of_rows(positions, captured[self.regularizer.layers[0]])[:, None]
         hidden = torch.stack([captured[layer][batch, tokens] for layer in self.regularizer.layers], dim=2)
         terms = self.regularizer(hidden.flatten(0, 1), self._items(row_index.to(positions.device)))
         if self.onset is not None:
@@ -177,7 +203,7 @@ class GeometryRegularized:
     def _first_answer_logits(self, model, final_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits at each row's last prompt token: the distribution of the answer's first token."""
         unwrapped = self.accelerator.unwrap_model(model)
-        hidden = final_hidden[torch.arange(len(positions), device=positions.device), positions]
+        hidden = final_hidden[sequence_of_rows(positions, final_hidden), positions]
         logits = unwrapped.get_output_embeddings()(hidden)
         cap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
         return cap * torch.tanh(logits / cap) if cap else logits
@@ -192,7 +218,8 @@ class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):
             if (inputs["labels"] != -100).any():
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             else:  # only target-free rows: no language-modelling loss, the regularizer alone
-                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                # no cache, as TRL's loss does: with one, a padding-free batch's rows would attend to each other
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
                 result = (outputs.logits.sum() * 0, outputs)
         loss = result[0] if isinstance(result, tuple) else result
         loss = self._regularized(model, loss, captured, positions, row_index, num_items_in_batch)

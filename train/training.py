@@ -3,6 +3,7 @@ last checkpoint; the adapter and the training record land in run_dir/train."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -20,6 +21,7 @@ from refcal.calibration.artifacts import atomic_directory
 from refcal.calibration.geometry import Geometry, estimate
 from refcal.calibration.judge import refused
 from refcal.calibration.kinds import OVER_REFUSAL
+from refcal.calibration.profiling import section
 from refcal.train.config import dpo_config
 from refcal.train.geometry import load_responses
 from refcal.train.onset import build_onset
@@ -103,7 +105,8 @@ def stage_train(run) -> None:
     train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
     if a.objective == "target_free" and a.geometry_targets == "none":  # the regularizer alone: no row has a target
         train_rows = [{**row, "supervised": False} for row in train_rows]
-    regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
+    with section("regularizer references"):
+        regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
     onset = build_onset(tokenizer, train_rows, set(a.resolved_calibrate_tasks())) if a.onset_weight else None
     peft_config = get_peft_config(run.model_args)
     if a.init_adapter:  # retraining: continue the parent adapter
@@ -114,10 +117,11 @@ def stage_train(run) -> None:
     trainer_class = RefcalDPOTrainer if dpo else RefcalSFTTrainer
     trainer = trainer_class(
         model=model,
-        args=dpo_config(t, a.dpo_beta, a.dpo_sft_weight) if dpo else t,
+        # padding-free batches come from refcal's collator: TRL refuses its own flag beside a custom collator
+        args=dpo_config(t, a.dpo_beta, a.dpo_sft_weight) if dpo else dataclasses.replace(t, padding_free=False),
         train_dataset=preference_dataset(train_rows) if dpo else sft_dataset(train_rows),
         processing_class=tokenizer,
-        data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=dpo),
+        data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=dpo, padding_free=t.padding_free),
         peft_config=peft_config,
         regularizer=regularizer,
         weights=a.loss_weights(),
@@ -127,7 +131,8 @@ def stage_train(run) -> None:
         torch.cuda.reset_peak_memory_stats()
     checkpoint = last_checkpoint(t.output_dir)
     started = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with section("training steps"):
+        trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.time() - started
     adapter = Path(t.output_dir) / "final-adapter"
     trainer.save_model(str(adapter))  # every process: FSDP and DeepSpeed gather sharded weights; the main one writes
