@@ -216,7 +216,8 @@ class RefcalArguments:
     generation_dtype: str = field(
         default="auto",
         metadata={
-            "help": "dtype for generation and capture-free evaluation; auto: bfloat16 where the device computes "
+            "help": "dtype of every stage that only runs the model: generation, the geometry's activations (read "
+            "off the generation's prefill) and layer choice, the eval KL; auto: bfloat16 where the device computes "
             "in bf16 natively, else float32 (emulated bf16 is slower)."
         },
     )
