@@ -1,7 +1,8 @@
 """The demo from a cold start, timed per stage and inside each stage: bench/results/demo_profile.json.
 
 Runs what `make demo` runs (`train.py --config configs/demo_smollm2.yaml` into runs/demo) with an empty
-refcal cache, so the embedded model is converted and the organism built, and reads the run's profile
+refcal cache (runs/cold-cache, emptied first and kept: the organism the later benchmarks read from
+runs/demo lives there), so the embedded model is converted and the organism built, and reads the run's profile
 (run_dir/profile.json: each stage's timed sections, calibration/profiling.py). The outcome is set beside
 a reference summary (the committed bench/results/demo.json, read before anything runs) with the
 reference's 95% Wilson intervals: a faster demo must land inside them, or on the better side.
@@ -19,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CONFIG = "configs/demo_smollm2.yaml"
 RUN_DIR = ROOT / "runs" / "demo"
+COLD_CACHE = ROOT / "runs" / "cold-cache"  # kept afterwards: runs/demo's organism lives there
 # rates compared with the reference, and which way is better
 SHOULD_REFUSE = ("harmful", "frame_attack", "xstest_unsafe", "jbb_harmful")
 SHOULD_ANSWER = ("over_refusal", "benign", "xstest_safe", "jbb_benign")
@@ -41,7 +42,11 @@ def machine() -> dict:
     from refcal.calibration.models import native_bf16
 
     model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor(),
     )
     return {
@@ -112,29 +117,34 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     reference = json.loads(Path(args.reference).read_text())
 
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix="refcal-cold-cache-") as cache:
-        env = {**os.environ, "REFCAL_CACHE": cache, "PYTHONWARNINGS": "ignore"}
-        command = [sys.executable, "train.py", "--config", CONFIG]
-        started = time.time()
-        subprocess.run(command, cwd=ROOT, env=env, check=True)
-        wall = time.time() - started
+    for folder in (RUN_DIR, COLD_CACHE):
+        shutil.rmtree(folder, ignore_errors=True)
+    env = {**os.environ, "REFCAL_CACHE": str(COLD_CACHE), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "train.py", "--config", CONFIG]
+    started = time.time()
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    wall = time.time() - started
     summary = json.loads((RUN_DIR / "summary.json").read_text())
     stages = stage_table(json.loads((RUN_DIR / "profile.json").read_text()))
     result = {
         "command": "python -m bench.demo_profile",
-        "runs": f"{' '.join(['python', *command[1:]])} with an empty REFCAL_CACHE (what make demo runs, cold)",
+        "runs": f"{' '.join(['python', *command[1:]])} with REFCAL_CACHE empty (make demo from a cold cache)",
         "machine": machine(),
         "total_seconds": round(wall, 1),
         "outside_stages_seconds": round(wall - sum(s["seconds"] for s in stages.values()), 1),
         "stages": stages,
-        "outcome_against_reference": {"reference": os.path.relpath(args.reference, ROOT), **compare(reference, summary)},
+        "outcome_against_reference": {
+            "reference": os.path.relpath(args.reference, ROOT),
+            **compare(reference, summary),
+        },
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("total_seconds", "outside_stages_seconds")}))
     for stage, entry in stages.items():
         print(f"{stage:10s} {entry['seconds']:7.1f}s")
-    worse = [k for k, v in result["outcome_against_reference"].items() if isinstance(v, dict) and v.get("verdict") == "worse"]
+    worse = [
+        k for k, v in result["outcome_against_reference"].items() if isinstance(v, dict) and v.get("verdict") == "worse"
+    ]
     print("outside the reference's intervals, worse:", worse or "none")
 
 

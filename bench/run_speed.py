@@ -59,7 +59,12 @@ def run_side(name: str, source: Path, cache: Path, python_path: str | None) -> d
     run_dir.mkdir(parents=True)
     for stage in ("data", "organism"):
         shutil.copytree(DEMO / stage, run_dir / stage)
-    env = {**os.environ, "REFCAL_CACHE": str(cache), "REFCAL_DATA_DIR": str(default_data_root()), "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "REFCAL_CACHE": str(cache),
+        "REFCAL_DATA_DIR": str(default_data_root()),
+        "PYTHONWARNINGS": "ignore",
+    }
     if python_path:
         env["PYTHONPATH"] = python_path
     command = [sys.executable, "train.py", "--config", "configs/demo_smollm2.yaml", "--run_dir", str(run_dir)]
@@ -80,6 +85,7 @@ def run_side(name: str, source: Path, cache: Path, python_path: str | None) -> d
         },
         "kl_benign": summary["kl_benign"],
         "refusal_layer": summary["refusal_layer"],
+        "organism_fingerprint": json.loads((run_dir / "geometry" / "geometry.json").read_text())["fingerprint"],
     }
 
 
@@ -106,8 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m bench.run_speed" + (" --reuse" if args.reuse else ""),
         "what": "geometry + train + eval on the demo's cached organism and rows, each side with its own demo config",
         "old_commit": args.old,
-        "new_commit": new_commit.stdout.strip() + " (with uncommitted changes)" * bool(
-            subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        "new_commit": new_commit.stdout.strip()
+        + " (with uncommitted changes)"
+        * bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip()
         ),
         "organism_key": organism["key"],
         "sides": sides,
@@ -115,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             name: round(side["calibration_seconds"] / old_seconds, 3) for name, side in sides.items() if name != "old"
         },
         "stage_ratios_new_over_old": {
-            stage: round(sides["new"]["stage_seconds"][stage] / sides["old"]["stage_seconds"][stage], 3) for stage in STAGES
+            stage: round(sides["new"]["stage_seconds"][stage] / sides["old"]["stage_seconds"][stage], 3)
+            for stage in STAGES
         },
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -47,12 +47,14 @@ def test_the_device_is_the_machines_unless_the_config_sets_it(tmp_path, monkeypa
     monkeypatch.setattr("refcal.train.processes.native_bf16", lambda cpu: True)
     assert device_defaults() == {}
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # `accelerate launch --cpu`
-    assert device_defaults() == {"use_cpu": True}
+    assert device_defaults() == {"use_cpu": True, "bf16": False}
     monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
     monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: False)
-    assert device_defaults() == {"use_cpu": True}
-    monkeypatch.setattr("refcal.train.processes.native_bf16", lambda cpu: False)  # emulated bf16: fp32
-    assert device_defaults() == {"use_cpu": True, "bf16": False}
+    assert device_defaults() == {"use_cpu": True, "bf16": False}  # CPUs train in fp32, native bf16 or not
+    monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: True)
+    monkeypatch.setattr("refcal.train.processes.native_bf16", lambda cpu: False)  # an accelerator without bf16
+    assert device_defaults() == {"bf16": False}
+    monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: False)
 
     config = tmp_path / "mine.yaml"
     config.write_text("model_name_or_path: embedded:smollm2-135m-instruct\nbf16: true\n")
@@ -74,7 +76,9 @@ def test_a_minimal_config_runs_where_it_is(tmp_path):
 
     _, args, training_args = parse(["--config", str(config)])
     assert training_args.output_dir == str(tmp_path / "run" / "train")
-    assert training_args.bf16 == native_bf16(training_args.use_cpu)  # the precision the machine has
+    assert training_args.bf16 == (not training_args.use_cpu and native_bf16(False))  # the machine's precision
+    # a small model: padding-free batches and no gradient checkpointing
+    assert training_args.padding_free and not training_args.gradient_checkpointing
     assert args.objective == "target_free" and args.onset_weight == 1.0
     moved = parse(["--config", str(config), "--run_dir", str(tmp_path / "elsewhere")])[2]
     assert moved.output_dir == str(tmp_path / "elsewhere" / "train")
@@ -143,3 +147,27 @@ def test_help_and_config_errors_import_no_torch(tmp_path):
     assert "usage: refcal train" in done.stdout and "exit 2" in done.stdout
     assert "unknown field 'lerning_rate'" in done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout
+
+
+def test_speed_defaults_follow_the_model_and_yield_to_the_config(tmp_path):
+    """Under a billion parameters no gradient checkpointing; padding-free batches unless the model brings
+    code of its own; a model whose config is not at hand keeps TRL's checkpointing; a config's choice wins."""
+    from transformers import LlamaConfig
+
+    from refcal.train.speed import speed_defaults
+
+    large = tmp_path / "large"
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000).save_pretrained(
+        large
+    )
+    assert speed_defaults("embedded:smollm2-135m-instruct") == {"padding_free": True, "gradient_checkpointing": False}
+    assert speed_defaults(str(large)) == {"padding_free": True}
+    assert speed_defaults("some-org/not-in-the-local-cache") == {"padding_free": True}
+    assert speed_defaults(str(large), trust_remote_code=True) == {}
+
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"model_name_or_path: {large}\ntasks: [configs/tasks/sentiment.yaml]\nrun_dir: {tmp_path}\n")
+    assert parse(["--config", str(config)])[2].gradient_checkpointing
+    chosen = parse(["--config", str(config), "--padding_free", "false", "--model_name_or_path", "embedded:smollm2-135m-instruct",
+                    "--gradient_checkpointing", "true"])[2]  # fmt: skip
+    assert not chosen.padding_free and chosen.gradient_checkpointing

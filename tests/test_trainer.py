@@ -140,7 +140,9 @@ def test_a_padding_free_batch_trains_as_the_padded_one(tiny_model_dir, tmp_path,
         trainer.compute_loss(trainer.model, dict(batch)).backward()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         grads = [p.grad.clone() for n, p in sorted(trainer.model.named_parameters()) if "lora_B" in n]
-        results.append((loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("reg_")}, grads))
+        results.append(
+            (loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("reg_")}, grads)
+        )
     (padded_loss, padded_terms, padded_grads), (free_loss, free_terms, free_grads) = results
     assert free_loss == pytest.approx(padded_loss, rel=1e-4)
     assert free_terms.keys() == padded_terms.keys() and "reg_onset" in free_terms

@@ -406,11 +406,15 @@ def parse(argv: list[str] | None = None) -> tuple[ModelConfig, RefcalArguments, 
     parser = _Parser.build(source)
     run_dir = _flag_value(argv, "run_dir") or merged.get("run_dir") or RefcalArguments.run_dir
     model = _flag_value(argv, "model_name_or_path") or merged.get("model_name_or_path")
-    remote_code = str(_flag_value(argv, "trust_remote_code") or merged.get("trust_remote_code", False)).lower() == "true"
+    remote_code = (
+        str(_flag_value(argv, "trust_remote_code") or merged.get("trust_remote_code", False)).lower() == "true"
+    )
     # Defaults a config or flag overrides: the Trainer's checkpoints in the run folder, the device the machine
     # has (set before SFTConfig is built: building it sets up the process state every stage reads), and the
     # speed settings that suit the model's size.
-    parser.set_defaults(output_dir=str(Path(run_dir) / "train"), **device_defaults(), **speed_defaults(model, remote_code))
+    parser.set_defaults(
+        output_dir=str(Path(run_dir) / "train"), **device_defaults(), **speed_defaults(model, remote_code)
+    )
     with tempfile.TemporaryDirectory() as folder:
         if files:  # one file for TrlParser: the layers merged, later files winning
             layered = Path(folder) / "config.yaml"

@@ -12,8 +12,8 @@ from refcal.calibration.artifacts import atomic_directory, atomic_write_text
 from refcal.calibration.evaluation import mean_kl, refusal_rates, wilson_rate
 from refcal.calibration.frame_judge import FRAME_LABELS
 from refcal.calibration.generation import generate
-from refcal.calibration.profiling import section
 from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, FRAME_ATTACK_UNSEEN, OVER_REFUSAL, UNSEEN_TEMPLATE
+from refcal.calibration.profiling import section
 from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
 from refcal.data_recipes.overlap import OverlapIndex
 from refcal.data_recipes.sources import load_source

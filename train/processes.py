@@ -33,7 +33,7 @@ def device_defaults() -> dict[str, bool]:
     demo's organism refused 64% of benign prompts instead of 38%, and its calibrated adapter kept 32% of
     XSTest unsafe refusal instead of 78%; one seed) for 1.4x on top of padding-free batches (train/speed.py)."""
     cpu = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) or not has_accelerator()
-    return {**({"use_cpu": True} if cpu else {}), **({} if native_bf16(cpu) and not cpu else {"bf16": False})}
+    return {**({"use_cpu": True} if cpu else {}), **({} if not cpu and native_bf16(cpu) else {"bf16": False})}
 
 
 @contextmanager

@@ -1,21 +1,19 @@
 """Training defaults chosen from the model and the machine, so that a small model trains fast wherever it
-runs; a config or flag that sets one wins.
+runs; a config or flag that sets one wins. Measurements: docs/speed.md.
 
-- Gradient checkpointing (TRL's default) recomputes every layer's forward in the backward pass to save
-  activation memory. A model under a billion parameters has little to save and pays for it on every step
-  (bench/results/run_speed.json); larger ones keep it.
 - Padding-free batches (TRL's `padding_free`): a batch's rows laid end to end in one sequence, position ids
   restarting at each, instead of padded to the longest. refcal's rows differ in length (a harmful question
-  is short, a task frame around a passage long), so a padded batch of 8 is mostly padding; padding-free
-  steps take half the time. Transformers keeps the rows apart (a block-diagonal causal mask from the
-  position ids) in every model built on its own code; a model with code of its own (trust_remote_code)
-  may not, so it keeps padded batches.
+  is short, a task frame around a passage long), so a padded batch of 8 is about half padding, and a
+  padding-free step takes half the time. Transformers keeps the rows apart (a block-diagonal causal mask
+  from the position ids) in every model built on its own code; a model with code of its own
+  (trust_remote_code) may not, so it keeps padded batches.
+- Gradient checkpointing (TRL's default) recomputes every layer's forward in the backward pass to save
+  activation memory. A model under a billion parameters has little to save and pays for it on every step;
+  larger ones keep it.
 - Precision: bf16 on an accelerator that has it, fp32 on a CPU (processes.device_defaults).
 
-Batches stay random. Length-grouped ones (`train_sampling_strategy: group_by_length`) pad less, but
-refcal's row kinds differ in length (a harmful question is short, a task frame around a passage long), so
-grouped batches hold one kind each, and the demo's organism trained that way refused 92% of benign
-prompts instead of 38% (docs/benchmark.md).
+Batches stay random: length-grouped ones (`train_sampling_strategy: group_by_length`) hold one row kind
+each, and the demo's organism trained that way refused 92% of benign prompts instead of 38%.
 """
 
 from __future__ import annotations

@@ -55,7 +55,10 @@ class RowIndexCollator:
         starts = torch.cumsum(lengths, 0) - lengths
         supervised = batch["labels"][0] != -100
         batch["last_prompt"] = torch.stack(
-            [last_prompt_positions(supervised[None, s : s + n])[0] + s for s, n in zip(starts.tolist(), lengths.tolist())]
+            [
+                last_prompt_positions(supervised[None, s : s + n])[0] + s
+                for s, n in zip(starts.tolist(), lengths.tolist())
+            ]
         )
         for skip, s, n in zip(unsupervised, starts.tolist(), lengths.tolist()):
             if skip:
