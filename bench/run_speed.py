@@ -33,7 +33,7 @@ from refcal.data_recipes.sources import default_data_root
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "runs" / "demo"
 SPEED = ROOT / "runs" / "speed"
-OLD = "8b2a8ce"  # the last commit before padding-free batches, no checkpointing for small models, bf16 on CPUs
+OLD = "8b2a8ce"  # padded batches, gradient checkpointing, a separate float32 capture pass and layer choice
 STAGES = ("geometry", "train", "eval")
 PACKAGES = ("train", "calibration", "data_recipes")  # installed as refcal.<name>
 SHOWN = ("harmful", "frame_attack", "over_refusal", "benign")

@@ -67,11 +67,11 @@ class RowIndexCollator:
 
 
 def sequence_of_rows(positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Which sequence of `hidden` ([sequences, tokens, ...]) holds each row: its own in a padded batch, the
-    one shared sequence in a padding-free one."""
-    if hidden.shape[0] == len(positions):
-        return torch.arange(len(positions), device=positions.device)
-    return torch.zeros(len(positions), dtype=torch.long, device=positions.device)
+    """Which sequence of `hidden` ([sequences, tokens, ...]) holds each row: the one shared sequence of a
+    padding-free batch, else its own (in DPO's batch, the chosen half comes first)."""
+    if hidden.shape[0] == 1:
+        return torch.zeros(len(positions), dtype=torch.long, device=positions.device)
+    return torch.arange(len(positions), device=positions.device)
 
 
 def last_prompt_positions(supervised: torch.Tensor) -> torch.Tensor:
