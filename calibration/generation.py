@@ -1,15 +1,42 @@
 """Batched greedy generation of chat responses, optionally with the residual stream at each prompt's last
-token, read off the generation's own prefill (no second forward pass over the prompts)."""
+token, read off the generation's own prefill (no second forward pass over the prompts).
+
+Two things make it cheaper than `model.generate` on the same batches, with the same arithmetic:
+- the tokens every prompt starts with (the chat template's header, often a default system prompt: 24 of
+  SmolLM2's 52 tokens on an average demo prompt) are run once and their keys and values shared by every
+  batch; the prompts' own tokens follow after their left padding, with positions that continue the prefix;
+- a row leaves its batch at its end of turn, so finished answers cost nothing while longer ones go on.
+Models whose generation config asks for more than the argmax (a repetition penalty, banned words, a
+minimum length) or whose forward takes no cache go through `model.generate` instead."""
 
 from __future__ import annotations
 
+import copy
+import inspect
+
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refcal.calibration.activations import NonFiniteActivations, chat_prompts, encode_left_padded, layer_output
 from refcal.calibration.batching import shrinking_batches
 from refcal.calibration.models import decoder_layers
 from refcal.calibration.profiling import section
+
+# generation-config fields that change greedy decoding away from the plain argmax, with their neutral values
+_ARGMAX_NEUTRAL = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+}
 
 
 def generate(
@@ -42,6 +69,30 @@ def generate_with_activations(
     return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, decoder_layers(model))
 
 
+def plain_argmax(model: PreTrainedModel) -> bool:
+    """Whether greedy decoding with this model's generation config is the argmax at every step (no logits
+    processor changes it) and its forward takes a cache: what refcal's own decoding loop computes."""
+    config = model.generation_config
+    neutral = all(getattr(config, name, None) in values for name, values in _ARGMAX_NEUTRAL.items())
+    return neutral and _cache_keyword(model) is not None
+
+
+def _cache_keyword(model: PreTrainedModel) -> str | None:
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def shared_prefix_length(token_ids: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one of its own."""
+    if not token_ids:
+        return 0
+    first = token_ids[0]
+    length = min(len(ids) for ids in token_ids) - 1
+    for ids in token_ids[1:]:
+        length = next((i for i in range(length) if ids[i] != first[i]), length)
+    return max(length, 0)
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, blocks):
     texts = chat_prompts(tokenizer, prompts)
@@ -49,30 +100,26 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progr
     device = next(model.parameters()).device
     responses: list[str] = [""] * len(texts)
     activations = None if blocks is None else torch.empty(len(texts), len(blocks), model.config.hidden_size)
+    decoder = _SharedPrefixGreedy(model, tokenizer, texts, device) if plain_argmax(model) else None
     prefill: dict[int, torch.Tensor] = {}
+    recording = [False]
 
     def keep_prefill(layer: int):
         def hook(_module, _inputs, output):
-            hidden = layer_output(output)
-            if layer not in prefill and hidden.shape[1] > 1:  # the prompt's pass, not a one-token decoding step
-                prefill[layer] = hidden[:, -1].float().cpu()
+            if recording[0]:
+                prefill[layer] = layer_output(output)[:, -1].float().cpu()
 
         return hook
 
-    def answer(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def answer(start: int, stop: int) -> tuple[list[list[int]], torch.Tensor | None]:
+        batch = [order[i] for i in range(start, stop)]
         prefill.clear()  # a batch retried after out-of-memory starts again
-        batch = encode_left_padded(tokenizer, [texts[i] for i in order[start:stop]], device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        if decoder is not None:
+            sequences = decoder(batch, max_new_tokens, recording)
+        else:
+            sequences = _hf_generate(model, tokenizer, [texts[i] for i in batch], max_new_tokens, device, recording)
         states = None if blocks is None else torch.stack([prefill[layer] for layer in range(len(blocks))], dim=1)
-        return output[:, batch["input_ids"].shape[1] :], states
+        return sequences, states
 
     hooks = [] if blocks is None else [block.register_forward_hook(keep_prefill(i)) for i, block in enumerate(blocks)]
     try:
@@ -90,3 +137,91 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progr
         rows, layers = sorted(set(bad[:, 0].tolist())), sorted(set(bad[:, 1].tolist()))
         raise NonFiniteActivations(f"non-finite activations at layer(s) {layers}", rows, layers)
     return responses, activations
+
+
+def _hf_generate(model, tokenizer, texts, max_new_tokens, device, recording) -> list[list[int]]:
+    batch = encode_left_padded(tokenizer, texts, device)
+    first_pass = [True]
+
+    def record_first_pass(_module, _args, _kwargs):  # the prompt's pass, not a one-token decoding step
+        recording[0], first_pass[0] = first_pass[0], False
+
+    handle = model.register_forward_pre_hook(record_first_pass, with_kwargs=True)
+    try:
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    finally:
+        handle.remove()
+        recording[0] = False
+    return output[:, batch["input_ids"].shape[1] :].tolist()
+
+
+class _SharedPrefixGreedy:
+    """Greedy decoding of batches of `texts` (by index) over one cached run of their shared prefix."""
+
+    @torch.no_grad()
+    def __init__(self, model, tokenizer, texts: list[str], device):
+        self.model, self.device = model, device
+        self.keyword = _cache_keyword(model)
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        self.prefix = shared_prefix_length(ids)
+        self.rest = [row[self.prefix :] for row in ids]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        stop = model.generation_config.eos_token_id
+        stop = tokenizer.eos_token_id if stop is None else stop
+        self.stop = torch.tensor(stop if isinstance(stop, list) else [stop], device=device)
+        self.prefix_cache = DynamicCache()
+        if self.prefix:
+            prefix_ids = torch.tensor([ids[0][: self.prefix]], device=device)
+            self._forward(prefix_ids, torch.ones_like(prefix_ids), self.prefix_cache, logits_to_keep=1)
+
+    def _forward(self, input_ids, mask, cache, **kwargs) -> torch.Tensor:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.keyword: cache},
+            **kwargs,
+        )
+        return output.logits[:, -1]
+
+    @torch.no_grad()
+    def __call__(self, batch: list[int], max_new_tokens: int, recording: list[bool]) -> list[list[int]]:
+        rest = [self.rest[i] for i in batch]
+        width = max(len(r) for r in rest)
+        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rest], device=self.device)
+        own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.device)
+        mask = torch.cat([own.new_ones(len(batch), self.prefix), own], dim=1)
+        cache = copy.deepcopy(self.prefix_cache)
+        if self.prefix:
+            cache.batch_repeat_interleave(len(batch))
+        recording[0] = True
+        try:
+            logits = self._forward(ids, mask, cache, logits_to_keep=1)
+        finally:
+            recording[0] = False
+        answers: list[list[int]] = [[] for _ in batch]
+        alive = torch.arange(len(batch), device=self.device)
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            for row, t in zip(alive.tolist(), token.tolist()):
+                answers[row].append(t)
+            going = ~torch.isin(token, self.stop)
+            if step == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():  # finished rows leave the batch and its cache
+                keep = going.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                alive, token, mask = alive[keep], token[keep], mask[keep]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            logits = self._forward(token[:, None], mask, cache)
+        return answers

@@ -1,0 +1,83 @@
+"""refcal's decoding loop (shared prompt prefix, finished rows leave the batch) against transformers'
+`generate`: the same greedy answers, and the fallback where the generation config asks for more."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+
+import refcal.calibration.generation as generation
+from refcal.calibration.activations import chat_prompts
+from refcal.calibration.models import load_model
+
+PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" + " really" * (i % 4) for i in range(11)]
+
+
+def hf_generate(model, tokenizer, prompts, max_new_tokens):
+    with mock.patch.object(generation, "plain_argmax", lambda _model: False):
+        return generation.generate(model, tokenizer, prompts, max_new_tokens, batch_size=4, progress=False)
+
+
+def test_shared_prefix_leaves_every_prompt_a_token():
+    assert generation.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert generation.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert generation.shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert generation.shared_prefix_length([]) == 0
+
+
+def test_decoding_loop_matches_generate_with_rows_ending_at_different_steps(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    texts = chat_prompts(tokenizer, PROMPTS)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert generation.shared_prefix_length(ids) > 0  # the chat template's header is shared
+    assert generation.plain_argmax(model)
+    batches = [list(range(0, 6)), list(range(6, 11))]
+
+    def both(max_new_tokens):
+        decoder = generation._SharedPrefixGreedy(model, tokenizer, texts, "cpu")
+        own = [row for batch in batches for row in decoder(batch, max_new_tokens, [False])]
+        reference = [
+            row
+            for batch in batches
+            for row in generation._hf_generate(
+                model, tokenizer, [texts[i] for i in batch], max_new_tokens, "cpu", [False]
+            )
+        ]
+        return own, reference
+
+    model.generation_config.eos_token_id = tokenizer.vocab_size + 7  # never emitted: every answer runs 12 tokens
+    own, reference = both(12)
+    assert own == reference
+    # a token that ends some rows mid-answer, in each batch, but not every row: rows leave their batch early
+    stop = next(
+        t
+        for t in sorted({t for row in reference for t in row[1:8]})
+        if all(0 < sum(t in reference[i][:8] for i in batch) < len(batch) for batch in batches)
+    )
+    model.generation_config.eos_token_id = stop
+    own, reference = both(12)
+    ended = [row[: row.index(stop) + 1] if stop in row else row for row in reference]  # generate pads after the end
+    assert own == ended
+    assert len({len(row) for row in own}) > 1
+
+
+def test_generation_config_beyond_the_argmax_goes_through_generate(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model.generation_config.repetition_penalty = 1.3
+    assert not generation.plain_argmax(model)
+    with mock.patch.object(generation, "_SharedPrefixGreedy", side_effect=AssertionError("own loop used")):
+        answers = generation.generate(model, tokenizer, PROMPTS[:3], 5, batch_size=2, progress=False)
+    assert len(answers) == 3
+
+
+@pytest.mark.parametrize("own_loop", [True, False])
+def test_activations_come_from_the_prompt_pass_only(tiny_model_dir, own_loop):
+    from refcal.calibration.activations import capture_last_token
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with mock.patch.object(generation, "plain_argmax", lambda _model: own_loop):
+        _, states = generation.generate_with_activations(model, tokenizer, PROMPTS, 4, batch_size=4, progress=False)
+    captured = capture_last_token(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), progress=False)
+    assert states.shape == captured.shape
+    assert (states - captured).abs().max() < 1e-4
