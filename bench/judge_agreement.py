@@ -74,6 +74,16 @@ def predict(judge, rows: list[dict]) -> list[str]:
     return judge.label([r["prompt"] for r in rows], [r["completion"] for r in rows])
 
 
+def leave_one_model_out(data: dict[str, list[dict]], models: list[str], **settings) -> dict[str, dict]:
+    """Per model: the learned judge fitted on the other models' completions, scored on this one's."""
+    return {
+        held: scores(
+            predict(fit([r for m in models if m != held for r in data[m]], **settings), data[held]), data[held], True
+        )
+        for held in models
+    }
+
+
 def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
     """Settings with the best worst-model binary agreement, leave-one-model-out within `models`."""
     best, best_score = None, -1.0
@@ -119,12 +129,12 @@ def main() -> None:
     table: dict[str, dict[str, dict]] = {}
 
     default = LearnedJudge.from_xstest(root)
+    table["refcal learned (default settings)"] = leave_one_model_out(
+        data, list(XSTEST_MODELS), head_chars=default.head_chars, C=default.C
+    )
     for held in XSTEST_MODELS:
         rows = data[held]
         train = [r for m in XSTEST_MODELS if m != held for r in data[m]]
-        table.setdefault("refcal learned (default settings)", {})[held] = scores(
-            predict(fit(train, head_chars=default.head_chars, C=default.C), rows), rows, True
-        )
         settings = choose_settings(data, [m for m in XSTEST_MODELS if m != held])
         table.setdefault("refcal learned (nested: settings chosen without the held-out model)", {})[held] = {
             **scores(predict(fit(train, **settings), rows), rows, True),

@@ -4,7 +4,8 @@ Every stage starts once, training runs under DDP with the global batch (per devi
 accumulation steps) and the step count that follows, the logged losses are the processes' reduced ones,
 and the adapter equals a one-process run's on the same global batch. Checked for `refcal run` (SFT with the
 geometry regularizer, accumulation and an organism trained under DDP), `retrain` (the recommended
-target-free form with the onset term) and DPO. The config sets no device: refcal picks the CPU itself.
+target-free form with the onset term, with accumulation) and DPO. The config sets no device: refcal picks
+the CPU itself.
 """
 
 from __future__ import annotations
@@ -140,16 +141,19 @@ def test_run_is_one_ddp_run_with_the_global_batch(e2e, tmp_path):
 
 
 def test_retrain_is_one_ddp_run(e2e, tmp_path):
-    """`train.py retrain` continues the e2e adapter on a new cluster, target-free with the onset term."""
+    """`train.py retrain` continues the e2e adapter on a new cluster, target-free with the onset term, over two
+    processes with two accumulation steps each: the onset term's per-row mean holds across both."""
     config, parent, env = e2e
     common = ["--config", str(config), "--adapter", str(parent / "export" / "adapter"),
               "--tasks", str(ROOT / "configs" / "tasks" / "grammar.yaml"), "--max_steps", "2", *TARGET_FREE]  # fmt: skip
     one_process(["retrain", *common, "--run_dir", str(tmp_path / "one")], env)
-    log = launch(["retrain", *common, "--run_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "4"], env)
+    log = launch(["retrain", *common, "--run_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2",
+                  "--gradient_accumulation_steps", "2"], env)  # fmt: skip
     assert_one_run(log, ["data", "geometry", "train", "eval", "export"], skipped=["organism"])
     assert log.count("reused from the parent run") == 1  # the organism the parent adapter was calibrated on
 
     assert (engine(tmp_path / "two")["global_batch"], engine(tmp_path / "one")["global_batch"]) == (8, 8)
+    assert "global batch 8 = 2 per device x 2 x 2 accumulation steps" in log
     assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
     history = json.loads((tmp_path / "two" / "train" / "log_history.json").read_text())
     assert all("reg_onset" in e for e in history if "loss" in e)

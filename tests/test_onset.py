@@ -21,7 +21,20 @@ def test_onset_loss_is_the_cross_entropy_of_the_onset_mass():
     assert loss.tolist() == pytest.approx([math.log(2), math.log(2)])
     sure = torch.tensor([[30.0, 0.0, 0.0, 0.0]])  # p ~ 1: cheap to keep refusing, dear to answer, never inf
     assert onset_loss(sure, torch.tensor([0]), torch.tensor([1.0])).item() < 1e-6
-    assert math.isfinite(onset_loss(sure, torch.tensor([0]), torch.tensor([0.0])).item()) > 0
+    # -log(1 - p) = -log(3 e^0 / (e^30 + 3)) = 30 + log(e^30 + 3) - 30 - log 3, about 30 - log 3
+    assert onset_loss(sure, torch.tensor([0]), torch.tensor([0.0])).item() == pytest.approx(30 - math.log(3), abs=1e-4)
+
+
+@pytest.mark.parametrize("margin", [30.0, 80.0])
+def test_onset_loss_gradient_never_vanishes_on_confident_refusals(margin):
+    """A row refused with a margin of many nats still pulls towards answering: the most confidently refused
+    rows are the ones the term is for."""
+    logits = torch.zeros(1, 4)
+    logits[0, 0] = margin
+    logits.requires_grad_()
+    onset_loss(logits, torch.tensor([0]), torch.tensor([0.0])).sum().backward()
+    assert logits.grad[0, 0].item() == pytest.approx(1.0, abs=1e-4)  # d(-log(1 - p))/d(onset logit) -> 1
+    assert (logits.grad[0, 1:] < -0.3).all()
 
 
 def test_onset_loss_gradient_lowers_the_onset_logits_of_rows_that_should_answer():
