@@ -35,10 +35,15 @@ def onset_loss(logits: torch.Tensor, onset_tokens: torch.Tensor, target: torch.T
     """Per row: binary cross-entropy of p = softmax(logits)[onset_tokens].sum() against target (0 or 1).
 
     logits: [B, V] at the last prompt token; onset_tokens: [k] token ids; target: [B] floats.
-    Computed in log space (logsumexp), so p near 0 or 1 stays finite."""
-    log_probs = logits.float().log_softmax(-1)
-    log_p = log_probs[:, onset_tokens].logsumexp(-1)
-    log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
+    log p and log(1 - p) are each a logsumexp (over the onset tokens' logits, and over every other
+    token's) less the log-partition, so neither saturates: a row refused by a margin of 30 nats still pulls
+    towards answering with a gradient of about 1, where 1 - p itself would round to 0."""
+    logits = logits.float()
+    onset = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    onset[onset_tokens] = True
+    log_partition = logits.logsumexp(-1)
+    log_p = logits[:, onset].logsumexp(-1) - log_partition
+    log_not_p = logits[:, ~onset].logsumexp(-1) - log_partition
     return -(target * log_p + (1 - target) * log_not_p)
 
 
