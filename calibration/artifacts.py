@@ -75,9 +75,12 @@ def atomic_directory(path: str | Path, replace: bool = True):
 
 
 def remove_stale_staging(directory: str | Path, names: list[str]) -> list[Path]:
-    """Staging folders a killed process left beside `directory / name` (their final names were never
-    written); removed before a run starts again."""
-    stale = [p for name in names for p in Path(directory).glob(f".{name}-*") if p.is_dir()]
+    """Staging folders and temporary files a killed process left beside `directory / name` (their final
+    names were never written); removed before a run starts again."""
+    stale = [p for name in names for p in Path(directory).glob(f".{name}-*")]
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale

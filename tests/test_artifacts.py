@@ -56,3 +56,16 @@ def test_artifacts_get_plain_permissions(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "stage").stat().st_mode) == 0o755
+
+
+def test_stale_staging_folders_and_files_of_a_killed_run_are_removed(tmp_path):
+    from refcal.calibration.artifacts import remove_stale_staging
+
+    (tmp_path / ".train-abc123").mkdir()
+    (tmp_path / ".train-abc123" / "part").write_text("half")
+    (tmp_path / ".profile.json-x1y2").write_text("{")  # a temporary file killed before its rename
+    (tmp_path / "profile.json").write_text("{}")
+    (tmp_path / ".other-keep").write_text("not ours")
+    removed = remove_stale_staging(tmp_path, ["train", "profile.json"])
+    assert sorted(p.name for p in removed) == [".profile.json-x1y2", ".train-abc123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other-keep", "profile.json"]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 STAGES = ("data", "organism", "geometry", "train", "eval", "export")
 EXTRA_STAGES = ("baselines",)  # run on request, not by `refcal run`
+RUN_FILES = ("timings.json", "profile.json", "summary.json", "report.html")  # written atomically beside the stages
 REQUIRES = {
     "organism": "data",
     "geometry": "data",
@@ -178,7 +179,7 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
         "baselines": lambda: run.main_only("baselines", lambda: stage_baselines(run)),
     }
     if run.state.is_main_process:
-        remove_stale_staging(run.dir, [*STAGES, *EXTRA_STAGES, "sft_data"])
+        remove_stale_staging(run.dir, [*STAGES, *EXTRA_STAGES, "sft_data", *RUN_FILES])
     run.state.wait_for_everyone()
     seconds = {}
     for stage in stages:

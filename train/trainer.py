@@ -218,7 +218,7 @@ class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         row_index, positions = inputs.pop("row_index"), inputs.pop("last_prompt")
         with self._capture(model) as captured:
-            if (inputs["labels"] != -100).any():
+            if self._any_process_has_labels(inputs["labels"]):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             else:  # only target-free rows: no language-modelling loss, the regularizer alone
                 # no cache, as TRL's loss does: with one, a padding-free batch's rows would attend to each other
@@ -227,6 +227,16 @@ class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):
         loss = result[0] if isinstance(result, tuple) else result
         loss = self._regularized(model, loss, captured, positions, row_index, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
+
+
+    def _any_process_has_labels(self, labels: torch.Tensor) -> bool:
+        """Every process takes the same branch: TRL's loss gathers its metrics across processes, so one
+        process skipping it while another enters it would wait forever. TRL's loss of a batch without
+        labels is a finite zero."""
+        has_labels = (labels != -100).any().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            has_labels = self.accelerator.reduce(has_labels, "sum")
+        return bool(has_labels.item() > 0)
 
 
 class RefcalDPOTrainer(GeometryRegularized, DPOTrainer):
