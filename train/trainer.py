@@ -228,7 +228,6 @@ class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):
         loss = self._regularized(model, loss, captured, positions, row_index, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
 
-
     def _any_process_has_labels(self, labels: torch.Tensor) -> bool:
         """Every process takes the same branch: TRL's loss gathers its metrics across processes, so one
         process skipping it while another enters it would wait forever. TRL's loss of a batch without
