@@ -1,13 +1,15 @@
 """Batched greedy generation of chat responses, optionally with the residual stream at each prompt's last
 token, read off the generation's own prefill (no second forward pass over the prompts).
 
-Two things make it cheaper than `model.generate` on the same batches, with the same arithmetic:
+Two things make it cheaper than `model.generate` on the same batches (token for token the same answers
+in float32; in bf16 the shared prefix is rounded in another order, and answers can part after a few tokens):
 - the tokens every prompt starts with (the chat template's header, often a default system prompt: 24 of
   SmolLM2's 52 tokens on an average demo prompt) are run once and their keys and values shared by every
   batch; the prompts' own tokens follow after their left padding, with positions that continue the prefix;
 - a row leaves its batch at its end of turn, so finished answers cost nothing while longer ones go on.
 Models whose generation config asks for more than the argmax (a repetition penalty, banned words, a
-minimum length) or whose forward takes no cache go through `model.generate` instead."""
+minimum length), whose forward takes no cache, or with layers other than attention (recurrent state cannot
+be shared this way) go through `model.generate` instead."""
 
 from __future__ import annotations
 
@@ -71,10 +73,13 @@ def generate_with_activations(
 
 def plain_argmax(model: PreTrainedModel) -> bool:
     """Whether greedy decoding with this model's generation config is the argmax at every step (no logits
-    processor changes it) and its forward takes a cache: what refcal's own decoding loop computes."""
+    processor changes it), its forward takes a cache and every layer is attention: what refcal's own
+    decoding loop computes."""
     config = model.generation_config
     neutral = all(getattr(config, name, None) in values for name, values in _ARGMAX_NEUTRAL.items())
-    return neutral and _cache_keyword(model) is not None
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
+    attention_only = set(layer_types) <= {"full_attention", "sliding_attention"}
+    return neutral and attention_only and _cache_keyword(model) is not None
 
 
 def _cache_keyword(model: PreTrainedModel) -> str | None:
@@ -177,7 +182,7 @@ class _SharedPrefixGreedy:
         stop = model.generation_config.eos_token_id
         stop = tokenizer.eos_token_id if stop is None else stop
         self.stop = torch.tensor(stop if isinstance(stop, list) else [stop], device=device)
-        self.prefix_cache = DynamicCache()
+        self.prefix_cache = DynamicCache(config=model.config)  # sliding-window layers where the model has them
         if self.prefix:
             prefix_ids = torch.tensor([ids[0][: self.prefix]], device=device)
             self._forward(prefix_ids, torch.ones_like(prefix_ids), self.prefix_cache, logits_to_keep=1)

@@ -64,6 +64,12 @@ def test_decoding_loop_matches_generate_with_rows_ending_at_different_steps(tiny
 
 def test_generation_config_beyond_the_argmax_goes_through_generate(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
+    layers = model.config.num_hidden_layers
+    model.config.layer_types = ["full_attention"] * (layers - 1) + ["sliding_attention"]
+    assert generation.plain_argmax(model)
+    model.config.layer_types = ["full_attention"] * (layers - 1) + ["mamba"]  # recurrent state: not shared
+    assert not generation.plain_argmax(model)
+    model.config.layer_types = ["full_attention"] * layers
     model.generation_config.repetition_penalty = 1.3
     assert not generation.plain_argmax(model)
     with mock.patch.object(generation, "_SharedPrefixGreedy", side_effect=AssertionError("own loop used")):
