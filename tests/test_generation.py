@@ -14,11 +14,6 @@ from refcal.calibration.models import load_model
 PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" + " really" * (i % 4) for i in range(11)]
 
 
-def hf_generate(model, tokenizer, prompts, max_new_tokens):
-    with mock.patch.object(generation, "plain_argmax", lambda _model: False):
-        return generation.generate(model, tokenizer, prompts, max_new_tokens, batch_size=4, progress=False)
-
-
 def test_shared_prefix_leaves_every_prompt_a_token():
     assert generation.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert generation.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2

@@ -21,7 +21,7 @@ def test_onset_loss_is_the_cross_entropy_of_the_onset_mass():
     assert loss.tolist() == pytest.approx([math.log(2), math.log(2)])
     sure = torch.tensor([[30.0, 0.0, 0.0, 0.0]])  # p ~ 1: cheap to keep refusing, dear to answer, never inf
     assert onset_loss(sure, torch.tensor([0]), torch.tensor([1.0])).item() < 1e-6
-    # -log(1 - p) = -log(3 e^0 / (e^30 + 3)) = 30 + log(e^30 + 3) - 30 - log 3, about 30 - log 3
+    # -log(1 - p) = log((e^30 + 3) / 3), about 30 - log 3: large, finite, exact
     assert onset_loss(sure, torch.tensor([0]), torch.tensor([0.0])).item() == pytest.approx(30 - math.log(3), abs=1e-4)
 
 
