@@ -88,14 +88,8 @@ def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
     """Settings with the best worst-model binary agreement, leave-one-model-out within `models`."""
     best, best_score = None, -1.0
     for head_chars, C in itertools.product(GRID["head_chars"], GRID["C"]):
-        worst = min(
-            scores(
-                predict(fit([r for m in models if m != held for r in data[m]], head_chars=head_chars, C=C), data[held]),
-                data[held],
-                False,
-            )["binary"]
-            for held in models
-        )
+        table = leave_one_model_out(data, models, head_chars=head_chars, C=C)
+        worst = min(row["binary"] for row in table.values())
         if worst > best_score:
             best, best_score = {"head_chars": head_chars, "C": C}, worst
     return best
