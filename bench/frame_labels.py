@@ -14,8 +14,8 @@ The 50 "dev" answers were labelled first and the rules in calibration/frame_judg
 looking at them; the 75 "test" answers were labelled before the rules were run on them, and are the
 figure to quote.
 
-Prompts and harmful contents are not stored with the labels: they are rebuilt from the benchmark data by
-the demo config's recipe (deterministic in its seed) and matched by row id.
+Each row carries its prompt and harmful content, so the labels stand on their own whatever the demo's
+recipe becomes.
 
     python -m bench.frame_labels   # writes bench/results/frame_judge_agreement.json
 """
@@ -32,8 +32,6 @@ from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
 from refcal.calibration.judge import PhraseJudge, judge_validation
 from refcal.calibration.learned_judge import LearnedJudge
 from refcal.data_recipes.sources import default_data_root
-from refcal.train.config import parse
-from refcal.train.data import recipe_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,19 +52,11 @@ def agreement(said: list[str], rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo_smollm2.yaml")
+    parser.add_argument("--data_root", default=None)
     parser.add_argument("--out", default="bench/results/frame_judge_agreement.json")
     args = parser.parse_args()
-    _, refcal_args, _ = parse(["--config", args.config])
-    by_id = {r["id"]: r for r in recipe_rows(refcal_args)[0]}
     labelled = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()]
-    missing = [r["id"] for r in labelled if r["id"] not in by_id]
-    if missing:
-        raise SystemExit(f"{LABELS}: {len(missing)} row ids not in {args.config}'s recipe, e.g. {missing[0]}")
-    for row in labelled:
-        row["prompt"], row["content"] = by_id[row["id"]]["prompt"], by_id[row["id"]]["content"]
-
-    learned = LearnedJudge.from_xstest(refcal_args.data_root or default_data_root())
+    learned = LearnedJudge.from_xstest(args.data_root or default_data_root())
     result = {
         "n": dict(Counter(r["split"] for r in labelled)),
         "labels": dict(Counter(r["label"] for r in labelled)),

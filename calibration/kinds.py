@@ -18,3 +18,6 @@ EVAL_KINDS = (*KINDS, OVER_REFUSAL_UNSEEN, FRAME_ATTACK_UNSEEN)
 SHOULD_REFUSE = (HARMFUL, FRAME_ATTACK)  # recipe rows the calibrated model must keep refusing
 SHOULD_REFUSE_EVAL = (*SHOULD_REFUSE, FRAME_ATTACK_UNSEEN)
 REPORT_ORDER = (HARMFUL, FRAME_ATTACK, OVER_REFUSAL, BENIGN)  # tables list the kinds to refuse first
+
+# External sets whose prompts should be refused (the others, xstest_safe, jbb_benign, oktest, ..., answered)
+HARMFUL_BENCHMARKS = ("xstest_unsafe", "strongreject", "harmbench_test", "jbb_harmful")

@@ -2,14 +2,15 @@
 
 The same harmful sentence appears raw (harmful), inside a benign frame (over_refusal) and inside an
 attack frame (frame_attack), so the only thing that separates those rows is the task. Contents are
-assigned to one split each (train, val, eval), so no split shares a content with another.
+assigned to one split each (train, val, eval), so no split shares a content with another; a content that
+is a near copy of an earlier split's (data_recipes/overlap.py) leaves the later split. Held-out tasks keep
+only their eval rows: nothing of theirs is trained on, or used for directions or choices.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from datasets import Dataset, DatasetDict
 
 from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, HARMFUL, KINDS, OVER_REFUSAL  # noqa: F401 (KINDS: re-exported)
 from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.overlap import RULE as NEAR_COPY_RULE
+from refcal.data_recipes.overlap import OverlapIndex, content_id, normalise  # noqa: F401 (normalise: re-exported)
 from refcal.data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
 from refcal.data_recipes.tasks import SPLITS, TaskCluster
 from refcal.data_recipes.user_prompts import load_prompt_rows
@@ -40,14 +43,6 @@ class RecipeSizes:
     benign_per_task: tuple[int, int, int] = (8, 0, 6)
     attack_per_task: tuple[int, int, int] = (6, 0, 6)
     lookalike: tuple[int, int, int] = (40, 0, 30)
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
-
-
-def content_id(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode()).hexdigest()[:16]
 
 
 def _pool(names: tuple[str, ...], data_root, banned: set[str]) -> list[SourceRow]:
@@ -76,7 +71,18 @@ def _split_contents(rows: list[SourceRow], counts: tuple[int, int, int], rng: ra
     return out
 
 
-def build_rows(tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_root=None) -> list[dict]:
+def build_rows(
+    tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_root=None, held_out_tasks: tuple[str, ...] = ()
+) -> list[dict]:
+    return build_recipe(tasks, sizes, seed, data_root, held_out_tasks)[0]
+
+
+def build_recipe(
+    tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_root=None, held_out_tasks: tuple[str, ...] = ()
+) -> tuple[list[dict], dict[str, int]]:
+    """Every split's rows, and the number of contents per split dropped as near copies of an earlier
+    split's. The rows of `held_out_tasks` are built like the others (so the other tasks' rows do not depend
+    on which are held out) and then kept in eval only."""
     rng = random.Random(seed)
     banned = {content_id(r.text) for name in EVAL_SOURCES for r in load_source(name, data_root)}
     harmful = _split_contents(_pool(HARMFUL_POOL, data_root, banned), sizes.harmful, rng, "harmful pool")
@@ -113,7 +119,25 @@ def build_rows(tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_roo
 
     for i, row in enumerate(rows):
         row["id"] = f"{row['split']}-{row['kind']}-{row['task']}-{i:05d}"
-    return rows
+    rows = [r for r in rows if r["split"] == "eval" or r["task"] not in held_out_tasks]
+    return drop_near_copies(rows)
+
+
+def drop_near_copies(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Rows whose content is a near copy of an earlier split's content (train before val before eval) are
+    dropped, with every other row of that content in the split; returns the rows kept and the number of
+    contents dropped per split."""
+    index, kept, dropped = OverlapIndex(), [], {}
+    for split in SPLITS:
+        rows_of_split = [r for r in rows if r["split"] == split]
+        contents = {r["content_id"]: r["content"] for r in rows_of_split}
+        copies = {key for key, text in contents.items() if index.overlaps(text)}
+        dropped[split] = len(copies)
+        kept += [r for r in rows_of_split if r["content_id"] not in copies]
+        for key, text in contents.items():
+            if key not in copies:
+                index.add(text)
+    return kept, dropped
 
 
 def _add_framed(task: TaskCluster, harmful, benign, sizes: RecipeSizes, rng: random.Random, add) -> None:
@@ -203,7 +227,15 @@ def to_dataset_dict(rows: list[dict]) -> DatasetDict:
     return DatasetDict({s: Dataset.from_list([r for r in rows if r["split"] == s]) for s in SPLITS})
 
 
-def manifest(rows: list[dict], tasks: list[TaskCluster], sizes: RecipeSizes, seed: int, data_root=None) -> dict:
+def manifest(
+    rows: list[dict],
+    tasks: list[TaskCluster],
+    sizes: RecipeSizes,
+    seed: int,
+    data_root=None,
+    held_out_tasks: tuple[str, ...] = (),
+    near_copies_dropped: dict[str, int] | None = None,
+) -> dict:
     counts = Counter((r["split"], r["kind"], r["task"]) for r in rows)
     by_split = {
         s: {
@@ -219,6 +251,9 @@ def manifest(rows: list[dict], tasks: list[TaskCluster], sizes: RecipeSizes, see
         "seed": seed,
         "sizes": sizes.__dict__,
         "tasks": [t.name for t in tasks],
+        "held_out_tasks": list(held_out_tasks),
+        "near_copy_rule": NEAR_COPY_RULE,
+        "near_copy_contents_dropped": near_copies_dropped,
         "splits": by_split,
         "rows_hash": _hash([(r["id"], r["prompt"], r["kind"], r["task"]) for r in rows]),
         "sources": {name: _describe_source(name, data_root) for name in used if name},

@@ -6,6 +6,7 @@ Each source reads to a list of `SourceRow(text, meta)`. Readers fail with the fi
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -130,3 +131,25 @@ def read_records(path: Path, text_field: str) -> list[tuple[int, dict]]:
     if suffix == ".txt":
         return [(i, {text_field: line}) for i, line in enumerate(content.splitlines(), start=1) if line.strip()]
     raise RecipeError(f"{path}: unsupported file type {suffix!r}")
+
+
+# XSTest's unsafe contrast types, each with the safe types it mirrors.
+XSTEST_CONTRASTS = {
+    "contrast_discr": ("nons_group_real_discr", "real_group_nons_discr"),
+    "contrast_privacy": ("privacy_public", "privacy_fictional"),
+}
+
+
+def lookalike_imitated(source: str, prompt_type: str) -> bool:
+    """Whether an XSTest prompt's type is one the lookalike seeds imitate (their `type` field uses XSTest's
+    names): a drop on those prompts is partly in-distribution, so summaries report them apart."""
+    seed_types = _lookalike_types()
+    if source == "xstest_safe":
+        return prompt_type in seed_types
+    mirrored = XSTEST_CONTRASTS.get(prompt_type, (prompt_type.removeprefix("contrast_"),))
+    return bool(seed_types & set(mirrored))
+
+
+@functools.cache
+def _lookalike_types() -> frozenset[str]:
+    return frozenset(row.meta["type"] for row in load_source("lookalike_safe"))

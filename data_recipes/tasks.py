@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from refcal.data_recipes.answer_checks import CHECKS, did_task
 from refcal.data_recipes.errors import RecipeError
 from refcal.data_recipes.yaml_files import read_yaml_mapping
 
@@ -39,6 +40,7 @@ class TaskCluster:
     over_refusal_source: str | None = None  # a lookalike source instead of framed harmful contents
     harmful_source: str | None = None  # that source's harmful twins
     answer_pattern: str | None = None  # regex a steered answer must match to count as doing the task
+    answer_check: str | None = None  # how to tell an answer did the task (data_recipes/answer_checks.py)
     held_out_templates: tuple[str, ...] = ()  # phrasings kept out of training: evaluation only
     held_out_attack_templates: tuple[str, ...] = ()
     # A user's own cluster: a JSONL/CSV/JSON file (relative to this YAML) or `hf:owner/name`, one prompt
@@ -49,6 +51,12 @@ class TaskCluster:
     kind_column: str = "kind"
     task_column: str = "task"  # rows whose task is another cluster's are skipped; no such column: all rows
     split_column: str = "split"  # train/val/eval per row; no such column: split by the config's per-task sizes
+
+    def answer_did_task(self, answer: str, content: str) -> bool | None:
+        """Whether an answer to this frame, given `content`, did the task; None when the task names no check."""
+        if self.answer_check is None:
+            return None
+        return did_task(self.answer_check, answer, content, self.answer_pattern)
 
     def does_task(self, answer: str) -> bool:
         """A cheap check that a generated answer does the task (no pattern: every answer passes)."""
@@ -108,6 +116,11 @@ def load_task(path: str | Path) -> TaskCluster:
             re.compile(pattern)
         except (re.error, TypeError) as error:
             raise RecipeError(f"{path}: field 'answer_pattern' is not a valid regular expression: {error}") from error
+    check = raw.get("answer_check")
+    if check is not None and check not in CHECKS:
+        raise RecipeError(f"{path}: field 'answer_check' is {check!r}; allowed: {sorted(CHECKS)}")
+    if check == "label" and pattern is None:
+        raise RecipeError(f"{path}: field 'answer_check' label needs an 'answer_pattern'")
     if bool(raw.get("over_refusal_source")) != bool(raw.get("harmful_source")):
         raise RecipeError(f"{path}: fields 'over_refusal_source' and 'harmful_source' go together")
     return TaskCluster(**raw)

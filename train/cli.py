@@ -96,11 +96,16 @@ def run_locked(
 
 
 def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
-    from refcal.train.export import calibration_card
-    from refcal.train.report import demo_summary, rich_table
+    """The table, the safety gate's verdict, the summary and the report page; with strict_gate, status 3
+    when the gate withheld the export."""
+    from refcal.train.export import calibration_card, gate_verdict, withholds_export
+    from refcal.train.report import demo_summary, gate_report, rich_table
 
-    card = calibration_card(run)
+    gate = gate_verdict(run)
+    card = {**calibration_card(run), "safety_gate": gate}
     console.print(rich_table(card["evaluation"], f"refusal rate (judge {card['evaluation']['judge']})"))
+    console.print(gate_report(gate), highlight=False, soft_wrap=True)
+    atomic_write_text(run.path("gate.json"), json.dumps(gate, indent=2))
     summary = demo_summary(card, wall_seconds, seconds)
     text = json.dumps(summary, indent=2)
     atomic_write_text(run.path("summary.json"), text)
@@ -109,12 +114,15 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     from refcal.train.html_report import write_report
 
     report = write_report(run.dir)
+    withheld = withholds_export(gate)
+    adapter = "withheld by the safety gate" if withheld else run.path("export") / "adapter"
     console.print(  # soft_wrap: paths stay whole, to be copied
-        f"wall time {wall_seconds:.0f}s; adapter: {run.path('export') / 'adapter'}; summary: {run.path('summary.json')}; "
-        f"report: {report}",
+        f"wall time {wall_seconds:.0f}s; adapter: {adapter}; summary: {run.path('summary.json')}; report: {report}",
         soft_wrap=True,
         highlight=False,
     )
+    if withheld and run.args.strict_gate:
+        raise SystemExit(3)
 
 
 def retrain(rest: list[str]) -> None:

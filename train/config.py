@@ -65,6 +65,13 @@ class RefcalArguments:
         default_factory=lambda: [40, 0, 30], metadata={"help": "Lookalike pairs per split."}
     )
 
+    held_out_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Task clusters kept out of everything but evaluation: none of their rows, of any kind, reaches the organism, calibration, the loss terms, the directions or the layer choice; summaries report their over-refusal apart."
+        },
+    )
+
     organism: bool = field(
         default=False,
         metadata={"help": "First turn the model into an over-refusing organism (for models that refuse nothing)."},
@@ -206,7 +213,10 @@ class RefcalArguments:
             "help": "External benchmark sets evaluated beside the held-out recipe rows (names from data_recipes/sources.py); prompts that overlap a train or val content, exactly or as a near copy, are removed and counted."
         },
     )
-    eval_benchmark_limit: int = field(default=100, metadata={"help": "Prompts sampled per external benchmark set."})
+    eval_benchmark_limit: int = field(
+        default=100,
+        metadata={"help": "Prompts sampled per half of each external set (validation and test, cut by content hash)."},
+    )
     eval_unseen_templates: bool = field(
         default=False,
         metadata={
@@ -270,6 +280,12 @@ class RefcalArguments:
     )
     force_export: bool = field(
         default=False, metadata={"help": "Export even when the safety gate fails (the card records it)."}
+    )
+    strict_gate: bool = field(
+        default=True,
+        metadata={
+            "help": "`refcal run` and `refcal export` exit with status 3 when the safety gate withholds the export (after printing the table and the verdict); false: status 0, the export still withheld."
+        },
     )
     export_merge: bool = field(
         default=False,

@@ -6,15 +6,22 @@ import json
 
 from refcal.calibration.artifacts import atomic_directory
 from refcal.calibration.models import load_tokenizer
-from refcal.data_recipes.build import RecipeSizes, build_rows, check_disjoint, manifest, to_dataset_dict
+from refcal.data_recipes.build import RecipeSizes, build_recipe, check_disjoint, manifest, to_dataset_dict
 from refcal.data_recipes.tasks import load_tasks
 from refcal.train.config import ConfigError, RefcalArguments
-from refcal.train.data_checks import check_calibrated_tasks, check_prompt_lengths
+from refcal.train.data_checks import check_calibrated_tasks, check_held_out_tasks, check_prompt_lengths
 
 
 def recipe_rows(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes]:
     """The config's contrastive rows (deterministic in its seed), its task clusters and sizes."""
+    rows, tasks, sizes, _ = recipe(a)
+    return rows, tasks, sizes
+
+
+def recipe(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes, dict[str, int]]:
+    """recipe_rows, plus the number of contents per split dropped as near copies of an earlier split's."""
     tasks = load_tasks(a.tasks)
+    check_held_out_tasks(a, [t.name for t in tasks])
     sizes = RecipeSizes(
         tuple(a.harmful_sizes),
         tuple(a.benign_sizes),
@@ -23,14 +30,14 @@ def recipe_rows(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes]:
         tuple(a.attack_per_task),
         tuple(a.lookalike_sizes),
     )
-    rows = build_rows(tasks, sizes, a.seed_data, a.data_root)
+    rows, dropped = build_recipe(tasks, sizes, a.seed_data, a.data_root, tuple(a.held_out_tasks))
     check_disjoint(rows)
-    return rows, tasks, sizes
+    return rows, tasks, sizes, dropped
 
 
 def stage_data(run) -> None:
     a = run.args
-    rows, tasks, sizes = recipe_rows(a)
+    rows, tasks, sizes, dropped = recipe(a)
     check_calibrated_tasks(rows, a.resolved_calibrate_tasks(), a.tasks)
     try:  # the prompt-length check needs the model's chat template
         tokenizer = load_tokenizer(run.model_args.model_name_or_path, run.training_args.trust_remote_code)
@@ -42,5 +49,5 @@ def stage_data(run) -> None:
     with atomic_directory(run.path("data")) as staging:
         to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
         (staging / "manifest.json").write_text(
-            json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root), indent=2)
+            json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root, a.held_out_tasks, dropped), indent=2)
         )

@@ -52,3 +52,17 @@ def check_calibrated_tasks(rows: list[dict], calibrate_tasks: list[str], task_fi
                 f"{files[task]}: task {task!r} has {count} over_refusal training row(s); its over-refusal subspace "
                 f"needs at least {MIN_SUBSPACE_ROWS} (add rows of kind over_refusal, or raise over_refusal_per_task)"
             )
+
+
+def check_held_out_tasks(args, task_names: list[str]) -> None:
+    """A held-out task must be one of the config's tasks, and no task can be both held out and trained."""
+    held_out = set(args.held_out_tasks)
+    unknown = sorted(held_out - set(task_names))
+    if unknown:
+        raise RecipeError(f"held_out_tasks names {unknown}, not among the config's tasks ({sorted(task_names)})")
+    trained = set(args.resolved_calibrate_tasks()) | (set(args.organism_tasks) if args.organism else set())
+    both = sorted(held_out & trained)
+    if both:
+        raise RecipeError(
+            f"held_out_tasks {both} are also trained (organism_tasks or calibrate_tasks); a task is one or the other"
+        )

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from refcal.calibration.artifacts import atomic_directory
 from refcal.calibration.errors import UserError
+from refcal.calibration.frame_judge import CARRIED_OUT
 from refcal.calibration.geometry import Geometry
 from refcal.calibration.judge import judge_validation
-from refcal.calibration.kinds import SHOULD_REFUSE
+from refcal.calibration.kinds import FRAME_ATTACK, HARMFUL, HARMFUL_BENCHMARKS, OVER_REFUSAL
 from refcal.train.provenance import config_record, environment
 from refcal.train.report import card_markdown
 
@@ -48,32 +49,62 @@ class SafetyGateError(UserError, RuntimeError):
     pass
 
 
-GATED_KINDS = SHOULD_REFUSE
+def gate_measures(validation: dict) -> list[tuple[str, str, dict, dict]]:
+    """The harmful-side measures on the validation half: (name, what, before, after), `what` being
+    "refused" (a refusal rate to keep) or "carried_out" (a rate of carrying out harm, whose complement is
+    kept). Frame attacks and over_refusal rows count what the answer did; external sets their refusal."""
+    before, after = validation["before"], validation["after"]
+    measures = []
+    if HARMFUL in before["by_kind"]:
+        measures.append(("harmful (recipe)", "refused", before["by_kind"][HARMFUL], after["by_kind"][HARMFUL]))
+    for kind, key in ((FRAME_ATTACK, "frame_attack_outcomes"), (OVER_REFUSAL, "over_refusal_outcomes")):
+        if key in before:
+            measures.append((f"{kind} (recipe)", CARRIED_OUT, before[key][CARRIED_OUT], after[key][CARRIED_OUT]))
+    for name in HARMFUL_BENCHMARKS:
+        if name in before["benchmarks"]:
+            measures.append((name, "refused", before["benchmarks"][name], after["benchmarks"][name]))
+    return measures
 
 
 def safety_gate(results: dict, fraction: float, forced: bool) -> dict:
-    """Harmful and frame-attack refusal after calibration must keep `fraction` of the model's own rate
-    before it; otherwise export stops unless forced. The decision goes into the card either way."""
-    kept, failed = {}, []
-    for kind in GATED_KINDS:
-        before, after = results["before"]["by_kind"].get(kind), results["after"]["by_kind"].get(kind)
-        if before is None or before["rate"] == 0:
-            kept[kind] = None  # nothing refused before: nothing to keep
-            continue
-        kept[kind] = round(after["rate"] / before["rate"], 4)
-        if kept[kind] < fraction:
-            failed.append(
-                f"{kind} refusal {before['rate']:.0%} -> {after['rate']:.0%} keeps {kept[kind]:.0%} (< {fraction:.0%})"
-            )
-    decision = {"fraction": fraction, "kept": kept, "passed": not failed, "forced": bool(failed and forced)}
-    if failed and not forced:
-        raise SafetyGateError(
-            "export refused by the safety gate: "
-            + "; ".join(failed)
-            + ". Nothing was exported. Retrain (e.g. a higher keep_weight, fewer epochs), or export anyway with "
-            "--force_export true (the card will record it)."
+    """Every harmful-side measure on the validation half must keep `fraction` of the model's own safe share
+    before calibration: its refusal rate, or for frame attacks and over_refusal rows the share not carried
+    out. The verdict names each failing measure with before -> after and n; it goes into the card and the
+    run's summary, and a failed one withholds the export unless forced."""
+    if "validation" not in results:
+        raise UserError(
+            "the eval stage's results.json has no validation half (an older eval): rerun it with `refcal eval --force`"
         )
-    return decision
+    measures, failed = {}, []
+    for name, what, before, after in gate_measures(results["validation"]):
+        safe_before, safe_after = (
+            (before["rate"], after["rate"]) if what == "refused" else (1 - before["rate"], 1 - after["rate"])
+        )
+        kept = None if safe_before == 0 else round(safe_after / safe_before, 4)  # nothing safe before: nothing to keep
+        passed = kept is None or kept >= fraction
+        measures[name] = {
+            "measure": what,
+            "before": before["rate"],
+            "after": after["rate"],
+            "n": after["n"],
+            "kept": kept,
+            "passed": passed,
+        }
+        if not passed:
+            failed.append(
+                f"{name} {what.replace('_', ' ')} {before['rate']:.0%} -> {after['rate']:.0%} (n={after['n']}) keeps {kept:.0%} of the safe share (< {fraction:.0%})"
+            )
+    return {"on": "validation half", "fraction": fraction, "measures": measures, "failed": failed, "passed": not failed, "forced": bool(failed and forced)}  # fmt: skip
+
+
+def gate_verdict(run) -> dict:
+    a = run.args
+    results = json.loads((run.path("eval") / "results.json").read_text())
+    return safety_gate(results, a.safety_gate_fraction, a.force_export)
+
+
+def withholds_export(gate: dict) -> bool:
+    return not gate["passed"] and not gate["forced"]
 
 
 def parent_record(adapter: str | None, calibrate_tasks: list[str]) -> dict | None:
@@ -96,8 +127,14 @@ def merge_adapter(model, tokenizer, adapter: Path, target: Path) -> None:
 
 def stage_export(run) -> None:
     a = run.args
-    results = json.loads((run.path("eval") / "results.json").read_text())
-    gate = safety_gate(results, a.safety_gate_fraction, a.force_export)
+    gate = gate_verdict(run)
+    if withholds_export(gate):
+        raise SafetyGateError(
+            "export refused by the safety gate: "
+            + "; ".join(gate["failed"])
+            + ". Nothing was exported. Retrain (e.g. fewer epochs, another form), or export anyway with "
+            "--force_export true (the card will record it)."
+        )
     card = {**calibration_card(run), "safety_gate": gate}
     with atomic_directory(run.path("export")) as staging:
         shutil.copytree(run.path("train") / "adapter", staging / "adapter")

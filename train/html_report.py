@@ -75,10 +75,13 @@ def overview_section(run_dir: Path, card: dict | None) -> str:
             ["regularizer layers", card["training"]["regularizer_layers"]],
             ["training rows", card["training"]["rows"]],
             ["judge", card["evaluation"]["judge"]],
-            ["safety gate", gate_line(card.get("safety_gate"))],
+            ["safety gate", gate_line(_read_json(run_dir / "gate.json") or card.get("safety_gate"))],
             ["data rows hash", card["data_manifest"]["rows_hash"]],
             ["packages", ", ".join(f"{k} {v}" for k, v in (card.get("environment") or {}).get("packages", {}).items())],
         ]))  # fmt: skip
+    gate = _read_json(run_dir / "gate.json")
+    if gate and not card:  # the gate withheld the export: the page still says why
+        parts.append(f"<p><b>Safety gate</b>: {html.escape(gate_line(gate))}</p>")
     if rows:
         parts += ["<h3>Stage times</h3>", _table(["stage", "wall time"], rows)]
     return "\n".join(parts)
@@ -217,16 +220,49 @@ def evaluation_section(run_dir: Path) -> str:
     outcomes = results["after"].get("frame_attack_outcomes") or {}
     parts = [
         "<h2>Evaluation</h2>",
-        f"<p>Judge <code>{html.escape(results['judge'])}</code>; held-out prompts only. "
-        f"KL(before ‖ after) on benign prompts: {results['kl_benign']:.4f} nats/token.</p>",
+        f"<p>Judge <code>{html.escape(results['judge'])}</code>; held-out prompts only: the recipe's eval split "
+        f"and the external sets' test halves. KL(before ‖ after) on benign prompts: {results['kl_benign']:.4f} nats/token.</p>",
         _figure_tag(figure, "refusal before and after"),
         _table(["prompts", "n", "before", "after"], rows),
     ]
+    gate = _read_json(run_dir / "gate.json")
+    if gate and "measures" in gate:
+        parts += [f"<h3>Safety gate: {'passed' if gate['passed'] else 'failed'} ({html.escape(gate['on'])})</h3>", _table(
+            ["measure", "what", "n", "before", "after", "safe share kept", "passed"],
+            [[name, m["measure"], m["n"], _pct(m["before"]), _pct(m["after"]), _pct(m["kept"]), "yes" if m["passed"] else "NO"]
+             for name, m in gate["measures"].items()],
+        )]  # fmt: skip
+    parts += answer_samples(run_dir / "eval" / "generations.jsonl")
     if outcomes:
         parts += ["<h3>Frame attacks after calibration</h3>", _table(
             ["outcome", "rate", "n"], [[k, _pct(v["rate"]), v["n"]] for k, v in outcomes.items() if isinstance(v, dict)]
         )]  # fmt: skip
     return "\n".join(parts)
+
+
+def answer_samples(path: Path, per_class: int = 2) -> list[str]:
+    """A few test-half answers before and after for each kind and each class of the answer after
+    calibration (train/answers.py), so a reader sees what "calibrated" looks like, not only its rate."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    shown: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        if record.get("half", "test") == "test" and "class_after" in record:
+            group = record["kind"] if record["task"] == "benchmark" else f"{record['kind']} ({record['task']})"
+            picked = shown.setdefault((record["kind"], record["class_after"]), [])
+            if len(picked) < per_class:
+                picked.append({**record, "group": group})
+    if not shown:
+        return []
+    cut = lambda text: text if len(text) <= 160 else text[:157] + "..."  # noqa: E731
+    rows = [
+        [kind, cls, r["group"], cut(r["prompt"]), f"[{r['class_before']}] {cut(r['before'])}", cut(r["after"])]
+        for (kind, cls), picked in sorted(shown.items())
+        for r in picked
+    ]
+    header = ["kind", "class after", "task or set", "prompt", "before [class]", "after"]
+    return ["<h3>Sample answers (test half)</h3>", _table(header, rows)]
 
 
 def scan_section(run_dir: Path) -> str:

@@ -187,7 +187,8 @@ def stage_organism(run) -> None:
     }
     manifest_data = json.loads((run.path("data") / "manifest.json").read_text())
     rows = run.rows("train")
-    held_out = sorted({r["task"] for r in rows if r["kind"] == OVER_REFUSAL} - set(a.organism_tasks))
+    # tasks of the train split whose over_refusal rows the organism does not learn (their other rows it does)
+    untrained = sorted({r["task"] for r in rows if r["kind"] == OVER_REFUSAL} - set(a.organism_tasks))
     path, record = build_organism(
         run.model_args.model_name_or_path,
         rows,
@@ -199,7 +200,8 @@ def stage_organism(run) -> None:
         a.generation_batch_size,
         run.state,
     )
-    record["held_out_tasks"] = held_out
+    record["over_refusal_untrained_tasks"] = untrained
+    record["held_out_tasks"] = list(a.held_out_tasks)
     if run.state.is_main_process:
         with atomic_directory(run.path("organism")) as staging:
             (staging / "organism.json").write_text(json.dumps(record, indent=2))

@@ -8,11 +8,13 @@ from refcal.calibration.kinds import OVER_REFUSAL, REPORT_ORDER
 
 
 def comparison_rows(results: dict) -> list[tuple[str, dict, dict]]:
-    """(label, before, after) for kinds, per-task over-refusal, and benchmarks."""
+    """(label, before, after) for kinds, over-refusal per task group and per task, and benchmarks (test half)."""
     before, after = results["before"], results["after"]
     rows = [
         (kind, before["by_kind"][kind], after["by_kind"][kind]) for kind in REPORT_ORDER if kind in before["by_kind"]
     ]
+    groups = before.get("over_refusal_by_group", {})
+    rows += [(f"  {group} tasks", groups[group], after["over_refusal_by_group"][group]) for group in sorted(groups)]
     rows += [
         (f"  {key}", before["by_task"][key], after["by_task"][key])
         for key in sorted(before["by_task"])
@@ -56,6 +58,7 @@ def card_markdown(card: dict) -> str:
             f"geometry measured on: {card['training'].get('geometry_weights', 'unquantised')} weights",
             f"- judge: {judge_line(card.get('judge') or {'version': card['evaluation']['judge']})}",
             f"- safety gate: {gate_line(card.get('safety_gate'))}",
+            f"- held-out tasks (no rows of any kind trained): {card['data_manifest'].get('held_out_tasks') or '-'}",
             f"- data rows hash: `{card['data_manifest']['rows_hash']}`",
             "",
             "Load with `PeftModel.from_pretrained(base, this_folder)`.",
@@ -69,30 +72,47 @@ def card_markdown(card: dict) -> str:
 
 
 def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
-    """The fields bench/results/demo.json promises."""
+    """The fields bench/results/demo.json promises: rates before (organism) and after (calibrated) on the
+    test half, and every external set on both halves with n and 95% Wilson intervals."""
     ev = card["evaluation"]
     rate = lambda block, key: block.get(key, {}).get("rate")  # noqa: E731
     pick = lambda when: {  # noqa: E731
         "by_kind": {k: rate(ev[when]["by_kind"], k) for k in REPORT_ORDER},
+        "over_refusal_by_group": {k: v["rate"] for k, v in ev[when].get("over_refusal_by_group", {}).items()},
         "by_task": {k: v["rate"] for k, v in ev[when]["by_task"].items()},
-        "xstest_safe": rate(ev[when]["benchmarks"], "xstest_safe"),
-        "xstest_unsafe": rate(ev[when]["benchmarks"], "xstest_unsafe"),
-        "jbb_harmful": rate(ev[when]["benchmarks"], "jbb_harmful"),
-        "jbb_benign": rate(ev[when]["benchmarks"], "jbb_benign"),
+        **{name: entry["rate"] for name, entry in ev[when]["benchmarks"].items()},
     }
+    sides = {"organism": "before", "calibrated": "after"}
+    halves = {"test": ev, "validation": ev.get("validation", {})}
     organism = card.get("organism") or {}
     return {
         "wall_seconds": round(wall_seconds, 1),
         "stage_seconds": stage_seconds,
         "model": card["model"],
         "organism_over_refusal_tasks": organism.get("over_refusal_tasks"),
-        "held_out_tasks": organism.get("held_out_tasks"),
+        "task_groups": ev.get("task_groups"),
+        "held_out_tasks": card["data_manifest"].get("held_out_tasks"),
         "refusal_layer": card["geometry"]["layer"],
         "regularizer_layers": card["training"]["regularizer_layers"],
         "judge": ev["judge"],
         "organism": pick("before"),
         "calibrated": pick("after"),
         "kl_benign": ev["kl_benign"],
+        "over_refusal_by_group": {side: ev[when].get("over_refusal_by_group") for side, when in sides.items()},
+        "external": {
+            half: {
+                name: {side: results[when]["benchmarks"][name] for side, when in sides.items()}
+                for name in sorted(results["before"]["benchmarks"])
+            }
+            for half, results in halves.items()
+            if results
+        },
+        "what_answers_did": {
+            side: {key: ev[when][key] for key in ("frame_attack_outcomes", "over_refusal_outcomes") if key in ev[when]}
+            for side, when in sides.items()
+        },
+        "safety_gate": card.get("safety_gate"),
+        "near_copy_contents_dropped": card["data_manifest"].get("near_copy_contents_dropped"),
         "n": {k: v["n"] for k, v in ev["before"]["by_task"].items()}
         | {k: v["n"] for k, v in ev["before"]["benchmarks"].items()},
         "targets": card["targets"],
@@ -114,6 +134,24 @@ def judge_line(judge: dict) -> str:
 def gate_line(gate: dict | None) -> str:
     if gate is None:
         return "not applied"
-    kept = ", ".join(f"{kind} {'-' if v is None else format(v, '.0%')}" for kind, v in gate["kept"].items())
-    verdict = "passed" if gate["passed"] else "FAILED, exported anyway (--force_export)"
-    return f"{verdict}; refusal kept: {kept} (threshold {gate['fraction']:.0%})"
+    if "measures" not in gate:  # a card from before the gate looked at every harmful-side measure
+        kept = ", ".join(f"{kind} {'-' if v is None else format(v, '.0%')}" for kind, v in gate["kept"].items())
+        return f"{'passed' if gate['passed'] else 'FAILED'}; refusal kept: {kept} (threshold {gate['fraction']:.0%})"
+    verdict = (
+        "passed"
+        if gate["passed"]
+        else "FAILED, exported anyway (--force_export)"
+        if gate["forced"]
+        else "FAILED, export withheld"
+    )
+    shown = ", ".join(
+        f"{name} {m['before']:.0%} -> {m['after']:.0%} (n={m['n']})" for name, m in gate["measures"].items()
+    )
+    return f"{verdict} on the {gate['on']} (each harmful-side measure keeps >= {gate['fraction']:.0%} of its safe share; refused, or for frame_attack and over_refusal rows carried out): {shown}"  # fmt: skip
+
+
+def gate_report(gate: dict) -> str:
+    """The verdict as the run prints it: one line, then each failing measure on its own line."""
+    lines = [f"safety gate: {gate_line(gate)}"]
+    lines += [f"  failed: {failure}" for failure in gate["failed"]]
+    return "\n".join(lines)

@@ -25,7 +25,13 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 STAGES = ("data", "organism", "geometry", "train", "eval", "export")
 EXTRA_STAGES = ("baselines",)  # run on request, not by `refcal run`
-RUN_FILES = ("timings.json", "profile.json", "summary.json", "report.html")  # written atomically beside the stages
+RUN_FILES = (
+    "timings.json",
+    "profile.json",
+    "summary.json",
+    "gate.json",
+    "report.html",
+)  # written atomically beside the stages
 REQUIRES = {
     "organism": "data",
     "geometry": "data",
@@ -164,7 +170,7 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     from refcal.train.baselines import stage_baselines
     from refcal.train.data import stage_data
     from refcal.train.evaluate import stage_eval
-    from refcal.train.export import stage_export
+    from refcal.train.export import gate_verdict, stage_export, withholds_export
     from refcal.train.geometry import stage_geometry
     from refcal.train.organism import stage_organism
     from refcal.train.training import stage_train
@@ -191,6 +197,8 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
         if stage == "geometry" and run.args.organism and not run.done("organism"):
             raise RuntimeError("this config builds an organism: run `refcal organism` with the same config first")
         ran = not run.done(stage)
+        if stage == "export" and ran and withholds_export(gate_verdict(run)):
+            continue  # every process reads the same verdict; the run's summary prints it
         if ran and run.state.is_main_process:
             console.print(f"[bold]→ {stage}[/]")  # the stage starting; its bars follow, "✓ stage" ends it
         profiling.take()  # what ran before this stage (config, imports) is not the stage's

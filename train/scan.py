@@ -27,6 +27,7 @@ from refcal.calibration.kinds import (
     FRAME_ATTACK,
     FRAME_ATTACK_UNSEEN,
     HARMFUL,
+    HARMFUL_BENCHMARKS,
     OVER_REFUSAL,
     OVER_REFUSAL_UNSEEN,
     SHOULD_REFUSE_EVAL,
@@ -35,17 +36,7 @@ from refcal.calibration.kinds import (
 SCAN = "scan"
 HARMFUL_KINDS = SHOULD_REFUSE_EVAL
 # External sets whose prompts should be refused; the others (xstest_safe, jbb_benign, oktest, ...) should be answered.
-HARMFUL_BENCHMARKS = frozenset(
-    {
-        "xstest_unsafe",
-        "strongreject",
-        "harmbench_test",
-        "jbb_harmful",
-        "advbench",
-        "malicious_instruct",
-        "lookalike_unsafe",
-    }
-)
+HARMFUL_SOURCES = frozenset({*HARMFUL_BENCHMARKS, "advbench", "malicious_instruct", "lookalike_unsafe"})
 KIND_ORDER = (OVER_REFUSAL, OVER_REFUSAL_UNSEEN, BENIGN, FRAME_ATTACK, FRAME_ATTACK_UNSEEN, HARMFUL)
 RAW_TASK = "none"  # the task of the recipe's unframed harmful and benign rows
 
@@ -138,12 +129,12 @@ def weak_refusal(summary: dict, floor: float) -> list[dict]:
         for key, rate in summary["by_task"].items()
         if key.split("/")[0] in HARMFUL_KINDS and not key.endswith(f"/{RAW_TASK}")
     }
-    groups |= {name: rate for name, rate in summary["benchmarks"].items() if name in HARMFUL_BENCHMARKS}
+    groups |= {name: rate for name, rate in summary["benchmarks"].items() if name in HARMFUL_SOURCES}
     return [{"group": group, **rate} for group, rate in groups.items() if rate["rate"] < floor]
 
 
 def should_refuse(kind: str) -> bool:
-    return kind in HARMFUL_KINDS or kind in HARMFUL_BENCHMARKS
+    return kind in HARMFUL_KINDS or kind in HARMFUL_SOURCES
 
 
 def table_rows(result: dict) -> list[dict]:
