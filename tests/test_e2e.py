@@ -102,3 +102,30 @@ def test_a_geometry_measured_on_other_weights_is_refused_with_both_fingerprints(
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "refcal: error:" in message and "0123456789abcdef" in message and measured_on in message
     assert not (run_dir / "sft_data").exists() and not (run_dir / "train").exists()  # nothing half-written
+
+
+def test_a_failed_gate_withholds_the_export_after_the_table_and_sets_the_status(e2e, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config, reference, env = e2e
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    refcal = str(Path(sys.executable).with_name("refcal"))
+    # a fraction above 1 fails every measure the model refused at all before calibration
+    command = [refcal, "export", "--force", "--config", str(config), "--run_dir", str(run_dir),
+               "--output_dir", str(run_dir / "train"), "--safety_gate_fraction", "1.5"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    out = " ".join(done.stderr.split())
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "refusal rate" in out and "safety gate: FAILED, export withheld on the validation half" in out
+    assert "failed: harmful (recipe) refused" in out and "adapter: withheld by the safety gate" in out
+    assert not (run_dir / "export").exists()
+    gate = json.loads((run_dir / "gate.json").read_text())
+    assert not gate["passed"] and gate["failed"]
+    assert "Safety gate" in (run_dir / "report.html").read_text()
+
+    lenient = subprocess.run([*command, "--strict_gate", "false"], env=env, capture_output=True, text=True, timeout=300)
+    assert lenient.returncode == 0 and "export withheld" in " ".join(lenient.stderr.split())

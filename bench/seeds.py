@@ -1,0 +1,182 @@
+"""The headline comparison over seeds: refcal's recommended form (target-free, the onset term) against plain
+LoRA SFT on the same rows, on the demo config. Each seed has its own data split (seed_data), its own
+organism and its own training seed (seed); both forms of a seed share its data, organism and geometry.
+
+Every figure is on the test half (the recipe's eval split, held-out tasks included, and the external sets'
+test halves), with n and a 95% Wilson interval per seed; the mean over seeds is the headline, and
+`differences` gives recommended minus plain per seed and on average. The safety gate's verdict (on the
+validation half) is kept per run.
+
+    python -m bench.seeds                  # run what is missing (about 15 minutes a seed on 2 CPU cores)
+    python -m bench.seeds --collect-only   # only write bench/results/seeds.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "seeds"
+CONFIG = "configs/demo_smollm2.yaml"
+SEEDS = (0, 1, 2)
+FORMS = {"recommended": [], "plain_sft": ["--config", "configs/forms/plain_sft.yaml"]}
+SHARED = ("data", "organism", "geometry")  # the same for both forms of a seed
+# (label, where in summary.json, key): over-refusal first, then what must stay refused
+MEASURES = [
+    ("over-refusal, trained tasks", "over_refusal_by_group", "trained"),
+    ("over-refusal, held-out tasks", "over_refusal_by_group", "held_out"),
+    ("benign", "by_kind", "benign"),
+    ("XSTest safe", "external", "xstest_safe"),
+    ("OKTest", "external", "oktest"),
+    ("CoCoNot contrast", "external", "coconot_contrast"),
+    ("JBB benign", "external", "jbb_benign"),
+    ("harmful (recipe)", "by_kind", "harmful"),
+    ("XSTest unsafe", "external", "xstest_unsafe"),
+    ("StrongREJECT", "external", "strongreject"),
+    ("HarmBench", "external", "harmbench_test"),
+    ("JBB harmful", "external", "jbb_harmful"),
+]
+
+
+def settings_key(flags: list[str]) -> str:
+    files = [CONFIG, *(flags[i + 1] for i, flag in enumerate(flags) if flag == "--config")]
+    text = "".join((ROOT / path).read_text() for path in files)
+    return hashlib.sha256((text + json.dumps(flags)).encode()).hexdigest()[:16]
+
+
+def run(seed: int, form: str) -> Path:
+    """One form on one seed, unless a run with the same settings finished already."""
+    flags = [*FORMS[form], "--seed_data", str(seed), "--seed", str(seed)]
+    run_dir = RUNS / f"seed{seed}" / form
+    key = settings_key(flags)
+    marker = run_dir / "bench.json"
+    if marker.is_file() and json.loads(marker.read_text())["key"] == key and (run_dir / "summary.json").is_file():
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    marker.write_text(json.dumps({"key": key, "flags": flags}))
+    first = RUNS / f"seed{seed}" / "recommended"
+    if form != "recommended":
+        for stage in SHARED:
+            shutil.copytree(first / stage, run_dir / stage)
+    command = [sys.executable, "-m", "refcal.train.cli", "run", "--config", CONFIG, *flags, "--run_dir", str(run_dir),
+               "--output_dir", str(run_dir / "train"), "--strict_gate", "false"]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return run_dir
+
+
+def figures(summary: dict) -> dict:
+    """Each measure before (organism) and after (this form), as Wilson entries, from a run's summary.json."""
+    out = {}
+    for label, block, key in MEASURES:
+        if block == "external":
+            entry = summary["external"]["test"].get(key)
+            out[label] = entry and {"organism": entry["organism"], "calibrated": entry["calibrated"]}
+        elif block == "over_refusal_by_group":
+            groups = summary["over_refusal_by_group"]
+            out[label] = {side: (groups[side] or {}).get(key) for side in ("organism", "calibrated")}
+        else:
+            out[label] = {side: wilson_of(summary, side, key) for side in ("organism", "calibrated")}
+    return out
+
+
+def wilson_of(summary: dict, side: str, kind: str) -> dict | None:
+    from refcal.calibration.evaluation import wilson_rate
+
+    rate = summary[side]["by_kind"].get(kind)
+    n = sum(v for k, v in summary["n"].items() if k.split("/")[0] == kind)
+    return None if rate is None or not n else wilson_rate(round(rate * n), n)
+
+
+def collect() -> dict:
+    per_seed, gates = {}, {}
+    for seed in SEEDS:
+        for form in FORMS:
+            path = RUNS / f"seed{seed}" / form / "summary.json"
+            if not path.is_file():
+                continue
+            summary = json.loads(path.read_text())
+            per_seed.setdefault(str(seed), {})[form] = figures(summary) | {"kl_benign": summary["kl_benign"]}
+            gate = summary.get("safety_gate") or {}
+            gates.setdefault(str(seed), {})[form] = {"passed": gate.get("passed"), "failed": gate.get("failed")}
+    complete = [s for s, forms in per_seed.items() if set(forms) == set(FORMS)]
+    mean, differences = {}, {}
+    for label, _, _ in MEASURES:
+        rates = lambda form, side: [  # noqa: E731
+            per_seed[s][form][label][side]["rate"] for s in complete if per_seed[s][form].get(label)
+        ]
+        mean[label] = {
+            "organism": _mean(rates("recommended", "organism")),
+            **{form: _mean(rates(form, "calibrated")) for form in FORMS},
+        }
+        diffs = [a - b for a, b in zip(rates("recommended", "calibrated"), rates("plain_sft", "calibrated"))]
+        differences[label] = {"per_seed": [round(d, 4) for d in diffs], "mean": _mean(diffs)}
+    return {
+        "command": "python -m bench.seeds",
+        "config": CONFIG,
+        "forms": {form: flags or "the config as it is" for form, flags in FORMS.items()},
+        "seeds": complete,
+        "halves": "test half only: recipe eval split (held-out tasks included) and each external set's test half",
+        "mean": mean,
+        "differences_recommended_minus_plain": differences,
+        "per_seed": per_seed,
+        "safety_gate": gates,
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def markdown(report: dict) -> str:
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    lines = [
+        f"# Seeds: the recommended form against plain LoRA SFT ({len(report['seeds'])} seeds)",
+        "",
+        "Generated by `python -m bench.seeds` from runs/seeds; refusal rates on the test half, mean over seeds "
+        "(each seed its own data split and organism). Per-seed n and 95% Wilson intervals are in seeds.json.",
+        "",
+        "| measure | organism | plain LoRA SFT | recommended | recommended - plain, per seed |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for label, row in report["mean"].items():
+        diffs = ", ".join(f"{d:+.0%}" for d in report["differences_recommended_minus_plain"][label]["per_seed"])
+        lines.append(
+            f"| {label} | {pct(row['organism'])} | {pct(row['plain_sft'])} | {pct(row['recommended'])} | {diffs} |"
+        )
+    lines += ["", "Safety gate (validation half), per seed:", ""]
+    for seed, forms in report["safety_gate"].items():
+        verdicts = "; ".join(
+            f"{form} {'passed' if g['passed'] else 'failed: ' + ', '.join(f.split(' keeps')[0] for f in g['failed'])}"
+            for form, g in forms.items()
+        )
+        lines.append(f"- seed {seed}: {verdicts}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "seeds"))
+    args = parser.parse_args(argv)
+    if not args.collect_only:
+        for seed in SEEDS:
+            for form in FORMS:
+                run(seed, form)
+    report = collect()
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
