@@ -121,10 +121,11 @@ def test_a_failed_gate_withholds_the_export_after_the_table_and_sets_the_status(
     out = " ".join(done.stderr.split())
     assert done.returncode == 3, done.stderr[-3000:]
     assert "refusal rate" in out and "safety gate: FAILED, export withheld on the validation half" in out
-    assert "failed: harmful (recipe) refused" in out and "adapter: withheld by the safety gate" in out
+    assert "adapter: withheld by the safety gate" in out
     assert not (run_dir / "export").exists()
     gate = json.loads((run_dir / "gate.json").read_text())
     assert not gate["passed"] and gate["failed"]
+    assert all(f"failed: {' '.join(failure.split())}" in out for failure in gate["failed"])  # each measure named
     assert "Safety gate" in (run_dir / "report.html").read_text()
 
     lenient = subprocess.run([*command, "--strict_gate", "false"], env=env, capture_output=True, text=True, timeout=300)

@@ -114,7 +114,7 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     from refcal.train.html_report import write_report
 
     report = write_report(run.dir)
-    withheld = withholds_export(gate)
+    withheld = withholds_export(gate) and not run.done("export")  # an earlier export stays where it is
     adapter = "withheld by the safety gate" if withheld else run.path("export") / "adapter"
     console.print(  # soft_wrap: paths stay whole, to be copied
         f"wall time {wall_seconds:.0f}s; adapter: {adapter}; summary: {run.path('summary.json')}; report: {report}",
