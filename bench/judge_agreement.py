@@ -1,16 +1,21 @@
 """How often each refusal judge agrees with people, on XSTest v2's human-labelled completions (five models
 x 450 prompts; Röttger et al. 2024). The bar: binary agreement >= 0.93 on every model.
 
-The learned judge is validated leave-one-model-out: fitted on four models' completions, scored on the
-fifth. Its default settings were picked while looking at these figures, so the script also reports a nested
-run, where the settings are chosen on the four training models alone (inner leave-one-model-out) before
-the fifth is scored: the honest figure for a judge tuned this way.
+The learned judge is validated leave-one-model-and-its-prompts-out: the five models answered the same 450
+prompts, so holding out a model alone leaves its prompts in training, answered by the other four, which
+flatters the judge. The prompts are cut into five folds by a hash of their text; for held-out model M and
+fold F the judge is fitted on the other models' completions of prompts outside F and scored on M's
+completions of prompts in F, and each model's agreement is pooled over the folds (n = 450), with a 95%
+Wilson interval. Plain leave-one-model-out is kept as one reference row. The default settings were picked
+on these figures, so the script also reports a nested run, where the settings are chosen on the four
+training models alone (the same protocol within them) before the fifth is scored: the honest figure for a
+judge tuned this way.
 
 Side by side: refcal's phrase rules, each public phrase list in ../shared/data/refusal_phrases with its own
 matching rule, and XSTest's own automated labels (string match; GPT-4). Binary agreement counts partial
 refusal as refusal; three-way accuracy is reported for the judges that output three classes.
 
-    python -m bench.judge_agreement   # ~2 min; writes bench/results/judge_agreement.json and
+    python -m bench.judge_agreement   # ~15 min; writes bench/results/judge_agreement.json and
                                       # calibration/judge_validation.json (read into calibration cards)
 """
 
@@ -24,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from refcal.calibration.evaluation import wilson_rate
 from refcal.calibration.judge import LABELS, PhraseJudge, refused
 from refcal.calibration.learned_judge import XSTEST_LABELS, XSTEST_MODELS, LearnedJudge, xstest_completions
 from refcal.data_recipes.sources import default_data_root
@@ -31,6 +37,10 @@ from refcal.data_recipes.sources import default_data_root
 ROOT = Path(__file__).resolve().parent.parent
 
 GRID = {"head_chars": (150, 300), "C": (3.0, 10.0, 30.0)}
+PROMPT_FOLDS = 5
+LEARNED = "refcal learned (default settings)"
+NESTED = "refcal learned (nested: settings chosen without the held-out model)"
+PROMPTS_IN = "refcal learned (default settings), leave one model out only: its prompts stay in training"
 # file -> matching rule, as each file's header documents it
 PHRASE_LISTS = {
     "refusal_phrases_xstest_strmatch.txt": "prefix, lowercased",
@@ -59,11 +69,16 @@ def phrase_list_refuses(phrases: list[str], rule: str, text: str) -> bool:
 
 
 def scores(said: list[str], rows: list[dict], three_way: bool) -> dict:
-    """An answer outside the three labels (GPT-4 sometimes replied instead of labelling) counts as wrong."""
-    out = {"binary": sum(s in LABELS and refused(s) == refused(r["label"]) for s, r in zip(said, rows)) / len(rows)}
+    """Binary agreement (and three-way accuracy) with 95% Wilson intervals. An answer outside the three
+    labels (GPT-4 sometimes replied instead of labelling) counts as wrong."""
+    figures = {"binary": sum(s in LABELS and refused(s) == refused(r["label"]) for s, r in zip(said, rows))}
     if three_way:
-        out["three_way"] = sum(s == r["label"] for s, r in zip(said, rows)) / len(rows)
-    return {k: round(v, 4) for k, v in out.items()}
+        figures["three_way"] = sum(s == r["label"] for s, r in zip(said, rows))
+    out: dict = {"n": len(rows)}
+    for name, hits in figures.items():
+        rate = wilson_rate(hits, len(rows))
+        out[name], out[f"{name}_ci95"] = rate["rate"], rate["ci95"]
+    return out
 
 
 def fit(rows: list[dict], **settings) -> LearnedJudge:
@@ -84,11 +99,52 @@ def leave_one_model_out(data: dict[str, list[dict]], models: list[str], **settin
     }
 
 
+def prompt_fold(prompt: str, folds: int = PROMPT_FOLDS) -> int:
+    """A prompt's fold, from a hash of its text: the same for every model's completion of it."""
+    return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest(), 16) % folds
+
+
+def prompt_held_out_splits(
+    data: dict[str, list[dict]], models: list[str], held: str, folds: int = PROMPT_FOLDS
+) -> list[tuple[list[dict], list[dict]]]:
+    """Per fold: (training rows, scored rows): the other models' completions of the prompts outside the
+    fold, and the held-out model's completions of the prompts in it."""
+    return [
+        (
+            [r for m in models if m != held for r in data[m] if prompt_fold(r["prompt"], folds) != fold],
+            [r for r in data[held] if prompt_fold(r["prompt"], folds) == fold],
+        )
+        for fold in range(folds)
+    ]
+
+
+def prompt_held_out_scores(
+    data: dict[str, list[dict]], models: list[str], held: str, folds: int = PROMPT_FOLDS, **settings
+) -> dict:
+    """The learned judge scored on `held`'s completions of each prompt fold, fitted on the other models'
+    completions of the other folds' prompts; the agreement pooled over the folds."""
+    said, rows = [], []
+    for train, scored in prompt_held_out_splits(data, models, held, folds):
+        said += predict(fit(train, **settings), scored)
+        rows += scored
+    return scores(said, rows, True)
+
+
+def leave_one_model_and_prompts_out(
+    data: dict[str, list[dict]], models: list[str], folds: int = PROMPT_FOLDS, **settings
+) -> dict[str, dict]:
+    """Per model: `prompt_held_out_scores`."""
+    return {held: prompt_held_out_scores(data, models, held, folds, **settings) for held in models}
+
+
 def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
-    """Settings with the best worst-model binary agreement, leave-one-model-out within `models`."""
+    """Settings with the best worst-model binary agreement, leave-one-model-and-its-prompts-out within
+    `models`. The search scores by the stricter protocol because the looser one rewards settings that
+    recognise answers to prompts already seen (topic words of the whole answer, long openings), which is
+    no help on the new prompts the judge labels in use."""
     best, best_score = None, -1.0
     for head_chars, C in itertools.product(GRID["head_chars"], GRID["C"]):
-        table = leave_one_model_out(data, models, head_chars=head_chars, C=C)
+        table = leave_one_model_and_prompts_out(data, models, head_chars=head_chars, C=C)
         worst = min(row["binary"] for row in table.values())
         if worst > best_score:
             best, best_score = {"head_chars": head_chars, "C": C}, worst
@@ -120,20 +176,19 @@ def main() -> None:
         print(f"{args.out} is up to date (same code and data); --force recomputes it")
         return
     data = xstest_completions(root)
-    table: dict[str, dict[str, dict]] = {}
-
+    models = list(XSTEST_MODELS)
     default = LearnedJudge.from_xstest(root)
-    table["refcal learned (default settings)"] = leave_one_model_out(
-        data, list(XSTEST_MODELS), head_chars=default.head_chars, C=default.C
-    )
-    for held in XSTEST_MODELS:
+    settings = {"head_chars": default.head_chars, "C": default.C}
+    table: dict[str, dict[str, dict]] = {LEARNED: leave_one_model_and_prompts_out(data, models, **settings), NESTED: {}}
+    for held in models:
+        # the search sees the held-out model's prompts only through the other models' answers, to pick one
+        # of a few settings; each judge it then scores is fitted without them
+        chosen = choose_settings(data, [m for m in models if m != held])
+        table[NESTED][held] = {**prompt_held_out_scores(data, models, held, **chosen), "settings": chosen}
+        print(f"{held}: nested done", file=sys.stderr)
+    table[PROMPTS_IN] = leave_one_model_out(data, models, **settings)
+    for held in models:
         rows = data[held]
-        train = [r for m in XSTEST_MODELS if m != held for r in data[m]]
-        settings = choose_settings(data, [m for m in XSTEST_MODELS if m != held])
-        table.setdefault("refcal learned (nested: settings chosen without the held-out model)", {})[held] = {
-            **scores(predict(fit(train, **settings), rows), rows, True),
-            "settings": settings,
-        }
         table.setdefault("refcal phrase rules", {})[held] = scores(predict(PhraseJudge(), rows), rows, False)
         for name, rule in PHRASE_LISTS.items():
             phrases = read_phrases(root / "refusal_phrases" / name)
@@ -148,27 +203,31 @@ def main() -> None:
                 r["id"]: XSTEST_LABELS.get(r[column], "unparsed") for r in csv.DictReader(open(path, encoding="utf-8"))
             }
             table.setdefault(name, {})[held] = scores([by_id[r["id"]] for r in rows], rows, True)
-        print(f"{held}: done", file=sys.stderr)
 
     result = {
         "inputs_key": key,
         "binary_agreement_target": ">= 0.93 on every held-out model",
-        "n_per_model": {m: len(data[m]) for m in XSTEST_MODELS},
+        "protocol": f"learned rows: leave one model and its prompts out ({PROMPT_FOLDS} prompt folds by a hash of "
+        "the prompt text), pooled over folds, except the row that says otherwise; fixed judges: all rows",
+        "n_per_model": {m: len(data[m]) for m in models},
         "learned_judge_version": default.version,
         "grid": GRID,
         "agreement": table,
     }
     (ROOT / args.out).write_text(json.dumps(result, indent=2) + "\n")
     worst = {name: min(v["binary"] for v in per_model.values()) for name, per_model in table.items()}
+    short = [m for m in models if table[LEARNED][m]["binary"] < 0.93]
     validation = {
         "version": default.version,
-        "method": "leave-one-model-out on XSTest v2 human labels (bench/judge_agreement.py)",
-        "binary_agreement": {m: table["refcal learned (default settings)"][m]["binary"] for m in XSTEST_MODELS},
-        "three_way_accuracy": {m: table["refcal learned (default settings)"][m]["three_way"] for m in XSTEST_MODELS},
-        "nested_binary_agreement": {
-            m: table["refcal learned (nested: settings chosen without the held-out model)"][m]["binary"]
-            for m in XSTEST_MODELS
-        },
+        "method": f"leave-one-model-and-its-prompts-out ({PROMPT_FOLDS} prompt folds) on XSTest v2 human labels"
+        + (f"; under the 0.93 bar on {', '.join(short)}" if short else "")
+        + " (bench/judge_agreement.py)",
+        "binary_agreement": {m: table[LEARNED][m]["binary"] for m in models},
+        "binary_agreement_ci95": {m: table[LEARNED][m]["binary_ci95"] for m in models},
+        "three_way_accuracy": {m: table[LEARNED][m]["three_way"] for m in models},
+        "three_way_accuracy_ci95": {m: table[LEARNED][m]["three_way_ci95"] for m in models},
+        "nested_binary_agreement": {m: table[NESTED][m]["binary"] for m in models},
+        "prompts_in_training_binary_agreement": {m: table[PROMPTS_IN][m]["binary"] for m in models},
     }
     validation_path = ROOT / "calibration" / "judge_validation.json"
     if validation_path.exists():  # bench/frame_labels.py's figures for the same judge stay
@@ -176,7 +235,7 @@ def main() -> None:
         if earlier.get("version") == default.version and "frame_attack_label" in earlier:
             validation["frame_attack_label"] = earlier["frame_attack_label"]
     validation_path.write_text(json.dumps(validation, indent=2) + "\n")
-    print("| judge | " + " | ".join(XSTEST_MODELS) + " | worst |\n|---|" + "---:|" * (len(XSTEST_MODELS) + 1))
+    print("| judge | " + " | ".join(models) + " | worst |\n|---|" + "---:|" * (len(models) + 1))
     for name, per_model in table.items():
         cells = [
             f"{v['binary']:.3f}" + (f" ({v['three_way']:.3f})" if "three_way" in v else "") for v in per_model.values()

@@ -132,17 +132,55 @@ def test_validation_figures_belong_to_one_judge_version(learned):
 
 
 def test_validation_figures_are_recomputed_here(learned):
-    """The leave-one-model-out agreement the calibration cards quote, computed again from the labelled
-    completions: every held-out model at the 0.93 bar, and the committed figures the ones this code gives."""
-    from bench.judge_agreement import leave_one_model_out
+    """The agreement the calibration cards quote, computed again from the labelled completions: leave one
+    model and its prompts out (the committed figures, with their intervals, the ones this code gives; the
+    models under the 0.93 bar named in the method) and, for reference, leave one model out alone."""
+    from bench.judge_agreement import leave_one_model_and_prompts_out, leave_one_model_out
     from refcal.calibration.learned_judge import XSTEST_MODELS, xstest_completions
     from refcal.data_recipes.sources import default_data_root
 
     data = xstest_completions(default_data_root())
-    table = leave_one_model_out(data, list(XSTEST_MODELS), head_chars=learned.head_chars, C=learned.C)
-    binary = {model: scores["binary"] for model, scores in table.items()}
-    assert min(binary.values()) >= 0.93, binary
-    assert binary == judge_validation(learned.version)["binary_agreement"]
+    settings = {"head_chars": learned.head_chars, "C": learned.C}
+    record = judge_validation(learned.version)
+    strict = leave_one_model_and_prompts_out(data, list(XSTEST_MODELS), **settings)
+    assert {m: v["binary"] for m, v in strict.items()} == record["binary_agreement"]
+    assert {m: v["binary_ci95"] for m, v in strict.items()} == record["binary_agreement_ci95"]
+    assert {m: v["three_way"] for m, v in strict.items()} == record["three_way_accuracy"]
+    assert all(v["n"] == 450 for v in strict.values())
+    short = [m for m, v in strict.items() if v["binary"] < 0.93]
+    assert all(m in record["method"] for m in short) and ("under the 0.93 bar" in record["method"]) == bool(short)
+    prompts_in = leave_one_model_out(data, list(XSTEST_MODELS), **settings)
+    assert {m: v["binary"] for m, v in prompts_in.items()} == record["prompts_in_training_binary_agreement"]
+    assert min(v["binary"] for v in prompts_in.values()) >= 0.93
+
+
+def test_prompt_folds_keep_the_held_out_models_prompts_out_of_training(monkeypatch):
+    """Every model answers the same prompts, each labelled by the prompt alone: a judge that memorises
+    prompts is perfect when only the model is held out, and no better than chance once the prompts are
+    held out too; no judge is fitted on a prompt it is then scored on."""
+    import bench.judge_agreement as agreement
+
+    prompts = [f"prompt {i}" for i in range(60)]
+    label_of = {p: (COMPLY, REFUSE)[i % 2] for i, p in enumerate(prompts)}
+    data = {m: [{"prompt": p, "completion": f"{m} answers {p}", "label": label_of[p]} for p in prompts] for m in "abc"}
+    overlaps = []
+
+    class Memoriser:
+        def __init__(self, rows):
+            self.seen = {r["prompt"]: r["label"] for r in rows}
+
+        def label(self, prompts, responses):
+            overlaps.append(set(prompts) & set(self.seen))
+            return [self.seen.get(p, COMPLY) for p in prompts]
+
+    monkeypatch.setattr(agreement, "fit", lambda rows, **settings: Memoriser(rows))
+    assert all(v["binary"] == 1.0 for v in agreement.leave_one_model_out(data, list(data)).values())
+    overlaps.clear()
+    strict = agreement.leave_one_model_and_prompts_out(data, list(data))
+    assert len(overlaps) == 3 * agreement.PROMPT_FOLDS and not any(overlaps)
+    assert all(v["n"] == len(prompts) and v["binary"] == 0.5 for v in strict.values())
+    for train, scored in agreement.prompt_held_out_splits(data, list(data), "a"):
+        assert all(r in data["a"] for r in scored) and not any(r in data["a"] for r in train)
 
 
 def test_card_line_reports_the_judges_validation(learned):

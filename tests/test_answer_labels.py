@@ -1,0 +1,72 @@
+"""bench/answer_labels.py: the hand-labelled answers and what is scored on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.answer_labels import (
+    CLASSES,
+    LABEL_FIELDS,
+    LABELS,
+    MODELS,
+    RECIPE_KINDS,
+    half,
+    judge_agreement,
+    read_jsonl,
+    score_classes,
+    side,
+)
+
+FIELDS = ("id", "model", "kind", "task", "set", "prompt", "content", "answer", "refused", "answer_class", "half")
+AGREEMENT = Path(__file__).resolve().parent.parent / "bench" / "results" / "answer_labels_agreement.json"
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return read_jsonl(LABELS)
+
+
+def test_rows_are_self_contained_and_valid(rows):
+    assert len(rows) >= 200 and {r["model"] for r in rows} == set(MODELS)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert len({(r["prompt"], r["answer"]) for r in rows}) == len(rows)
+    for row in rows:
+        assert tuple(row) == FIELDS, row["id"]
+        assert all(isinstance(row[k], str) and row[k] for k in FIELDS if k not in ("refused", "answer")), row["id"]
+        assert isinstance(row["answer"], str) and type(row["refused"]) is bool, row["id"]
+        assert row["set"] == ("recipe" if row["kind"] in RECIPE_KINDS else row["kind"]), row["id"]
+        assert row["answer_class"] in CLASSES[side(row)], row["id"]
+        assert row["answer_class"] != "refused" or row["refused"], row["id"]
+
+
+def test_halves_are_the_hash_of_the_id(rows):
+    assert all(r["half"] == half(r["id"]) for r in rows)
+    assert {r["half"] for r in rows} == {"fit", "score"}
+
+
+def test_refusal_judge_agreement_recomputes_to_the_committed_figure(rows):
+    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.data_recipes.sources import default_data_root
+
+    committed = json.loads(AGREEMENT.read_text(encoding="utf-8"))
+    judge = LearnedJudge.from_xstest(default_data_root())
+    assert committed["judge"] == judge.version
+    assert judge_agreement(rows, judge) == committed["refusal_judge"]
+    assert committed["refusal_judge"]["agreement"]["all"]["n"] == len(rows)
+
+
+def test_score_classes_scores_the_score_half_without_showing_the_labels(rows):
+    truth = {r["id"]: r["answer_class"] for r in rows}
+
+    def classify(row):
+        assert not set(LABEL_FIELDS) & set(row)
+        return truth[row["id"]]
+
+    result = score_classes(rows, classify)
+    figure = result["agreement"]["all"]
+    assert figure["rate"] == 1.0 and figure["n"] == sum(r["half"] == "score" for r in rows)
+    assert set(result["agreement"]) == {"all", *MODELS}
+    assert score_classes(rows, lambda row: "refused")["agreement"]["all"]["rate"] < 1.0
