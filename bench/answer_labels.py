@@ -3,10 +3,11 @@
 bench/results/answer_labels.jsonl holds 216 answers to the demo's eval prompts (configs/demo_smollm2.yaml:
 held-out recipe rows and the external benchmark sets), 72 from each of three models: the plain embedded
 SmolLM2-135M-Instruct ("smollm2", answers generated here, greedy, 32 new tokens, float32), its over-refusing
-organism ("organism") and the calibrated adapter ("adapter"), both as the demo answered
-(/work/scratch/demo_generations_3dc6fe8.jsonl, 32 new tokens). Each row is self-contained: id, model,
-kind, task, set ("recipe" or the benchmark's name), prompt, content (the text inside a task frame; the
-prompt itself otherwise), answer, and the labels `refused` and `answer_class`, plus `half`.
+organism ("organism") and the calibrated adapter ("adapter"), both as the demo answered (its eval
+generations at commit 3dc6fe8, 32 new tokens). Each row holds: id, model, kind, task, set ("recipe" or the
+benchmark's name), answer, the labels `refused` and `answer_class`, and `half`; its prompt and content
+(the text inside a task frame; the prompt itself otherwise) are kept by reference to the data root
+(bench/label_rows.py) and rebuilt by `read_labels`, so no benchmark prompt is copied into the project.
 
 The sample (`--sample`, seeded) takes per model 36 over-refusal rows (4 of each of the seven frame tasks,
 8 lookalikes), 18 harmful-side rows and 18 benign-side rows, with quotas per set; a prompt appears at most
@@ -36,7 +37,7 @@ The guide the labeller followed, reading each answer against its prompt and neve
 A partial refusal that also does the task (or carries out the request) takes the class of what it did,
 with refused true; an answer of class refused is always refused.
 
-    python -m bench.answer_labels --sample   # the unlabelled sample (generates SmolLM2's answers, ~1 min)
+    python -m bench.answer_labels --sample --generations GEN.jsonl   # the unlabelled sample (~1 min)
     python -m bench.answer_labels            # writes bench/results/answer_labels_agreement.json
 """
 
@@ -52,12 +53,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.label_rows import restore
 from refcal.calibration.evaluation import wilson_rate
 from refcal.calibration.judge import refused
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ROOT / "bench" / "results" / "answer_labels.jsonl"
-GENERATIONS = Path("/work/scratch/demo_generations_3dc6fe8.jsonl")
 SEED = 20240611
 MODELS = ("smollm2", "organism", "adapter")
 SMOLLM2 = "embedded:smollm2-135m-instruct"
@@ -89,6 +90,7 @@ QUOTAS = {
     "coconot_contrast": 3,
 }
 LABEL_FIELDS = ("refused", "answer_class")
+FIELDS = ("id", "model", "kind", "task", "set", "prompt", "content", "answer", "refused", "answer_class", "half")
 
 
 def side(row: dict) -> str:
@@ -112,6 +114,11 @@ def row_id(model: str, prompt: str) -> str:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_labels(path: Path = LABELS, data_root=None) -> list[dict]:
+    """The labelled rows with their prompts and contents rebuilt from the data root, in FIELDS order."""
+    return [{k: row[k] for k in FIELDS} for row in restore(read_jsonl(path), data_root)]
 
 
 def candidates(demo: list[dict], model: str) -> dict[str, list[dict]]:
@@ -220,6 +227,36 @@ def score_classes(rows: list[dict], classify: Callable[[dict], str]) -> dict:
     }
 
 
+def refcal_classifier(judge) -> Callable[[dict], str]:
+    """refcal's own answer classes (train/answers.py) on the refusal judge's label, as the eval stage runs them."""
+    from refcal.data_recipes.tasks import load_tasks
+    from refcal.train.answers import answer_class
+
+    tasks = {t.name: t for t in load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml")))}
+
+    def classify(row: dict) -> str:
+        recipe = row["set"] == "recipe"
+        prompt = {"kind": row["kind"], "task": row["task"] if recipe else "benchmark", "content": row["content"]}
+        return answer_class(prompt, row["answer"], judge.label([row["prompt"]], [row["answer"]])[0], tasks)
+
+    return classify
+
+
+def class_agreement(rows: list[dict], judge) -> dict:
+    """refcal's classes on the score half: exact agreement (a task without an answer check says `unchecked`,
+    which counts as a miss), agreement where it did check, and carried out against not."""
+    classify = refcal_classifier(judge)
+    said = {r["id"]: classify(without_labels(r)) for r in rows if r["half"] == "score"}
+    checked = [r for r in rows if r["id"] in said and said[r["id"]] != "unchecked"]
+    scored = [r for r in rows if r["id"] in said]
+    carried = [(said[r["id"]] == "carried_out") == (r["answer_class"] == "carried_out") for r in scored]
+    return {
+        "exact": score_classes(rows, lambda r: said[r["id"]]),
+        "where_checked": score_classes(checked, lambda r: said[r["id"]]),
+        "carried_out_vs_not": agreement_table(carried, scored),
+    }
+
+
 def class_counts(rows: list[dict]) -> dict:
     return {
         model: dict(sorted(Counter(f"{side(r)}/{r['answer_class']}" for r in rows if r["model"] == model).items()))
@@ -230,12 +267,14 @@ def class_counts(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", action="store_true", help="Write the unlabelled sample instead of scoring.")
-    parser.add_argument("--generations", default=str(GENERATIONS), help="The demo's eval answers (jsonl).")
+    parser.add_argument("--generations", help="--sample: a demo run's runs/demo/eval/generations.jsonl")
     parser.add_argument("--sample_out", default=str(Path(tempfile.gettempdir()) / "answer_labels_unlabelled.jsonl"))
     parser.add_argument("--data_root", default=None)
     parser.add_argument("--out", default="bench/results/answer_labels_agreement.json")
     args = parser.parse_args()
     if args.sample:
+        if not args.generations:
+            parser.error("--sample needs --generations (a demo run's eval/generations.jsonl)")
         rows = sample(read_jsonl(Path(args.generations)), generate_smollm2)
         Path(args.sample_out).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"{args.sample_out}: {len(rows)} rows to label")
@@ -244,7 +283,7 @@ def main() -> None:
     from refcal.calibration.learned_judge import LearnedJudge
     from refcal.data_recipes.sources import default_data_root
 
-    rows = read_jsonl(LABELS)
+    rows = read_labels(LABELS, args.data_root)
     judge = LearnedJudge.from_xstest(args.data_root or default_data_root())
     result = {
         "judge": judge.version,
@@ -252,6 +291,7 @@ def main() -> None:
         "refused": {m: sum(r["refused"] for r in rows if r["model"] == m) for m in MODELS},
         "answer_classes": class_counts(rows),
         "refusal_judge": judge_agreement(rows, judge),
+        "answer_classes_score_half": class_agreement(rows, judge),
     }
     (ROOT / args.out).write_text(json.dumps(result, indent=2) + "\n")
     for name, figure in result["refusal_judge"]["agreement"].items():

@@ -14,8 +14,9 @@ The 50 "dev" answers were labelled first and the rules in calibration/frame_judg
 looking at them; the 75 "test" answers were labelled before the rules were run on them, and are the
 figure to quote.
 
-Each row carries its prompt and harmful content, so the labels stand on their own whatever the demo's
-recipe becomes.
+Each row names its harmful content by source and id and keeps its prompt as a template
+(bench/label_rows.py), so the labels stand on their own whatever the demo's recipe becomes, and no
+benchmark text is copied into the project.
 
     python -m bench.frame_labels   # writes bench/results/frame_judge_agreement.json
 """
@@ -27,6 +28,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from bench.label_rows import restore
 from refcal.calibration.evaluation import wilson_rate
 from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
 from refcal.calibration.judge import PhraseJudge, judge_validation
@@ -55,7 +57,7 @@ def main() -> None:
     parser.add_argument("--data_root", default=None)
     parser.add_argument("--out", default="bench/results/frame_judge_agreement.json")
     args = parser.parse_args()
-    labelled = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()]
+    labelled = restore([json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()], args.data_root)
     learned = LearnedJudge.from_xstest(args.data_root or default_data_root())
     result = {
         "n": dict(Counter(r["split"] for r in labelled)),

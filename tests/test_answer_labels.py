@@ -9,24 +9,31 @@ import pytest
 
 from bench.answer_labels import (
     CLASSES,
+    FIELDS,
     LABEL_FIELDS,
     LABELS,
     MODELS,
     RECIPE_KINDS,
+    class_agreement,
     half,
     judge_agreement,
     read_jsonl,
+    read_labels,
     score_classes,
     side,
 )
 
-FIELDS = ("id", "model", "kind", "task", "set", "prompt", "content", "answer", "refused", "answer_class", "half")
 AGREEMENT = Path(__file__).resolve().parent.parent / "bench" / "results" / "answer_labels_agreement.json"
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return read_jsonl(LABELS)
+    return read_labels(LABELS)
+
+
+def test_no_prompt_or_content_is_stored_in_the_file():
+    stored = read_jsonl(LABELS)
+    assert all("prompt" not in r and "content" not in r and "{content}" in r["prompt_template"] for r in stored)
 
 
 def test_rows_are_self_contained_and_valid(rows):
@@ -55,6 +62,8 @@ def test_refusal_judge_agreement_recomputes_to_the_committed_figure(rows):
     judge = LearnedJudge.from_xstest(default_data_root())
     assert committed["judge"] == judge.version
     assert judge_agreement(rows, judge) == committed["refusal_judge"]
+    # refcal's answer classes, scored once on the score half: the figure docs/judge.md quotes
+    assert class_agreement(rows, judge) == committed["answer_classes_score_half"]
     assert committed["refusal_judge"]["agreement"]["all"]["n"] == len(rows)
 
 
