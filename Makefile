@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := PYTHONWARNINGS=ignore $(PY)
 
-.PHONY: demo test lint format bench regimes study speed browser install clean
+.PHONY: demo test lint format bench seeds regimes study speed browser install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,12 @@ bench: $(STAMP)
 	$(RUN) -m refcal.train.cli baselines --config configs/demo_smollm2.yaml --baselines_json bench/results/baselines_organism.json
 	$(RUN) -m bench.judge_agreement
 	$(RUN) -m bench.frame_labels
+	$(RUN) -m bench.answer_labels
 	$(RUN) -m bench.calibration_table
+
+# The headline comparison over three seeds, each with its own split and organism (bench/results/seeds.*).
+seeds: $(STAMP)
+	$(RUN) -m bench.seeds
 
 # The regimes (bench/results/regimes.*): the recommended form against plain SFT in each training regime.
 regimes: $(STAMP)
