@@ -235,6 +235,7 @@ def manifest(
     data_root=None,
     held_out_tasks: tuple[str, ...] = (),
     near_copies_dropped: dict[str, int] | None = None,
+    too_long_dropped: int = 0,
 ) -> dict:
     counts = Counter((r["split"], r["kind"], r["task"]) for r in rows)
     by_split = {
@@ -254,6 +255,7 @@ def manifest(
         "held_out_tasks": list(held_out_tasks),
         "near_copy_rule": NEAR_COPY_RULE,
         "near_copy_contents_dropped": near_copies_dropped,
+        "too_long_rows_dropped": too_long_dropped,  # recipe rows whose prompt leaves no room for the answer
         "splits": by_split,
         "rows_hash": _hash([(r["id"], r["prompt"], r["kind"], r["task"]) for r in rows]),
         "sources": {name: _describe_source(name, data_root) for name in used if name},

@@ -17,7 +17,7 @@ from refcal.data_recipes.tasks import load_task
 from refcal.data_recipes.user_prompts import KINDS, load_prompt_rows
 from refcal.train import cli
 from refcal.train.config import ConfigError, known_fields, parse
-from refcal.train.data_checks import check_calibrated_tasks, check_prompt_lengths
+from refcal.train.data_checks import check_calibrated_tasks, fit_prompt_lengths
 
 FIXTURES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 GOOD_ROWS = [
@@ -254,10 +254,21 @@ def test_overlong_prompt_names_file_row_and_field(tokenizer, words, row):
         for i in range(4)
     ]
     rows[row - 1]["prompt"] = "word " * (40 + words * 10)
-    check_prompt_lengths(rows[: row - 1] + rows[row:], tokenizer, max_length=64, reserve=16)  # the others fit
+    others = rows[: row - 1] + rows[row:]
+    assert fit_prompt_lengths(others, tokenizer, max_length=64, reserve=16) == (others, 0)  # the others fit
     with pytest.raises(RecipeError) as error:
-        check_prompt_lengths(rows, tokenizer, max_length=64, reserve=16)
+        fit_prompt_lengths(rows, tokenizer, max_length=64, reserve=16)
     assert f"/data/mine.jsonl, row {row}: field 'prompt'" in str(error.value)
+
+
+@FIXTURES
+@given(row=st.integers(1, 4))
+def test_overlong_recipe_row_from_a_named_source_is_dropped_and_counted(tokenizer, row):
+    """A pool content too long inside its frame cannot be shortened by the user: it leaves the recipe."""
+    rows = [{"prompt": "Short question?", "source": "advbench", "id": f"r{i}", "task": "cipher"} for i in range(4)]
+    rows[row - 1]["prompt"] = "word " * 80
+    kept, dropped = fit_prompt_lengths(rows, tokenizer, max_length=64, reserve=16)
+    assert dropped == 1 and kept == rows[: row - 1] + rows[row:]
 
 
 def test_bad_cluster_through_the_cli_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):

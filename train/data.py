@@ -9,7 +9,7 @@ from refcal.calibration.models import load_tokenizer
 from refcal.data_recipes.build import RecipeSizes, build_recipe, check_disjoint, manifest, to_dataset_dict
 from refcal.data_recipes.tasks import load_tasks
 from refcal.train.config import ConfigError, RefcalArguments
-from refcal.train.data_checks import check_calibrated_tasks, check_held_out_tasks, check_prompt_lengths
+from refcal.train.data_checks import check_calibrated_tasks, check_held_out_tasks, fit_prompt_lengths
 
 
 def recipe_rows(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes]:
@@ -38,16 +38,16 @@ def recipe(a: RefcalArguments) -> tuple[list[dict], list, RecipeSizes, dict[str,
 def stage_data(run) -> None:
     a = run.args
     rows, tasks, sizes, dropped = recipe(a)
-    check_calibrated_tasks(rows, a.resolved_calibrate_tasks(), a.tasks)
     try:  # the prompt-length check needs the model's chat template
         tokenizer = load_tokenizer(run.model_args.model_name_or_path, run.training_args.trust_remote_code)
     except OSError as error:
         raise ConfigError(
             f"model_name_or_path {run.model_args.model_name_or_path!r}: cannot load its tokenizer ({error})"
         ) from error
-    check_prompt_lengths(rows, tokenizer, run.training_args.max_length, a.target_max_new_tokens)
+    rows, too_long = fit_prompt_lengths(rows, tokenizer, run.training_args.max_length, a.target_max_new_tokens)
+    check_calibrated_tasks(rows, a.resolved_calibrate_tasks(), a.tasks)
     with atomic_directory(run.path("data")) as staging:
         to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
         (staging / "manifest.json").write_text(
-            json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root, a.held_out_tasks, dropped), indent=2)
+            json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root, a.held_out_tasks, dropped, too_long), indent=2)
         )

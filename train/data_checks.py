@@ -18,9 +18,12 @@ def where(row: dict) -> str:
     return f"{origin}, row {number}" if number else f"source {origin or row['task']!r}, row {row['id']}"
 
 
-def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, reserve: int) -> None:
+def fit_prompt_lengths(rows: list[dict], tokenizer, max_length: int, reserve: int) -> tuple[list[dict], int]:
     """Each prompt, in the chat template, must leave `reserve` tokens (the answer) inside `max_length`:
-    TRL truncates longer rows silently, which would train on a cut prompt with no answer."""
+    TRL truncates longer rows silently, which would train on a cut prompt with no answer. A user's row that
+    does not fit is an error to fix; a row the recipe built from a named source (a long pool content inside
+    a wordy frame) is dropped instead, since the user cannot shorten it. Returns the kept rows and how many
+    were dropped."""
     limit = max_length - reserve
     lengths = [
         len(ids)
@@ -28,7 +31,7 @@ def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, reserve: 
             "input_ids"
         ]
     ]
-    too_long = [(row, n) for row, n in zip(rows, lengths) if n > limit]
+    too_long = [(row, n) for row, n in zip(rows, lengths) if n > limit and is_user_row(row)]
     if too_long:
         row, n = too_long[0]
         others = f" ({len(too_long) - 1} more rows too)" if len(too_long) > 1 else ""
@@ -36,6 +39,12 @@ def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, reserve: 
             f"{where(row)}: field 'prompt' is {n} tokens in the chat template, more than max_length {max_length} "
             f"less the {reserve} answer tokens (target_max_new_tokens){others}; shorten it or raise max_length"
         )
+    kept = [row for row, n in zip(rows, lengths) if n <= limit]
+    return kept, len(rows) - len(kept)
+
+
+def is_user_row(row: dict) -> bool:
+    return "#" in row["source"]  # a user's row is "file#row"; a named source's is its name
 
 
 def check_calibrated_tasks(rows: list[dict], calibrate_tasks: list[str], task_files: list[str]) -> None:
