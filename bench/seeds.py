@@ -53,9 +53,15 @@ def settings_key(flags: list[str]) -> str:
 
 
 def run(seed: int, form: str) -> Path:
-    """One form on one seed, unless a run with the same settings finished already."""
-    flags = [*FORMS[form], "--seed_data", str(seed), "--seed", str(seed)]
-    run_dir = RUNS / f"seed{seed}" / form
+    """One form on one seed; the other forms share the recommended run's data, organism and geometry."""
+    first = RUNS / f"seed{seed}" / "recommended"
+    return run_form(seed, FORMS[form], RUNS / f"seed{seed}" / form, None if form == "recommended" else first)
+
+
+def run_form(seed: int, flags: list[str], run_dir: Path, shared_from: Path | None) -> Path:
+    """The demo config with these flags on one seed (its data split, organism and training seed), unless a run
+    with the same settings finished already; `shared_from` lends its data, organism and geometry."""
+    flags = [*flags, "--seed_data", str(seed), "--seed", str(seed)]
     key = settings_key(flags)
     marker = run_dir / "bench.json"
     if marker.is_file() and json.loads(marker.read_text())["key"] == key and (run_dir / "summary.json").is_file():
@@ -63,10 +69,9 @@ def run(seed: int, form: str) -> Path:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     marker.write_text(json.dumps({"key": key, "flags": flags}))
-    first = RUNS / f"seed{seed}" / "recommended"
-    if form != "recommended":
+    if shared_from is not None:
         for stage in SHARED:
-            shutil.copytree(first / stage, run_dir / stage)
+            shutil.copytree(shared_from / stage, run_dir / stage)
     command = [sys.executable, "-m", "refcal.train.cli", "run", "--config", CONFIG, *flags, "--run_dir", str(run_dir),
                "--output_dir", str(run_dir / "train"), "--strict_gate", "false"]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -60,6 +60,8 @@ SOURCES: dict[str, Source] = {
         Source("coconot_contrast", "coconot/coconot_contrast_eval.jsonl", "prompt", "allenai/coconot"),
         Source("lookalike_safe", str(SEEDS / "lookalikes.jsonl"), "safe", None, ("type", "id")),
         Source("lookalike_unsafe", str(SEEDS / "lookalikes.jsonl"), "unsafe", None, ("type", "id")),
+        Source("borderline_safe", str(SEEDS / "borderline.jsonl"), "safe", None, ("type", "id")),
+        Source("borderline_unsafe", str(SEEDS / "borderline.jsonl"), "unsafe", None, ("type", "id")),
     ]
 }
 

@@ -130,3 +130,34 @@ def test_a_failed_gate_withholds_the_export_after_the_table_and_sets_the_status(
 
     lenient = subprocess.run([*command, "--strict_gate", "false"], env=env, capture_output=True, text=True, timeout=300)
     assert lenient.returncode == 0 and "export withheld" in " ".join(lenient.stderr.split())
+
+
+def test_the_guard_forms_train_on_a_finished_run(e2e, tmp_path):
+    """The guard study's terms through `refcal train`: the keep term on harmful rows only, over every layer
+    from the chosen one to the last on the prompt's tail, beside the onset term and the self-distillation
+    guard; each term is logged and the record names the layers and the guarded rows."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config, reference, env = e2e
+    run_dir = tmp_path / "run"
+    later = {"sft_data", "train", "eval", "export"}  # the stages this test runs again, at the top level only
+    shutil.copytree(
+        reference, run_dir, ignore=lambda folder, names: later & set(names) if folder == str(reference) else []
+    )
+    refcal = str(Path(sys.executable).with_name("refcal"))
+    command = [refcal, "train", "--config", str(config), "--run_dir", str(run_dir), "--output_dir", str(run_dir / "ckpt"),
+               "--objective", "target_free", "--onset_weight", "1", "--distill_weight", "1", "--keep_weight", "1",
+               "--keep_rows", "should_refuse", "--regularizer_layers_to_last", "true", "--regularizer_positions", "tail",
+               "--collapse_weight", "0", "--retain_weight", "0"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((run_dir / "train" / "train.json").read_text())
+    layer = json.loads((run_dir / "geometry" / "geometry.json").read_text())["layer"]
+    assert record["regularizer_layers"] == list(range(layer, 4))  # the tiny model has 4 layers
+    rows = load_from_disk(str(run_dir / "sft_data" / "dataset")).to_list()
+    assert record["distill_rows"] == sum(r["kind"] in ("harmful", "frame_attack") for r in rows) > 0
+    steps = [e for e in json.loads((run_dir / "train" / "log_history.json").read_text()) if "loss" in e]
+    assert all(any(term in e for e in steps) for term in ("reg_keep", "reg_onset", "reg_distill"))  # where rows have it

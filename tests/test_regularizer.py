@@ -122,3 +122,19 @@ def test_regularizer_needs_a_positive_gap():
         )
     with pytest.raises(ValueError, match="harmful and benign"):
         GeometryRegularizer([1, 3], module.directions, reference[:2], kinds[:2], ["none"] * 2, [False] * 2, {}, {})
+
+
+def test_guard_keep_holds_only_rows_that_must_stay_refused():
+    """keep_down False: an over_refusal row rising on r costs nothing; a harmful row falling still does."""
+    module, reference, kinds = synthetic_regularizer()
+    guard = GeometryRegularizer(
+        module.layers, module.directions, reference, kinds, ["none"] * len(kinds), [False] * len(kinds), {}, {},
+        keep_down=False,
+    )  # fmt: skip
+    rows = torch.tensor([0, 2, 4])  # harmful, benign, over_refusal
+    hidden = guard.reference_hidden[rows].clone()
+    hidden[1:] += 3.0 * guard.directions  # the answered rows rise on r
+    assert guard(hidden, rows)["keep"][0].item() == 0 and module(hidden, rows)["keep"][0].item() > 0
+    assert guard.counts(rows)["keep"].item() == 1 and module.counts(rows)["keep"].item() == 3
+    hidden[0] -= 2.0 * guard.directions  # the harmful row falls
+    assert guard(hidden, rows)["keep"][0].item() > 0

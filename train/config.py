@@ -154,6 +154,19 @@ class RefcalArguments:
             "choices": ["last", "tail"],
         },
     )
+    regularizer_layers_to_last: bool = field(
+        default=False,
+        metadata={
+            "help": "With regularizer_layers unset: act on every layer from the causally chosen one to the last, not the chosen one alone."
+        },
+    )
+    keep_rows: str = field(
+        default="all",
+        metadata={
+            "help": "Rows the keep term holds: all (harmful and frame_attack rows up on r, benign and over_refusal rows down) or should_refuse (only the first half: a guard of harmful refusal that leaves the answered rows free).",
+            "choices": ["all", "should_refuse"],
+        },
+    )
     keep_weight: float = field(
         default=0.0,
         metadata={
@@ -166,6 +179,18 @@ class RefcalArguments:
         default=1.0,
         metadata={
             "help": "Weight of the refusal-onset term (train/onset.py): cross-entropy of the probability that the answer's first token opens a refusal, read at the last prompt token; 1 on harmful and frame_attack rows, 0 on calibrated over_refusal and benign rows. Output-side and target-free; 0 leaves it out."
+        },
+    )
+    onset_min_refusal_share: float = field(
+        default=0.05,
+        metadata={
+            "help": "Onset term: a token joins the refusal-onset tokens when it opens at least this share of the training rows' refusals (and rarely their answers); 0 takes every opening the model's refusals use."
+        },
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the self-distillation guard (train/self_distill.py): KL from the first-token distribution the model starts training with to the trained model's, on harmful and frame_attack rows. Output-side; 0 leaves it out."
         },
     )
     collapse_harmful_component: bool = field(
@@ -312,11 +337,12 @@ class RefcalArguments:
         return list(self.calibrate_tasks or self.organism_tasks)
 
     def loss_weights(self):
-        """The loss terms' weights (keep_weight, collapse_weight, retain_weight, onset_weight) as the
-        LossWeights the trainers take."""
+        """The loss terms' weights (the *_weight fields) as the LossWeights the trainers take."""
         from refcal.train.losses import LossWeights
 
-        return LossWeights(self.keep_weight, self.collapse_weight, self.retain_weight, self.onset_weight)
+        return LossWeights(
+            self.keep_weight, self.collapse_weight, self.retain_weight, self.onset_weight, self.distill_weight
+        )
 
 
 class ConfigError(UserError, ValueError):

@@ -49,5 +49,7 @@ def stage_data(run) -> None:
     with atomic_directory(run.path("data")) as staging:
         to_dataset_dict(rows).save_to_disk(str(staging / "recipe"))
         (staging / "manifest.json").write_text(
-            json.dumps(manifest(rows, tasks, sizes, a.seed_data, a.data_root, a.held_out_tasks, dropped, too_long), indent=2)
+            json.dumps(
+                manifest(rows, tasks, sizes, a.seed_data, a.data_root, a.held_out_tasks, dropped, too_long), indent=2
+            )
         )

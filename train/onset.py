@@ -27,8 +27,7 @@ from refcal.calibration.kinds import BENIGN, OVER_REFUSAL, SHOULD_REFUSE
 from refcal.data_recipes.completions import chat_row
 from refcal.train.regularizer import KEEP_UP, KIND_CODES
 
-MIN_REFUSAL_SHARE = 0.05  # a token must open at least this share of the refusals
-MAX_ANSWER_RATIO = 0.25  # ... and at most this fraction of that share of the answers
+MAX_ANSWER_RATIO = 0.25  # an onset token opens at most this fraction of its refusal share of the answers
 
 
 def onset_loss(logits: torch.Tensor, onset_tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -61,8 +60,9 @@ def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
     return full_ids[len(head_ids)]
 
 
-def select_onset_tokens(tokenizer, rows: list[dict]) -> list[int]:
-    """Token ids that open the rows' refusals (harmful, frame_attack targets) and rarely their answers."""
+def select_onset_tokens(tokenizer, rows: list[dict], min_refusal_share: float = 0.05) -> list[int]:
+    """Token ids that open at least `min_refusal_share` of the rows' refusals (harmful, frame_attack targets)
+    and rarely their answers; a share of 0 takes every opening the refusals use."""
     refusals, answers = Counter(), Counter()
     for row in rows:
         if row["kind"] in SHOULD_REFUSE:
@@ -73,7 +73,7 @@ def select_onset_tokens(tokenizer, rows: list[dict]) -> list[int]:
     chosen = sorted(
         token
         for token, count in refusals.items()
-        if count / n_refusals >= MIN_REFUSAL_SHARE
+        if count / n_refusals >= min_refusal_share
         and answers[token] / n_answers <= MAX_ANSWER_RATIO * count / n_refusals
     )
     if not chosen:
@@ -112,9 +112,9 @@ class RefusalOnset(nn.Module):
         return loss.sum(), self.count(row_index)
 
 
-def build_onset(tokenizer, rows: list[dict], calibrate: set[str]) -> RefusalOnset:
+def build_onset(tokenizer, rows: list[dict], calibrate: set[str], min_refusal_share: float = 0.05) -> RefusalOnset:
     return RefusalOnset(
-        select_onset_tokens(tokenizer, rows),
+        select_onset_tokens(tokenizer, rows, min_refusal_share),
         [r["kind"] for r in rows],
         [r["kind"] == OVER_REFUSAL and r["task"] in calibrate for r in rows],
     )

@@ -7,6 +7,8 @@ memory):
 - keep: harmful and frame_attack rows' projection on r must not fall below the reference; benign and
   over_refusal rows' projection must not rise above it. One-sided, divided by the reference gap
   between harmful and benign projections, squared. 0 when every projection is on its allowed side.
+  As a guard (keep_down False) only the first half applies: holding answered rows down would pin them to
+  the over-refusing states calibration has to leave.
 - collapse: for over_refusal rows of task t, the energy of (h - m_t) inside U_t divided by its
   reference value: 1 = unchanged, 0 = sitting at the task's answered mean. Optionally U_t also holds
   r itself, so the harmful component of those rows collapses too.
@@ -68,9 +70,11 @@ class GeometryRegularizer(nn.Module):
         collapse_rows: list[bool],  # which rows the collapse term applies to
         bases: dict[str, torch.Tensor],  # task -> [Lr, k, d] (zero-padded rows are harmless)
         answered_means: dict[str, torch.Tensor],  # task -> [Lr, d]
+        keep_down: bool = True,  # the keep term also holds benign and over_refusal rows below their reference
     ):
         super().__init__()
         self.layers = list(layers)
+        self.keep_down = keep_down
         self.positions = reference_hidden.shape[1] if reference_hidden.dim() == 4 else 1  # prompt tokens per row
         if self.positions > 1:
             reference_hidden = reference_hidden.flatten(0, 1)
@@ -122,8 +126,11 @@ class GeometryRegularizer(nn.Module):
         """Items each term averages over, for these items: known before any forward pass, so the trainer can
         divide by a whole accumulation window's count."""
         kind = self.kind[row_index]
+        keep_up = torch.isin(kind, torch.tensor(KEEP_UP, device=kind.device))
         return {
-            "keep": torch.tensor(float(len(row_index)), device=row_index.device),
+            "keep": torch.tensor(float(len(row_index)), device=row_index.device)
+            if self.keep_down
+            else keep_up.sum().float(),
             "collapse": (self.collapse_task[row_index] >= 0).sum().float(),
             "retain": (kind == KIND_CODES[BENIGN]).sum().float(),
         }
@@ -136,6 +143,8 @@ class GeometryRegularizer(nn.Module):
         projection = torch.einsum("bld,ld->bl", hidden.float(), self.directions)
         keep_up = torch.isin(kind, torch.tensor(KEEP_UP, device=kind.device))[:, None]
         keep = keep_violation(projection, self.reference_projection[row_index], keep_up, self.gap)
+        if not self.keep_down:
+            keep = keep * keep_up
         terms["keep"] = (keep.mean(-1).sum(), counts["keep"])
 
         collapse_task = self.collapse_task[row_index]

@@ -36,7 +36,9 @@ from refcal.calibration.kinds import (
 SCAN = "scan"
 HARMFUL_KINDS = SHOULD_REFUSE_EVAL
 # External sets whose prompts should be refused; the others (xstest_safe, jbb_benign, oktest, ...) should be answered.
-HARMFUL_SOURCES = frozenset({*HARMFUL_BENCHMARKS, "advbench", "malicious_instruct", "lookalike_unsafe"})
+HARMFUL_SOURCES = frozenset(
+    {*HARMFUL_BENCHMARKS, "advbench", "malicious_instruct", "lookalike_unsafe", "borderline_unsafe"}
+)
 KIND_ORDER = (OVER_REFUSAL, OVER_REFUSAL_UNSEEN, BENIGN, FRAME_ATTACK, FRAME_ATTACK_UNSEEN, HARMFUL)
 RAW_TASK = "none"  # the task of the recipe's unframed harmful and benign rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -14,9 +15,10 @@ from refcal.calibration.models import decoder_layers
 from refcal.train.losses import LossWeights
 from refcal.train.onset import RefusalOnset
 from refcal.train.regularizer import GeometryRegularizer
+from refcal.train.self_distill import FirstTokenGuard
 
 GEOMETRY_TERMS = ("keep", "collapse", "retain")  # always logged
-FINAL = "final"  # the captured key of the backbone's output (the final norm's), for the onset term
+FINAL = "final"  # the captured key of the backbone's output (the final norm's), for the output-side terms
 
 
 class RowIndexCollator:
@@ -85,8 +87,9 @@ def last_prompt_positions(supervised: torch.Tensor) -> torch.Tensor:
 
 class GeometryRegularized:
     """Mixin for a TRL trainer: weighted keep / collapse / retain terms on the hidden state at the last
-    prompt token (or the prompt's last few: regularizer.positions), and optionally the refusal-onset term
-    on the logits there (train/onset.py), each logged every step.
+    prompt token (or the prompt's last few: regularizer.positions), and optionally two output-side terms on
+    the logits there: the refusal-onset term (train/onset.py) and the self-distillation guard
+    (train/self_distill.py), each logged every step.
 
     The reference values live in `regularizer` (cached from the frozen model), so no second model is
     held in memory. In training each term is a mean over the global batch, as the language-modelling loss
@@ -96,15 +99,29 @@ class GeometryRegularized:
     """
 
     def __init__(
-        self, *args, regularizer: GeometryRegularizer, weights: LossWeights, onset: RefusalOnset | None = None, **kwargs
+        self,
+        *args,
+        regularizer: GeometryRegularizer,
+        weights: LossWeights,
+        onset: RefusalOnset | None = None,
+        guard: FirstTokenGuard | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer.to(self.accelerator.device)
         self.onset = onset.to(self.accelerator.device) if onset is not None else None
+        self.guard = guard.to(self.accelerator.device) if guard is not None else None
         self.weights = weights
-        if self.weights.onset and self.onset is None:
+        if self.weights.onset and onset is None:
             raise ValueError("onset_weight is set but the trainer was given no RefusalOnset")
+        if self.weights.distill and guard is None:
+            raise ValueError("distill_weight is set but the trainer was given no FirstTokenGuard")
         self._window_counts: dict[str, torch.Tensor] | None = None  # set for each accumulation window
+
+    @property
+    def output_terms(self) -> dict[str, nn.Module]:
+        """The output-side terms in use, by logged name: each reads the logits at the last prompt token."""
+        return {term: module for term, module in (("onset", self.onset), ("distill", self.guard)) if module is not None}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's accumulation window, and each term's item count over all of it and every process."""
@@ -113,8 +130,8 @@ class GeometryRegularized:
         for batch in batches:
             row_index = batch["row_index"].to(device)
             counts = self.regularizer.counts(self._items(row_index))
-            if self.onset is not None:
-                counts["onset"] = self.onset.count(row_index)
+            for term, module in self.output_terms.items():
+                counts[term] = module.count(row_index)
             for term, count in counts.items():
                 window[term] = window.get(term, 0) + count
         self._window_counts = {term: self.accelerator.reduce(count, "sum") for term, count in window.items()}
@@ -143,7 +160,7 @@ class GeometryRegularized:
             )
             for layer in self.regularizer.layers
         ]
-        if self.onset is not None:  # TRL's fused LM head builds no logits: keep the final hidden state instead
+        if self.output_terms:  # TRL's fused LM head builds no logits: keep the final hidden state instead
 
             def keep_final(_module, _inputs, out):  # returns None: the output passes through unchanged
                 captured.setdefault(FINAL, out[0])
@@ -167,10 +184,10 @@ class GeometryRegularized:
         batch = sequence_of_rows(positions, captured[self.regularizer.layers[0]])[:, None]
         hidden = torch.stack([captured[layer][batch, tokens] for layer in self.regularizer.layers], dim=2)
         terms = self.regularizer(hidden.flatten(0, 1), self._items(row_index.to(positions.device)))
-        if self.onset is not None:
-            terms["onset"] = self.onset(
-                self._first_answer_logits(model, captured[FINAL], positions), row_index.to(positions.device)
-            )
+        if self.output_terms:
+            logits = self._first_answer_logits(model, captured[FINAL], positions)
+            for term, module in self.output_terms.items():
+                terms[term] = module(logits, row_index.to(positions.device))
 
         mode = "train" if model.training else "eval"
         window = self._window_counts if model.training else None  # None: a batch on its own (evaluation, tests)

@@ -30,6 +30,7 @@ from refcal.train.processes import engine_record
 from refcal.train.regularizer import GeometryRegularizer
 from refcal.train.resume import checkpoint_step, last_checkpoint
 from refcal.train.retrain import check_adapter_base
+from refcal.train.self_distill import build_guard
 from refcal.train.targets import calibration_rows, prepare_sft_data, sft_data_fits, sft_dataset
 from refcal.train.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowIndexCollator
 
@@ -38,7 +39,9 @@ def build_regularizer(run, sft_rows: list[dict], geometry: Geometry, model=None,
     """The regularizer's references: the geometry run's cached last-token activations, or (positions:
     tail) the frozen `model`'s activations at each row's post-instruction tokens, captured here."""
     a = run.args
-    layers = a.regularizer_layers or [geometry.layer]
+    layers = a.regularizer_layers or (
+        list(range(geometry.layer, len(geometry.harmful))) if a.regularizer_layers_to_last else [geometry.layer]
+    )
     train_ids = [r["id"] for r in run.rows("train")]
     position = {rid: i for i, rid in enumerate(train_ids)}
     cached = load_file(run.path("geometry") / "activations.safetensors")["last_token"]
@@ -87,6 +90,7 @@ def build_regularizer(run, sft_rows: list[dict], geometry: Geometry, model=None,
         [r["kind"] == OVER_REFUSAL and r["task"] in calibrate for r in sft_rows],
         bases,
         means,
+        keep_down=a.keep_rows == "all",
     )
 
 
@@ -107,12 +111,15 @@ def stage_train(run) -> None:
         train_rows = [{**row, "supervised": False} for row in train_rows]
     with section("regularizer references"):
         regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
-    onset = build_onset(tokenizer, train_rows, set(a.resolved_calibrate_tasks())) if a.onset_weight else None
+    calibrate = set(a.resolved_calibrate_tasks())
+    onset = build_onset(tokenizer, train_rows, calibrate, a.onset_min_refusal_share) if a.onset_weight else None
     peft_config = get_peft_config(run.model_args)
     if a.init_adapter:  # retraining: continue the parent adapter
         check_adapter_base(a.init_adapter, geometry.fingerprint)
         model = PeftModel.from_pretrained(model, a.init_adapter, is_trainable=True)
         peft_config = None
+    with section("self-distillation references"):  # the model as training starts: the organism, or the parent adapter
+        guard = build_guard(model, tokenizer, train_rows) if a.distill_weight else None
     model.train()
     trainer_class = RefcalDPOTrainer if dpo else RefcalSFTTrainer
     trainer = trainer_class(
@@ -126,6 +133,7 @@ def stage_train(run) -> None:
         regularizer=regularizer,
         weights=a.loss_weights(),
         onset=onset,
+        guard=guard,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -148,6 +156,7 @@ def stage_train(run) -> None:
                 "base_weights": run.weights_description(True),
                 "geometry_weights": geometry.info.get("weights", "unquantised"),
                 "onset_tokens": None if onset is None else [tokenizer.decode([t]) for t in onset.onset_tokens.tolist()],
+                "distill_rows": None if guard is None else int(guard.guarded.sum()),
                 "engine": engine_record(trainer, seconds, checkpoint_step(checkpoint)),
             }
             (staging / "train.json").write_text(json.dumps(record, indent=2))
