@@ -23,7 +23,10 @@ The choice is made on the validation half by a score fixed before any run:
 a form the safety gate withholds is not eligible. The test half (held-out tasks, the external test halves)
 is reported beside it and never used to choose.
 
-    python -m bench.guard_study --screen                    # every form, seed 0, default regime
+The screen runs on seed 2: there the recommended form's adapter fails the safety gate on the validation half
+(XSTest unsafe 88% -> 56%), so a guard has something to hold; on seed 0 (the demo's) nothing leaks.
+
+    python -m bench.guard_study --screen                    # every form, seed 2, default regime
     python -m bench.guard_study --forms A B --seeds 0 1 2 --regimes default scarce_4 lr_3e-3
     python -m bench.guard_study --collect-only              # only write bench/results/guard_study.{json,md}
 """
@@ -39,6 +42,7 @@ from bench.seeds import FORMS as SEED_FORMS
 from bench.seeds import ROOT, RUNS, figures, run_form
 
 GUARD_RUNS = ROOT / "runs" / "guard"
+SCREEN_SEED = 2
 KEEP_GUARD = ["--keep_weight", "1", "--keep_rows", "should_refuse"]
 BAND_TAIL = ["--regularizer_layers_to_last", "true", "--regularizer_positions", "tail"]
 DISTILL = ["--distill_weight", "1"]
@@ -170,7 +174,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--screen", action="store_true", help="every form on seed 0 in the default regime")
+    parser.add_argument("--screen", action="store_true", help=f"every form on seed {SCREEN_SEED}, default regime")
     parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=[])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=["default"])
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "guard_study"))
     args = parser.parse_args(argv)
     if not args.collect_only:
-        grid = [("default", 0, form) for form in FORMS] if args.screen else []
+        grid = [("default", SCREEN_SEED, form) for form in FORMS] if args.screen else []
         grid += [(regime, seed, form) for regime in args.regimes for seed in args.seeds for form in args.forms]
         for regime, seed, form in grid:
             run(regime, seed, form)
