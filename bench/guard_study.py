@@ -6,6 +6,7 @@ Forms, each on the demo config (the recommended form: target-free, the onset ter
   keep_guard              plus the keep term on harmful and frame_attack rows only (keep_rows: should_refuse),
                           at the chosen layer, last prompt token;
   keep_guard_band_tail    the same from the chosen layer to the last, on the post-instruction tail;
+  keep_guard_live         keep_guard on a live direction (r re-estimated from the model being trained);
   distill                 plus the self-distillation guard (the organism's first-token distribution on harmful
                           and frame_attack rows, kept by a KL term);
   onset_every_opening     the onset term's refusal tokens taken from every opening the refusals use;
@@ -51,6 +52,7 @@ FORMS = {
     "recommended": SEED_FORMS["recommended"],
     "keep_guard": KEEP_GUARD,
     "keep_guard_band_tail": KEEP_GUARD + BAND_TAIL,
+    "keep_guard_live": KEEP_GUARD + ["--keep_direction", "live"],
     "distill": DISTILL,
     "onset_every_opening": ["--onset_min_refusal_share", "0"],
     "distill_keep_band_tail": DISTILL + KEEP_GUARD + BAND_TAIL,

@@ -138,3 +138,24 @@ def test_guard_keep_holds_only_rows_that_must_stay_refused():
     assert guard.counts(rows)["keep"].item() == 1 and module.counts(rows)["keep"].item() == 3
     hidden[0] -= 2.0 * guard.directions  # the harmful row falls
     assert guard(hidden, rows)["keep"][0].item() > 0
+
+
+def test_following_a_live_direction_keeps_each_rows_height_above_the_benign_mean():
+    module, reference, kinds = synthetic_regularizer()
+    frozen = module.reference_projection.clone()
+    benign = torch.tensor([k == "benign" for k in kinds])
+    module.follow(module.directions.clone(), frozen[benign].mean(0))
+    assert torch.allclose(module.reference_projection, frozen, atol=1e-5)  # the same direction: nothing moves
+    turned = torch.nn.functional.normalize(module.directions + 0.5 * torch.randn_like(module.directions), dim=-1)
+    module.follow(turned, torch.tensor([2.0, -1.0]))
+    assert torch.equal(module.directions, turned)
+    expected = (frozen - frozen[benign].mean(0)) + torch.tensor([2.0, -1.0])
+    assert torch.allclose(module.reference_projection, expected, atol=1e-5)
+    # a harmful row is now judged on the live direction: at its live reference it costs nothing
+    rows = torch.tensor([0])
+    at_reference = module.reference_hidden[rows].clone()
+    shift = module.reference_projection[0] - torch.einsum("ld,ld->l", at_reference[0], turned)
+    at_reference[0] += shift[:, None] * turned
+    assert module(at_reference, rows)["keep"][0].item() == pytest.approx(0.0, abs=1e-8)
+    at_reference[0] -= turned  # falls on the live direction
+    assert module(at_reference, rows)["keep"][0].item() > 0

@@ -167,6 +167,16 @@ class RefcalArguments:
             "choices": ["all", "should_refuse"],
         },
     )
+    keep_direction: str = field(
+        default="frozen",
+        metadata={
+            "help": "The harmful direction the keep term holds rows on: frozen (estimated before training) or live (re-estimated from the model being trained every keep_refresh_steps steps, each row's reference kept as its height above the benign mean; train/live_direction.py). live needs regularizer_positions last.",
+            "choices": ["frozen", "live"],
+        },
+    )
+    keep_refresh_steps: int = field(
+        default=8, metadata={"help": "With keep_direction live: optimizer steps between re-estimates of r."}
+    )
     keep_weight: float = field(
         default=0.0,
         metadata={

@@ -8,7 +8,9 @@ memory):
   over_refusal rows' projection must not rise above it. One-sided, divided by the reference gap
   between harmful and benign projections, squared. 0 when every projection is on its allowed side.
   As a guard (keep_down False) only the first half applies: holding answered rows down would pin them to
-  the over-refusing states calibration has to leave.
+  the over-refusing states calibration has to leave. With a live direction (`follow`) r is re-estimated
+  from the model being trained, and each row's reference becomes its frozen height above the benign mean
+  (in gap units) above the live benign mean: the hold moves with the direction that carries refusal now.
 - collapse: for over_refusal rows of task t, the energy of (h - m_t) inside U_t divided by its
   reference value: 1 = unchanged, 0 = sitting at the task's answered mean. Optionally U_t also holds
   r itself, so the harmful component of those rows collapses too.
@@ -111,6 +113,8 @@ class GeometryRegularizer(nn.Module):
             bad = [layers[i] for i in torch.nonzero(gap <= 0).flatten().tolist()]
             raise ValueError(f"harmful rows do not project above benign rows on r at layer(s) {bad}")
         self.register_buffer("gap", gap)
+        # each item's frozen height above the benign mean on r, in gap units: what a live direction keeps
+        self.register_buffer("height", (reference_projection - reference_projection[benign].mean(0)) / gap)
         benign_hidden = self.reference_hidden[benign]
         spread = (benign_hidden - benign_hidden.mean(0)).pow(2).sum(-1).mean(0)
         self.register_buffer("spread", spread.clamp_min(1e-8))
@@ -121,6 +125,13 @@ class GeometryRegularizer(nn.Module):
             offsets = self.reference_hidden[rows] - self.answered_means[t]
             energy[rows] = torch.einsum("rld,rlkd->rlk", offsets, self.bases[t]).pow(2).sum(-1)
         self.register_buffer("reference_energy", energy)
+
+    @torch.no_grad()
+    def follow(self, directions: torch.Tensor, benign_projection: torch.Tensor) -> None:
+        """Move the keep term onto a live direction: `directions` [Lr, d] (unit) re-estimated from the model
+        being trained, `benign_projection` [Lr] its benign rows' mean projection on them."""
+        self.directions.copy_(directions)
+        self.reference_projection.copy_(self.height * self.gap + benign_projection)
 
     def counts(self, row_index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Items each term averages over, for these items: known before any forward pass, so the trainer can

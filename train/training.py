@@ -24,6 +24,7 @@ from refcal.calibration.kinds import OVER_REFUSAL
 from refcal.calibration.profiling import section
 from refcal.train.config import dpo_config
 from refcal.train.geometry import load_responses
+from refcal.train.live_direction import LiveDirection
 from refcal.train.onset import build_onset
 from refcal.train.preferences import preference_dataset
 from refcal.train.processes import engine_record
@@ -135,6 +136,8 @@ def stage_train(run) -> None:
         onset=onset,
         guard=guard,
     )
+    if a.keep_direction == "live":
+        trainer.add_callback(LiveDirection(trainer.regularizer, tokenizer, train_rows, a.keep_refresh_steps))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     checkpoint = last_checkpoint(t.output_dir)
@@ -157,6 +160,7 @@ def stage_train(run) -> None:
                 "geometry_weights": geometry.info.get("weights", "unquantised"),
                 "onset_tokens": None if onset is None else [tokenizer.decode([t]) for t in onset.onset_tokens.tolist()],
                 "distill_rows": None if guard is None else int(guard.guarded.sum()),
+                "keep_direction": a.keep_direction,
                 "engine": engine_record(trainer, seconds, checkpoint_step(checkpoint)),
             }
             (staging / "train.json").write_text(json.dumps(record, indent=2))
