@@ -8,7 +8,7 @@ Forms, each on the demo config (the recommended form: target-free, the onset ter
   keep_guard_band_tail    the same from the chosen layer to the last, on the post-instruction tail;
   keep_guard_live         keep_guard on a live direction (r re-estimated from the model being trained);
   distill                 plus the self-distillation guard (the organism's first-token distribution on harmful
-                          and frame_attack rows, kept by a KL term);
+                          and frame_attack rows, kept by a KL term); distill_0.3 at weight 0.3;
   onset_every_opening     the onset term's refusal tokens taken from every opening the refusals use;
   distill_keep_band_tail  distill and keep_guard_band_tail together;
   distill_collapse        distill plus the collapse term: does collapsing task subspaces add anything?
@@ -54,6 +54,7 @@ FORMS = {
     "keep_guard_band_tail": KEEP_GUARD + BAND_TAIL,
     "keep_guard_live": KEEP_GUARD + ["--keep_direction", "live"],
     "distill": DISTILL,
+    "distill_0.3": ["--distill_weight", "0.3"],
     "onset_every_opening": ["--onset_min_refusal_share", "0"],
     "distill_keep_band_tail": DISTILL + KEEP_GUARD + BAND_TAIL,
     "distill_collapse": DISTILL + ["--collapse_weight", "1"],
