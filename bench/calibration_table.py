@@ -297,12 +297,14 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, out: Path, markdown, plot) -> None:
-    """out.json, out.md and out.png from one report, and the Markdown on stdout."""
+def write_outputs(report: dict, out: Path, markdown, plot=None) -> None:
+    """out.json, out.md (and out.png, given a plot) from one report, and the Markdown on stdout."""
+    text = markdown(report).rstrip("\n") + "\n"
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report) + "\n")
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
+    out.with_suffix(".md").write_text(text)
+    if plot is not None:
+        plot(report, out.with_suffix(".png"))
+    print(text, end="")
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.calibration_table import write_outputs
 from bench.seeds import FORMS as SEED_FORMS
 from bench.seeds import ROOT, RUNS, figures, run_form
 
@@ -189,11 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         grid += [(regime, seed, form) for regime in args.regimes for seed in args.seeds for form in args.forms]
         for regime, seed, form in grid:
             run(regime, seed, form)
-    report = collect()
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(collect(), Path(args.out), markdown)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.calibration_table import write_outputs
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "seeds"
 CONFIG = "configs/demo_smollm2.yaml"
@@ -176,11 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in SEEDS:
             for form in FORMS:
                 run(seed, form)
-    report = collect()
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(collect(), Path(args.out), markdown)
 
 
 if __name__ == "__main__":
