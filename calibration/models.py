@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -182,3 +183,15 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
         if isinstance(module, torch.nn.ModuleList):
             return module
     raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """The model in eval mode inside the block (no dropout), back in the mode it was in afterwards, even
+    when the block fails: for measurements taken in the middle of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

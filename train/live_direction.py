@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from refcal.calibration.activations import capture_last_token
 from refcal.calibration.kinds import BENIGN, HARMFUL
+from refcal.calibration.models import evaluating
 from refcal.train.regularizer import GeometryRegularizer
 
 
@@ -38,14 +39,12 @@ class LiveDirection(TrainerCallback):
 
     @torch.no_grad()
     def refresh(self, model, step: int) -> None:
-        was_training = model.training
-        model.eval()
         layers = self.regularizer.layers
         capture = lambda prompts: capture_last_token(  # noqa: E731
             model, self.tokenizer, prompts, layers, desc="live direction", progress=False
         )
-        directions, benign_projection = difference_in_means(capture(self.harmful), capture(self.benign))
-        model.train(was_training)
+        with evaluating(model):
+            directions, benign_projection = difference_in_means(capture(self.harmful), capture(self.benign))
         device = self.regularizer.directions.device
         self.regularizer.follow(directions.to(device), benign_projection.to(device))
         self.refreshed_at = step

@@ -16,6 +16,7 @@ from torch import nn
 
 from refcal.calibration.kinds import SHOULD_REFUSE
 from refcal.calibration.layer_choice import first_token_logprobs
+from refcal.calibration.models import evaluating
 
 TOP_K = 32  # tokens kept per row; the rest is one bucket
 
@@ -76,8 +77,6 @@ def build_guard(model, tokenizer, rows: list[dict], batch_size: int = 16) -> Fir
     prompts = [row["prompt"] for row, g in zip(rows, guarded) if g]
     if not prompts:
         raise ValueError("distill_weight is set but no training row is harmful or frame_attack")
-    was_training = model.training
-    model.eval()
-    logprobs = first_token_logprobs(model, tokenizer, prompts, batch_size)
-    model.train(was_training)
+    with evaluating(model):
+        logprobs = first_token_logprobs(model, tokenizer, prompts, batch_size)
     return FirstTokenGuard.from_logprobs(guarded, logprobs)

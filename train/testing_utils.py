@@ -10,6 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from refcal.calibration import kinds as row_kinds
 from refcal.calibration.activations import capture_last_token
+from refcal.calibration.models import evaluating
+from refcal.train.live_direction import difference_in_means
 from refcal.train.losses import LossWeights
 from refcal.train.regularizer import GeometryRegularizer
 
@@ -78,18 +80,15 @@ def build_regularizer(
 ):
     """Reference activations of the frozen model, r = harmful minus benign mean, a random basis per task;
     with `tail`, references at each row's last `tail` prompt tokens (r and the means from the last one)."""
-    was_training = model.training
-    model.eval()
-    captured = capture_last_token(
-        model, tokenizer, [r["prompt"] for r in rows], layers=layers, progress=False, tail=tail
-    )
-    model.train(was_training)
+    with evaluating(model):
+        captured = capture_last_token(
+            model, tokenizer, [r["prompt"] for r in rows], layers=layers, progress=False, tail=tail
+        )
     reference = captured if tail is None else captured[:, -1]
     kinds = [r["kind"] for r in rows]
     harmful = torch.tensor([k == "harmful" for k in kinds])
     benign = torch.tensor([k == "benign" for k in kinds])
-    directions = reference[harmful].mean(0) - reference[benign].mean(0)
-    directions = directions / directions.norm(dim=-1, keepdim=True)
+    directions, _ = difference_in_means(reference[harmful], reference[benign])
     generator = torch.Generator().manual_seed(seed)
     d = reference.shape[-1]
     tasks = sorted({r["task"] for r in rows if r["kind"] == "over_refusal"})
