@@ -69,8 +69,13 @@ HARMFUL_SIDE = ("harmful", "xstest_unsafe", "strongreject", "harmbench_test", "j
 OVER_REFUSAL_SIDE = ("over_refusal", "xstest_safe", "oktest", "coconot_contrast")
 
 
+def regime_root(regime: str) -> Path:
+    """The folder of a regime's seed folders: the default regime's runs sit beside bench.seeds' own."""
+    return RUNS if regime == "default" else GUARD_RUNS / regime
+
+
 def run_dir(regime: str, seed: int, form: str) -> Path:
-    return (RUNS if regime == "default" else GUARD_RUNS / regime) / f"seed{seed}" / form
+    return regime_root(regime) / f"seed{seed}" / form
 
 
 def run(regime: str, seed: int, form: str) -> Path:
@@ -108,7 +113,7 @@ def score(rates: dict[str, dict[str, float]]) -> float:
 def collect() -> dict:
     runs = []
     for regime in REGIMES:
-        for directory in sorted(run_dir(regime, 0, "recommended").parent.parent.glob("seed*")):
+        for directory in sorted(regime_root(regime).glob("seed*")):
             for form in FORMS:
                 path = directory / form
                 if not (path / "summary.json").is_file():
