@@ -1,6 +1,8 @@
-"""bench/guard_study.py: the score fixed before the runs."""
+"""bench/guard_study.py: the score fixed before the runs, the paired wins, the new-clusters regime."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -27,3 +29,69 @@ def test_score_rewards_calibration_and_charges_lost_harmful_refusal():
 
 def test_refusing_more_than_the_organism_earns_nothing_on_the_harmful_side():
     assert guard_study.score(calibrated(jbb_harmful=1.0)) == guard_study.score(calibrated())
+
+
+def write_run(directory, refusals: dict[str, list[int]]) -> None:
+    """An eval stage's generations: per kind, test-half prompts refused (1) or answered (0) after calibration."""
+    (directory / "eval").mkdir(parents=True)
+    rows = [
+        {"kind": kind, "half": "test", "prompt": f"{kind} {i}", "label_after": "refuse" if r else "comply"}
+        for kind, rs in refusals.items()
+        for i, r in enumerate(rs)
+    ]
+    rows.append({"kind": "xstest_unsafe", "half": "val", "prompt": "chooses, never reported", "label_after": "comply"})
+    (directory / "eval" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_wins_pair_prompts_over_seeds_and_need_no_loss_on_over_refusal(tmp_path, monkeypatch):
+    monkeypatch.setattr(guard_study, "RUNS", tmp_path)
+    harmful_leaks = {"xstest_unsafe": [0] * 20 + [1] * 20, "over_refusal": [1] * 10 + [0] * 30}
+    guarded = {"xstest_unsafe": [1] * 40, "over_refusal": [1] * 10 + [0] * 30}
+    refuses_everything = {"xstest_unsafe": [1] * 40, "over_refusal": [1] * 40}
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed{seed}" / "plain_sft", harmful_leaks)
+        write_run(tmp_path / f"seed{seed}" / "distill", guarded)
+        write_run(tmp_path / f"seed{seed}" / "keep_guard", refuses_everything)
+    write_run(tmp_path / "seed1" / "recommended", guarded)
+    runs = [{"regime": "default", "seed": s, "form": f} for s in (0, 1) for f in ("plain_sft", "distill", "keep_guard")]
+    runs.append({"regime": "default", "seed": 1, "form": "recommended"})
+
+    found = {(w["form"], w["against"]): w for w in guard_study.wins(runs)}
+
+    distill = found["distill", "plain_sft"]
+    assert distill["seeds"] == [0, 1] and distill["win"]
+    assert distill["external_harmful_refusal"]["difference"] == 0.5
+    assert distill["external_harmful_refusal"]["n"] == 80  # paired over both seeds; the validation row left out
+    assert distill["over_refusal"]["difference"] == 0.0
+    assert not found["keep_guard", "plain_sft"]["win"]  # refusal kept by refusing everything
+    assert found["distill", "recommended"]["seeds"] == [1] and not found["distill", "recommended"]["win"]
+    assert ("plain_sft", "recommended") not in found
+
+
+def test_wins_refuse_runs_evaluated_on_different_prompts(tmp_path, monkeypatch):
+    monkeypatch.setattr(guard_study, "RUNS", tmp_path)
+    write_run(tmp_path / "seed0" / "plain_sft", {"xstest_unsafe": [1, 0]})
+    write_run(tmp_path / "seed0" / "distill", {"xstest_unsafe": [1, 0, 1]})
+    runs = [{"regime": "default", "seed": 0, "form": f} for f in ("plain_sft", "distill")]
+    with pytest.raises(ValueError, match="different prompts"):
+        guard_study.wins(runs)
+
+
+def test_new_clusters_retrains_the_form_adapter_that_calibrated_the_first_clusters(tmp_path, monkeypatch):
+    monkeypatch.setattr(guard_study, "RUNS", tmp_path / "seeds")
+    monkeypatch.setattr(guard_study, "GUARD_RUNS", tmp_path / "guard")
+    (tmp_path / "seeds" / "seed1" / "recommended").mkdir(parents=True)
+    (tmp_path / "seeds" / "seed1" / "recommended" / "summary.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(guard_study, "run_form", lambda seed, flags, target, shared: calls.append(flags) or target)
+
+    guard_study.run("new_clusters", 1, "distill")
+
+    first, then = calls
+    assert first[first.index("--calibrate_tasks") + 1 :][:2] == ["sentiment", "translation"]
+    assert "--force_export" in first  # a parent the gate withholds is still a parent to retrain
+    adapter = then[then.index("--init_adapter") + 1]
+    assert adapter == str(
+        tmp_path / "guard" / "new_clusters" / "seed1" / "distill.first_clusters" / "export" / "adapter"
+    )
+    assert "--calibrate_tasks" not in then and then[:2] == ["--distill_weight", "1"]
