@@ -181,6 +181,25 @@ def wins(runs: list[dict]) -> list[dict]:
     return out
 
 
+def choice(runs: list[dict]) -> dict:
+    """The default by the fixed score: the best mean validation score among forms that ran everywhere plain
+    SFT ran (every regime and seed) and that the safety gate passed every time."""
+    grid = {(r["regime"], r["seed"]) for r in runs if r["form"] == "plain_sft"}
+    forms = {}
+    for form in FORMS:
+        own = [r for r in runs if r["form"] == form]
+        if not own:
+            continue
+        forms[form] = {
+            "runs": len(own),
+            "mean_score": round(statistics.fmean(r["score"] for r in own), 4),
+            "withheld": sorted(f"{r['regime']}/seed{r['seed']}" for r in own if not r["gate_passed"]),
+            "complete": grid <= {(r["regime"], r["seed"]) for r in own},
+        }
+    eligible = [f for f, entry in forms.items() if entry["complete"] and not entry["withheld"]]
+    return {"forms": forms, "chosen": max(eligible, key=lambda f: forms[f]["mean_score"], default=None)}
+
+
 def collect() -> dict:
     runs = []
     for regime in REGIMES:
@@ -214,6 +233,7 @@ def collect() -> dict:
         "over_refusal_side": OVER_REFUSAL_SIDE,
         "runs": runs,
         "wins": wins(runs),
+        "choice": choice(runs),
     }
 
 
@@ -250,6 +270,22 @@ def markdown(report: dict) -> str:
                 + " |"
             )
         lines.append("")
+    lines += [
+        "## The choice",
+        "",
+        "Mean validation score of each form over its runs; eligible when it ran on every regime and seed plain "
+        "SFT ran on and the safety gate passed every time.",
+        "",
+        "| form | runs | mean score (val) | withheld | ran everywhere |",
+        "|---|---|---|---|---|",
+    ]
+    picked = report["choice"]
+    for form, entry in sorted(picked["forms"].items(), key=lambda item: -item[1]["mean_score"]):
+        withheld = ", ".join(entry["withheld"]) or "-"
+        lines.append(
+            f"| {form} | {entry['runs']} | {entry['mean_score']:.3f} | {withheld} | {'yes' if entry['complete'] else 'no'} |"
+        )
+    lines += ["", f"Chosen: **{picked['chosen'] or 'none eligible'}**.", ""]
     lines += [
         "## Wins",
         "",

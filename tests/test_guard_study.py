@@ -95,3 +95,23 @@ def test_new_clusters_retrains_the_form_adapter_that_calibrated_the_first_cluste
         tmp_path / "guard" / "new_clusters" / "seed1" / "distill.first_clusters" / "export" / "adapter"
     )
     assert "--calibrate_tasks" not in then and then[:2] == ["--distill_weight", "1"]
+
+
+def test_the_choice_needs_every_run_of_plain_sft_and_a_gate_passed_every_time():
+    def runs(form, scores, gates, seeds=(0, 1, 2)):
+        return [
+            {"regime": "default", "seed": s, "form": form, "score": score, "gate_passed": gate}
+            for s, score, gate in zip(seeds, scores, gates)
+        ]
+
+    grid = (
+        runs("plain_sft", [0.3, 0.4, 0.5], [True, True, True])
+        + runs("recommended", [0.6, 0.7, 0.8], [True, False, True])  # best, but withheld once
+        + runs("keep_guard", [0.9], [True], seeds=(2,))  # better still, on one seed only
+        + runs("distill", [0.35, 0.45, 0.55], [True, True, True])
+    )
+    picked = guard_study.choice(grid)
+    assert picked["chosen"] == "distill"
+    assert picked["forms"]["recommended"]["withheld"] == ["default/seed1"]
+    assert not picked["forms"]["keep_guard"]["complete"]
+    assert guard_study.choice(grid[:3] + grid[3:6])["chosen"] == "plain_sft"
