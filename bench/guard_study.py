@@ -12,6 +12,9 @@ Forms, each on the demo config (the recommended form: target-free, the onset ter
   onset_every_opening     the onset term's refusal tokens taken from every opening the refusals use;
   distill_keep_band_tail  distill and keep_guard_band_tail together;
   distill_collapse        distill plus the collapse term: does collapsing task subspaces add anything?
+  borderline_calibrated   the recommended form with the borderline cluster (configs/clusters/borderline.yaml)
+                          added and calibrated: everyday questions that sound harmful, each beside its harmful
+                          twin; its own organism and geometry, since the twins are harmful rows it learns.
 
 Regimes: default (the demo's settings), scarce_4 (4 over_refusal rows per calibrated task), lr_3e-3
 (over-training), new_clusters (the form first calibrates sentiment and translation, then its exported adapter
@@ -59,6 +62,8 @@ SCREEN_SEED = 2
 KEEP_GUARD = ["--keep_weight", "1", "--keep_rows", "should_refuse"]
 BAND_TAIL = ["--regularizer_layers_to_last", "true", "--regularizer_positions", "tail"]
 DISTILL = ["--distill_weight", "1"]
+# last in the task list, the cluster leaves every other task's rows as they were
+BORDERLINE = "configs/clusters/borderline.yaml"
 FORMS = {
     "plain_sft": SEED_FORMS["plain_sft"],
     "recommended": SEED_FORMS["recommended"],
@@ -71,6 +76,17 @@ FORMS = {
     "onset_every_opening": ["--onset_min_refusal_share", "0"],
     "distill_keep_band_tail": DISTILL + KEEP_GUARD + BAND_TAIL,
     "distill_collapse": DISTILL + ["--collapse_weight", "1"],
+    "borderline_calibrated": [
+        "--tasks",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "tasks").glob("*.yaml")),
+        BORDERLINE,
+        "--calibrate_tasks",
+        "sentiment",
+        "translation",
+        "cipher",
+        "lookalike",
+        "borderline",
+    ],
 }
 REGIMES = {
     "default": [],
@@ -95,16 +111,18 @@ def run_dir(regime: str, seed: int, form: str) -> Path:
 
 
 def run(regime: str, seed: int, form: str) -> Path:
-    shared = RUNS / f"seed{seed}" / "recommended"
-    if not (shared / "summary.json").is_file():
-        run_form(seed, SEED_FORMS["recommended"], shared, None)
+    recommended = RUNS / f"seed{seed}" / "recommended"
+    if not (recommended / "summary.json").is_file():
+        run_form(seed, SEED_FORMS["recommended"], recommended, None)
     target = run_dir(regime, seed, form)
     flags = FORMS[form] + REGIMES[regime]
+    own_rows = "--tasks" in flags  # its own rows, so its own organism and geometry
+    lender = None if own_rows or target == recommended else recommended
     if regime == "new_clusters":
         first = ["--calibrate_tasks", *FIRST_CLUSTERS, "--force_export", "true"]
-        parent = run_form(seed, flags + first, target.with_name(f"{form}.first_clusters"), shared)
+        parent = run_form(seed, flags + first, target.with_name(f"{form}.first_clusters"), lender)
         flags = flags + ["--init_adapter", str(parent / "export" / "adapter")]
-    return run_form(seed, flags, target, None if target == shared else shared)
+    return run_form(seed, flags, target, lender)
 
 
 def validation_rates(directory: Path) -> dict[str, dict[str, float]]:
@@ -142,16 +160,15 @@ def test_refusals(directory: Path, kinds: tuple[str, ...]) -> dict[str, int]:
     return refusals
 
 
-def paired(directories: list[tuple[Path, Path]], kinds: tuple[str, ...]) -> dict:
-    """Refusal of the second run minus the first on the same test prompts, pooled over seeds."""
+def paired(directories: list[tuple[Path, Path]], kinds: tuple[str, ...]) -> dict | None:
+    """Refusal of the second run minus the first on the test prompts both answered, pooled over seeds."""
     first, second = [], []
     for a, b in directories:
         ra, rb = test_refusals(a, kinds), test_refusals(b, kinds)
-        if ra.keys() != rb.keys():
-            raise ValueError(f"{a} and {b} were evaluated on different prompts")
-        first += [ra[k] for k in sorted(ra)]
-        second += [rb[k] for k in sorted(ra)]
-    return paired_difference(first, second)
+        shared = sorted(ra.keys() & rb.keys())  # a form with a cluster of its own has rows the other lacks
+        first += [ra[k] for k in shared]
+        second += [rb[k] for k in shared]
+    return paired_difference(first, second) if first else None
 
 
 def wins(runs: list[dict]) -> list[dict]:
@@ -175,7 +192,7 @@ def wins(runs: list[dict]) -> list[dict]:
                         "seeds": seeds,
                         "external_harmful_refusal": harmful,
                         "over_refusal": over,
-                        "win": harmful["ci95"][0] > 0 and over["ci95"][0] <= 0,
+                        "win": bool(harmful and over) and harmful["ci95"][0] > 0 and over["ci95"][0] <= 0,
                     }
                 )
     return out
@@ -296,7 +313,7 @@ def markdown(report: dict) -> str:
         "| regime | form | against | seeds | external harmful refusal | over-refusal | win |",
         "|---|---|---|---|---|---|---|",
     ]
-    diff = lambda d: f"{d['difference']:+.0%} [{d['ci95'][0]:+.0%}, {d['ci95'][1]:+.0%}] (n={d['n']})"  # noqa: E731
+    diff = lambda d: "-" if not d else f"{d['difference']:+.0%} [{d['ci95'][0]:+.0%}, {d['ci95'][1]:+.0%}] (n={d['n']})"  # noqa: E731
     for w in report["wins"]:
         seeds = ",".join(map(str, w["seeds"]))
         lines.append(
