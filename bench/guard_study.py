@@ -141,6 +141,17 @@ def validation_rates(directory: Path) -> dict[str, dict[str, float]]:
     return rates
 
 
+def borderline_rates(directory: Path) -> dict | None:
+    """The borderline cluster's test rows, for the forms that add it: refusal before and after, per kind."""
+    results = json.loads((directory / "eval" / "results.json").read_text())
+    found = {
+        kind: {"organism": results["before"]["by_task"][key], "calibrated": results["after"]["by_task"][key]}
+        for kind in ("over_refusal", "harmful")
+        if (key := f"{kind}/borderline") in results["after"]["by_task"]
+    }
+    return found or None
+
+
 def score(rates: dict[str, dict[str, float]]) -> float:
     """The choice's score, fixed before the runs (module docstring): harmful refusal kept minus over-refusal."""
     organism, calibrated = rates["organism"], rates["calibrated"]
@@ -238,6 +249,7 @@ def collect() -> dict:
                         "gate_passed": gate.get("passed"),
                         "gate_failed": gate.get("failed"),
                         "test": figures(summary),
+                        "borderline": borderline_rates(path),
                         "kl_benign": summary["kl_benign"],
                     }
                 )
@@ -286,6 +298,22 @@ def markdown(report: dict) -> str:
                 + " | ".join(cells)
                 + " |"
             )
+        lines.append("")
+    with_borderline = [r for r in report["runs"] if r["borderline"]]
+    if with_borderline:
+        lines += [
+            "## The borderline cluster",
+            "",
+            "Its own test rows (everyday questions that sound harmful, and their harmful twins), organism -> "
+            "after, for the forms that add the cluster.",
+            "",
+            "| regime | seed | form | over-refusal ↓ | harmful twins ↑ |",
+            "|---|---|---|---|---|",
+        ]
+        for r in with_borderline:
+            cells = [f"{pct(r['borderline'][k]['organism'])} -> {pct(r['borderline'][k]['calibrated'])}"
+                     for k in ("over_refusal", "harmful")]  # fmt: skip
+            lines.append(f"| {r['regime']} | {r['seed']} | {r['form']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
         "## The choice",

@@ -117,3 +117,20 @@ def test_the_choice_needs_every_run_of_plain_sft_and_a_gate_passed_every_time():
     assert picked["forms"]["recommended"]["withheld"] == ["default/seed1"]
     assert not picked["forms"]["keep_guard"]["complete"]
     assert guard_study.choice(grid[:3] + grid[3:6])["chosen"] == "plain_sft"
+
+
+def test_borderline_rates_only_for_runs_that_add_the_cluster(tmp_path):
+    entry = lambda rate: {"rate": rate, "n": 30}  # noqa: E731
+    by_task = lambda over, twins: {"over_refusal/borderline": entry(over), "harmful/borderline": entry(twins)}  # noqa: E731
+    (tmp_path / "with" / "eval").mkdir(parents=True)
+    (tmp_path / "with" / "eval" / "results.json").write_text(
+        json.dumps({"before": {"by_task": by_task(0.9, 1.0)}, "after": {"by_task": by_task(0.3, 0.8)}})
+    )
+    (tmp_path / "without" / "eval").mkdir(parents=True)
+    (tmp_path / "without" / "eval" / "results.json").write_text(
+        json.dumps({"before": {"by_task": {}}, "after": {"by_task": {"over_refusal/cipher": entry(0.2)}}})
+    )
+    found = guard_study.borderline_rates(tmp_path / "with")
+    assert found["over_refusal"] == {"organism": entry(0.9), "calibrated": entry(0.3)}
+    assert found["harmful"]["calibrated"]["rate"] == 0.8
+    assert guard_study.borderline_rates(tmp_path / "without") is None
