@@ -14,7 +14,8 @@ Forms, each on the demo config (the recommended form: target-free, the onset ter
   distill_collapse        distill plus the collapse term: does collapsing task subspaces add anything?
   borderline_calibrated   the recommended form with the borderline cluster (configs/clusters/borderline.yaml)
                           added and calibrated: everyday questions that sound harmful, each beside its harmful
-                          twin; its own organism and geometry, since the twins are harmful rows it learns.
+                          twin; its own organism and geometry, since the twins are harmful rows it learns;
+  borderline_distill      the same with the self-distillation guard.
 
 Regimes: default (the demo's settings), scarce_4 (4 over_refusal rows per calibrated task), lr_3e-3
 (over-training), new_clusters (the form first calibrates sentiment and translation, then its exported adapter
@@ -62,8 +63,14 @@ SCREEN_SEED = 2
 KEEP_GUARD = ["--keep_weight", "1", "--keep_rows", "should_refuse"]
 BAND_TAIL = ["--regularizer_layers_to_last", "true", "--regularizer_positions", "tail"]
 DISTILL = ["--distill_weight", "1"]
-# last in the task list, the cluster leaves every other task's rows as they were
-BORDERLINE = "configs/clusters/borderline.yaml"
+# the borderline cluster added last to the task list (which leaves every other task's rows as they were)
+# and calibrated
+WITH_BORDERLINE = [
+    "--tasks", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "tasks").glob("*.yaml")),
+    "configs/clusters/borderline.yaml",
+    "--calibrate_tasks", "sentiment", "translation", "cipher", "lookalike", "borderline",
+]  # fmt: skip
+OWN_ROWS_LENDER = "borderline_calibrated"  # lends its data, organism and geometry to the other forms with its rows
 FORMS = {
     "plain_sft": SEED_FORMS["plain_sft"],
     "recommended": SEED_FORMS["recommended"],
@@ -76,17 +83,8 @@ FORMS = {
     "onset_every_opening": ["--onset_min_refusal_share", "0"],
     "distill_keep_band_tail": DISTILL + KEEP_GUARD + BAND_TAIL,
     "distill_collapse": DISTILL + ["--collapse_weight", "1"],
-    "borderline_calibrated": [
-        "--tasks",
-        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "tasks").glob("*.yaml")),
-        BORDERLINE,
-        "--calibrate_tasks",
-        "sentiment",
-        "translation",
-        "cipher",
-        "lookalike",
-        "borderline",
-    ],
+    "borderline_calibrated": WITH_BORDERLINE,
+    "borderline_distill": DISTILL + WITH_BORDERLINE,
 }
 REGIMES = {
     "default": [],
@@ -116,8 +114,9 @@ def run(regime: str, seed: int, form: str) -> Path:
         run_form(seed, SEED_FORMS["recommended"], recommended, None)
     target = run_dir(regime, seed, form)
     flags = FORMS[form] + REGIMES[regime]
-    own_rows = "--tasks" in flags  # its own rows, so its own organism and geometry
-    lender = None if own_rows or target == recommended else recommended
+    lender = None if target == recommended else recommended
+    if "--tasks" in flags:  # rows of its own, so an organism and geometry of its own
+        lender = None if form == OWN_ROWS_LENDER else run(regime, seed, OWN_ROWS_LENDER)
     if regime == "new_clusters":
         first = ["--calibrate_tasks", *FIRST_CLUSTERS, "--force_export", "true"]
         parent = run_form(seed, flags + first, target.with_name(f"{form}.first_clusters"), lender)
