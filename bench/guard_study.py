@@ -285,10 +285,12 @@ def markdown(report: dict) -> str:
             continue
         lines += [f"## {regime}", "", "| seed | form | score (val) | gate | KL | " + " | ".join(test_columns) + " |"]
         lines.append("|---" * (5 + len(test_columns)) + "|")
-        organisms = {r["seed"]: r for r in rows}
-        for seed, r in sorted(organisms.items()):
+        # the forms with rows of their own have an organism of their own
+        organisms = {(r["seed"], "--tasks" in FORMS[r["form"]]): r for r in rows}
+        for (seed, own_rows), r in sorted(organisms.items()):
             cells = [pct(r["test"][c]["organism"]) if r["test"].get(c) else "-" for c in test_columns]
-            lines.append(f"| {seed} | organism | | | | " + " | ".join(cells) + " |")
+            name = "organism (borderline rows)" if own_rows else "organism"
+            lines.append(f"| {seed} | {name} | | | | " + " | ".join(cells) + " |")
         for r in sorted(rows, key=lambda r: (r["seed"], -r["score"])):
             cells = [pct(r["test"][c]["calibrated"]) if r["test"].get(c) else "-" for c in test_columns]
             gate = "passed" if r["gate_passed"] else "withheld"
