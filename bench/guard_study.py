@@ -189,7 +189,8 @@ def wins(runs: list[dict]) -> list[dict]:
         for baseline in BASELINES:
             for form in FORMS:
                 seeds = sorted(s for g, s, f in done if g == regime and f == form and (g, s, baseline) in done)
-                if form in BASELINES[: BASELINES.index(baseline) + 1] or not seeds:
+                # a form with rows of its own trains on an organism of its own: no pair with the baselines
+                if form in BASELINES[: BASELINES.index(baseline) + 1] or "--tasks" in FORMS[form] or not seeds:
                     continue
                 pairs = [(run_dir(regime, s, baseline), run_dir(regime, s, form)) for s in seeds]
                 harmful = paired(pairs, EXTERNAL_HARMFUL)
