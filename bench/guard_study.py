@@ -171,13 +171,14 @@ def test_refusals(directory: Path, kinds: tuple[str, ...]) -> dict[str, int]:
 
 
 def paired(directories: list[tuple[Path, Path]], kinds: tuple[str, ...]) -> dict | None:
-    """Refusal of the second run minus the first on the test prompts both answered, pooled over seeds."""
+    """Refusal of the second run minus the first on the same test prompts, pooled over seeds."""
     first, second = [], []
     for a, b in directories:
         ra, rb = test_refusals(a, kinds), test_refusals(b, kinds)
-        shared = sorted(ra.keys() & rb.keys())  # a form with a cluster of its own has rows the other lacks
-        first += [ra[k] for k in shared]
-        second += [rb[k] for k in shared]
+        if ra.keys() != rb.keys():
+            raise ValueError(f"{a} and {b} were evaluated on different prompts")
+        first += [ra[k] for k in sorted(ra)]
+        second += [rb[k] for k in sorted(ra)]
     return paired_difference(first, second) if first else None
 
 

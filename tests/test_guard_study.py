@@ -68,17 +68,19 @@ def test_wins_pair_prompts_over_seeds_and_need_no_loss_on_over_refusal(tmp_path,
     assert ("plain_sft", "recommended") not in found
 
 
-def test_wins_pair_only_the_prompts_both_runs_answered(tmp_path, monkeypatch):
+def test_wins_pair_no_runs_of_different_prompts_or_organisms(tmp_path, monkeypatch):
     monkeypatch.setattr(guard_study, "RUNS", tmp_path)
     write_run(tmp_path / "seed0" / "plain_sft", {"xstest_unsafe": [1, 0]})
-    write_run(tmp_path / "seed0" / "distill", {"xstest_unsafe": [1, 1, 0]})
-    write_run(tmp_path / "seed0" / "borderline_distill", {"xstest_unsafe": [1, 1]})
+    write_run(tmp_path / "seed0" / "distill", {"xstest_unsafe": [1, 1]})
+    write_run(tmp_path / "seed0" / "borderline_distill", {"xstest_unsafe": [1, 1, 0]})
     forms = ("plain_sft", "distill", "borderline_distill")
     (found,) = guard_study.wins([{"regime": "default", "seed": 0, "form": f} for f in forms])
     assert found["form"] == "distill"  # the borderline form has an organism of its own: no pair
-    assert found["external_harmful_refusal"]["n"] == 2
-    assert found["external_harmful_refusal"]["difference"] == 0.5
     assert found["over_refusal"] is None and not found["win"]  # no over-refusal prompt: no loss ruled out
+    write_run(tmp_path / "seed1" / "plain_sft", {"xstest_unsafe": [1, 0]})
+    write_run(tmp_path / "seed1" / "distill", {"xstest_unsafe": [1, 0, 1]})
+    with pytest.raises(ValueError, match="different prompts"):
+        guard_study.wins([{"regime": "default", "seed": 1, "form": f} for f in ("plain_sft", "distill")])
 
 
 def test_new_clusters_retrains_the_form_adapter_that_calibrated_the_first_clusters(tmp_path, monkeypatch):
