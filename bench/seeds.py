@@ -1,10 +1,11 @@
-"""The headline comparison over seeds: refcal's recommended form (target-free, the onset term) against plain
-LoRA SFT on the same rows, on the demo config. Each seed has its own data split (seed_data), its own
-organism and its own training seed (seed); both forms of a seed share its data, organism and geometry.
+"""The headline comparison over seeds, on the demo config: plain LoRA SFT, the recommended form (the onset
+term alone) and the onset term with the self-distillation guard, on the same rows. Each seed has its own
+data split (seed_data), its own organism and its own training seed (seed); every form of a seed shares its
+data, organism and geometry.
 
 Every figure is on the test half (the recipe's eval split, held-out tasks included, and the external sets'
 test halves), with n and a 95% Wilson interval per seed; the mean over seeds is the headline, and
-`differences` gives recommended minus plain per seed and on average. The safety gate's verdict (on the
+`differences` gives each form minus plain per seed and on average. The safety gate's verdict (on the
 validation half) is kept per run.
 
     python -m bench.seeds                  # run what is missing (about 15 minutes a seed on 2 CPU cores)
@@ -29,8 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "seeds"
 CONFIG = "configs/demo_smollm2.yaml"
 SEEDS = (0, 1, 2)
-FORMS = {"recommended": [], "plain_sft": ["--config", "configs/forms/plain_sft.yaml"]}
-SHARED = ("data", "organism", "geometry")  # the same for both forms of a seed
+# each form names its loss terms, so a run's settings do not move when a default does
+FORMS = {
+    "plain_sft": ["--config", "configs/forms/plain_sft.yaml"],
+    "onset": ["--distill_weight", "0"],
+    "distill": ["--distill_weight", "1"],
+}
+RECOMMENDED = "onset"  # the config defaults (configs/demo_smollm2.yaml writes them out)
+LENDER = "onset"  # the first form of a seed, whose data, organism and geometry the others share
+SHARED = ("data", "organism", "geometry")  # the same for every form of a seed
 # (label, where in summary.json, key): over-refusal first, then what must stay refused
 MEASURES = [
     ("over-refusal, trained tasks", "over_refusal_by_group", "trained"),
@@ -55,9 +63,9 @@ def settings_key(flags: list[str]) -> str:
 
 
 def run(seed: int, form: str) -> Path:
-    """One form on one seed; the other forms share the recommended run's data, organism and geometry."""
-    first = RUNS / f"seed{seed}" / "recommended"
-    return run_form(seed, FORMS[form], RUNS / f"seed{seed}" / form, None if form == "recommended" else first)
+    """One form on one seed; the other forms share the lender's data, organism and geometry."""
+    lender = RUNS / f"seed{seed}" / LENDER
+    return run_form(seed, FORMS[form], RUNS / f"seed{seed}" / form, None if form == LENDER else lender)
 
 
 def run_form(seed: int, flags: list[str], run_dir: Path, shared_from: Path | None) -> Path:
@@ -121,19 +129,25 @@ def collect() -> dict:
             per_seed[s][form][label][side]["rate"] for s in complete if per_seed[s][form].get(label)
         ]
         mean[label] = {
-            "organism": _mean(rates("recommended", "organism")),
+            "organism": _mean(rates(LENDER, "organism")),
             **{form: _mean(rates(form, "calibrated")) for form in FORMS},
         }
-        diffs = [a - b for a, b in zip(rates("recommended", "calibrated"), rates("plain_sft", "calibrated"))]
-        differences[label] = {"per_seed": [round(d, 4) for d in diffs], "mean": _mean(diffs)}
+        for form in FORMS:
+            if form != "plain_sft":
+                diffs = [a - b for a, b in zip(rates(form, "calibrated"), rates("plain_sft", "calibrated"))]
+                differences.setdefault(form, {})[label] = {
+                    "per_seed": [round(d, 4) for d in diffs],
+                    "mean": _mean(diffs),
+                }
     return {
         "command": "python -m bench.seeds",
         "config": CONFIG,
-        "forms": {form: flags or "the config as it is" for form, flags in FORMS.items()},
+        "forms": FORMS,
+        "recommended": RECOMMENDED,
         "seeds": complete,
         "halves": "test half only: recipe eval split (held-out tasks included) and each external set's test half",
         "mean": mean,
-        "differences_recommended_minus_plain": differences,
+        "differences_minus_plain": differences,
         "per_seed": per_seed,
         "safety_gate": gates,
     }
@@ -145,20 +159,27 @@ def _mean(values: list[float]) -> float | None:
 
 def markdown(report: dict) -> str:
     pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    others = [form for form in report["forms"] if form != "plain_sft"]
+    name = lambda form: f"{form} (recommended)" if form == report["recommended"] else form  # noqa: E731
     lines = [
-        f"# Seeds: the recommended form against plain LoRA SFT ({len(report['seeds'])} seeds)",
+        f"# Seeds: plain LoRA SFT against {', '.join(others)} ({len(report['seeds'])} seeds)",
         "",
         "Generated by `python -m bench.seeds` from runs/seeds; refusal rates on the test half, mean over seeds "
-        "(each seed its own data split and organism). Per-seed n and 95% Wilson intervals are in seeds.json.",
+        "(each seed its own data split and organism), and each form minus plain SFT per seed. Per-seed n and "
+        "95% Wilson intervals are in seeds.json.",
         "",
-        "| measure | organism | plain LoRA SFT | recommended | recommended - plain, per seed |",
-        "|---|---:|---:|---:|---|",
+        "| measure | organism | plain LoRA SFT | "
+        + " | ".join(f"{name(form)} | minus plain, per seed" for form in others)
+        + " |",
+        "|---|---:|---:|" + "---:|---|" * len(others),
     ]
     for label, row in report["mean"].items():
-        diffs = ", ".join(f"{d:+.0%}" for d in report["differences_recommended_minus_plain"][label]["per_seed"])
-        lines.append(
-            f"| {label} | {pct(row['organism'])} | {pct(row['plain_sft'])} | {pct(row['recommended'])} | {diffs} |"
-        )
+        cells = [
+            f"{pct(row[form])} | "
+            + ", ".join(f"{d:+.0%}" for d in report["differences_minus_plain"][form][label]["per_seed"])
+            for form in others
+        ]
+        lines.append(f"| {label} | {pct(row['organism'])} | {pct(row['plain_sft'])} | " + " | ".join(cells) + " |")
     lines += ["", "Safety gate (validation half), per seed:", ""]
     for seed, forms in report["safety_gate"].items():
         verdicts = "; ".join(

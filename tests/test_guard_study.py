@@ -52,9 +52,9 @@ def test_wins_pair_prompts_over_seeds_and_need_no_loss_on_over_refusal(tmp_path,
         write_run(tmp_path / f"seed{seed}" / "plain_sft", harmful_leaks)
         write_run(tmp_path / f"seed{seed}" / "distill", guarded)
         write_run(tmp_path / f"seed{seed}" / "keep_guard", refuses_everything)
-    write_run(tmp_path / "seed1" / "recommended", guarded)
+    write_run(tmp_path / "seed1" / "onset", guarded)
     runs = [{"regime": "default", "seed": s, "form": f} for s in (0, 1) for f in ("plain_sft", "distill", "keep_guard")]
-    runs.append({"regime": "default", "seed": 1, "form": "recommended"})
+    runs.append({"regime": "default", "seed": 1, "form": "onset"})
 
     found = {(w["form"], w["against"]): w for w in guard_study.wins(runs)}
 
@@ -64,8 +64,8 @@ def test_wins_pair_prompts_over_seeds_and_need_no_loss_on_over_refusal(tmp_path,
     assert distill["external_harmful_refusal"]["n"] == 80  # paired over both seeds; the validation row left out
     assert distill["over_refusal"]["difference"] == 0.0
     assert not found["keep_guard", "plain_sft"]["win"]  # refusal kept by refusing everything
-    assert found["distill", "recommended"]["seeds"] == [1] and not found["distill", "recommended"]["win"]
-    assert ("plain_sft", "recommended") not in found
+    assert found["distill", "onset"]["seeds"] == [1] and not found["distill", "onset"]["win"]
+    assert ("plain_sft", "onset") not in found
 
 
 def test_wins_pair_no_runs_of_different_prompts_or_organisms(tmp_path, monkeypatch):
@@ -86,8 +86,8 @@ def test_wins_pair_no_runs_of_different_prompts_or_organisms(tmp_path, monkeypat
 def test_new_clusters_retrains_the_form_adapter_that_calibrated_the_first_clusters(tmp_path, monkeypatch):
     monkeypatch.setattr(guard_study, "RUNS", tmp_path / "seeds")
     monkeypatch.setattr(guard_study, "GUARD_RUNS", tmp_path / "guard")
-    (tmp_path / "seeds" / "seed1" / "recommended").mkdir(parents=True)
-    (tmp_path / "seeds" / "seed1" / "recommended" / "summary.json").write_text("{}")
+    (tmp_path / "seeds" / "seed1" / "onset").mkdir(parents=True)
+    (tmp_path / "seeds" / "seed1" / "onset" / "summary.json").write_text("{}")
     calls = []
     monkeypatch.setattr(guard_study, "run_form", lambda seed, flags, target, shared: calls.append(flags) or target)
 
@@ -112,13 +112,13 @@ def test_the_choice_needs_every_run_of_plain_sft_and_a_gate_passed_every_time():
 
     grid = (
         runs("plain_sft", [0.3, 0.4, 0.5], [True, True, True])
-        + runs("recommended", [0.6, 0.7, 0.8], [True, False, True])  # best, but withheld once
+        + runs("onset", [0.6, 0.7, 0.8], [True, False, True])  # best, but withheld once
         + runs("keep_guard", [0.9], [True], seeds=(2,))  # better still, on one seed only
         + runs("distill", [0.35, 0.45, 0.55], [True, True, True])
     )
     picked = guard_study.choice(grid)
     assert picked["chosen"] == "distill"
-    assert picked["forms"]["recommended"]["withheld"] == ["default/seed1"]
+    assert picked["forms"]["onset"]["withheld"] == ["default/seed1"]
     assert not picked["forms"]["keep_guard"]["complete"]
     assert guard_study.choice(grid[:3] + grid[3:6])["chosen"] == "plain_sft"
 
@@ -142,8 +142,8 @@ def test_borderline_rates_only_for_runs_that_add_the_cluster(tmp_path):
 
 def test_forms_with_rows_of_their_own_share_one_organism_and_not_the_seed_one(tmp_path, monkeypatch):
     monkeypatch.setattr(guard_study, "RUNS", tmp_path)
-    (tmp_path / "seed2" / "recommended").mkdir(parents=True)
-    (tmp_path / "seed2" / "recommended" / "summary.json").write_text("{}")
+    (tmp_path / "seed2" / "onset").mkdir(parents=True)
+    (tmp_path / "seed2" / "onset" / "summary.json").write_text("{}")
     calls = []
     monkeypatch.setattr(
         guard_study, "run_form", lambda seed, flags, target, lender: calls.append((target.name, lender)) or target
@@ -153,5 +153,5 @@ def test_forms_with_rows_of_their_own_share_one_organism_and_not_the_seed_one(tm
     assert calls == [
         ("borderline_calibrated", None),  # built from scratch: its twins are harmful rows the organism learns
         ("borderline_distill", tmp_path / "seed2" / "borderline_calibrated"),
-        ("distill", tmp_path / "seed2" / "recommended"),
+        ("distill", tmp_path / "seed2" / "onset"),
     ]

@@ -200,7 +200,7 @@ class RefcalArguments:
     distill_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of the self-distillation guard (train/self_distill.py): KL from the first-token distribution the model starts training with to the trained model's, on harmful and frame_attack rows. Output-side; 0 leaves it out."
+            "help": "Weight of the self-distillation guard (train/self_distill.py): KL from the first-token distribution the model starts training with to the trained model's, on harmful and frame_attack rows. Output-side; 0 leaves it out. At 1 it keeps harmful refusal where the onset term alone leaks in some seeds, and removes about half as much over-refusal (docs/regularizer-study.md#the-guard-study)."
         },
     )
     collapse_harmful_component: bool = field(
