@@ -36,7 +36,7 @@ FORMS = {
     "onset": ["--distill_weight", "0"],
     "distill": ["--distill_weight", "1"],
 }
-RECOMMENDED = "onset"  # the config defaults (configs/demo_smollm2.yaml writes them out)
+RECOMMENDED = "onset"  # the config defaults
 LENDER = "onset"  # the first form of a seed, whose data, organism and geometry the others share
 SHARED = ("data", "organism", "geometry")  # the same for every form of a seed
 # (label, where in summary.json, key): over-refusal first, then what must stay refused
