@@ -11,18 +11,19 @@ refresh from the same rows, so DDP processes stay identical; a resumed run refre
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from refcal.calibration.activations import capture_last_token
+from refcal.calibration.geometry import harmful_direction, unit
 from refcal.calibration.kinds import BENIGN, HARMFUL
 from refcal.calibration.models import evaluating
 from refcal.train.regularizer import GeometryRegularizer
 
 
 def difference_in_means(harmful: torch.Tensor, benign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit r per layer and the benign rows' mean projection on it, from [n, Lr, d] activations."""
-    directions = F.normalize(harmful.float().mean(0) - benign.float().mean(0), dim=-1)
+    """Unit r per layer (the geometry stage's harmful_direction) and the benign rows' mean projection on it,
+    from [n, Lr, d] activations."""
+    directions = unit(harmful_direction(harmful.float(), benign.float()))
     return directions, (benign.float().mean(0) * directions).sum(-1)
 
 
