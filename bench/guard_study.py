@@ -50,10 +50,12 @@ The screen runs on seed 2: there the onset form's adapter fails the safety gate 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
 
+from bench.answer_labels import read_jsonl
 from bench.calibration_table import write_outputs
 from bench.regimes import paired_difference
 from bench.seeds import FORMS as SEED_FORMS
@@ -128,10 +130,9 @@ def run(regime: str, seed: int, form: str) -> Path:
     return run_form(seed, flags, target, lender)
 
 
-def validation_rates(directory: Path) -> dict[str, dict[str, float]]:
-    """Refusal rates on the validation half, organism and calibrated, per measure of the score."""
-    results = json.loads((directory / "eval" / "results.json").read_text())
-    summary = json.loads((directory / "summary.json").read_text())
+def validation_rates(results: dict, summary: dict) -> dict[str, dict[str, float]]:
+    """Refusal rates on the validation half, organism and calibrated, per measure of the score, from a run's
+    eval/results.json and summary.json."""
     rates = {}
     for side, key in (("organism", "before"), ("calibrated", "after")):
         recipe = results["validation"][key]["by_kind"]
@@ -144,9 +145,9 @@ def validation_rates(directory: Path) -> dict[str, dict[str, float]]:
     return rates
 
 
-def borderline_rates(directory: Path) -> dict | None:
-    """The borderline cluster's test rows, for the forms that add it: refusal before and after, per kind."""
-    results = json.loads((directory / "eval" / "results.json").read_text())
+def borderline_rates(results: dict) -> dict | None:
+    """The borderline cluster's test rows, for the forms that add it: refusal before and after, per kind,
+    from a run's eval/results.json."""
     found = {
         kind: {"organism": results["before"]["by_task"][key], "calibrated": results["after"]["by_task"][key]}
         for kind in ("over_refusal", "harmful")
@@ -163,22 +164,18 @@ def score(rates: dict[str, dict[str, float]]) -> float:
     return round(statistics.fmean(kept) - statistics.fmean(over), 4)
 
 
-def refusals_after(directory: Path, kinds: tuple[str, ...]) -> dict[str, int]:
-    """Refused (1) or not (0) after calibration, per test-half prompt of these kinds."""
-    refusals = {}
-    with open(directory / "eval" / "generations.jsonl") as lines:
-        for line in lines:
-            row = json.loads(line)
-            if row["half"] == "test" and row["kind"] in kinds:
-                refusals[f"{row['kind']}\t{row['prompt']}"] = int(refused(row["label_after"]))
-    return refusals
+@functools.cache  # a run is paired with several others; its answers are read once per collect
+def refusals_after(directory: Path) -> dict[tuple[str, str], int]:
+    """Refused (1) or not (0) after calibration, per (kind, prompt) of the test half."""
+    rows = read_jsonl(directory / "eval" / "generations.jsonl")
+    return {(row["kind"], row["prompt"]): int(refused(row["label_after"])) for row in rows if row["half"] == "test"}
 
 
 def paired(directories: list[tuple[Path, Path]], kinds: tuple[str, ...]) -> dict | None:
     """Refusal of the second run minus the first on the same test prompts, pooled over seeds."""
     first, second = [], []
     for a, b in directories:
-        ra, rb = refusals_after(a, kinds), refusals_after(b, kinds)
+        ra, rb = ({k: v for k, v in refusals_after(d).items() if k[0] in kinds} for d in (a, b))
         if ra.keys() != rb.keys():
             raise ValueError(f"{a} and {b} were evaluated on different prompts")
         first += [ra[k] for k in sorted(ra)]
@@ -242,7 +239,8 @@ def collect() -> dict:
                 if not (path / "summary.json").is_file():
                     continue
                 summary = json.loads((path / "summary.json").read_text())
-                rates = validation_rates(path)
+                results = json.loads((path / "eval" / "results.json").read_text())
+                rates = validation_rates(results, summary)
                 gate = summary.get("safety_gate") or {}
                 runs.append(
                     {
@@ -254,7 +252,7 @@ def collect() -> dict:
                         "gate_passed": gate.get("passed"),
                         "gate_failed": gate.get("failed"),
                         "test": figures(summary),
-                        "borderline": borderline_rates(path),
+                        "borderline": borderline_rates(results),
                         "kl_benign": summary["kl_benign"],
                     }
                 )

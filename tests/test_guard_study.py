@@ -123,35 +123,12 @@ def test_the_choice_needs_every_run_of_plain_sft_and_a_gate_passed_every_time():
     assert guard_study.choice(grid[:3] + grid[3:6])["chosen"] == "plain_sft"
 
 
-def test_borderline_rates_only_for_runs_that_add_the_cluster(tmp_path):
+def test_borderline_rates_only_for_runs_that_add_the_cluster():
     entry = lambda rate: {"rate": rate, "n": 30}  # noqa: E731
     by_task = lambda over, twins: {"over_refusal/borderline": entry(over), "harmful/borderline": entry(twins)}  # noqa: E731
-    (tmp_path / "with" / "eval").mkdir(parents=True)
-    (tmp_path / "with" / "eval" / "results.json").write_text(
-        json.dumps({"before": {"by_task": by_task(0.9, 1.0)}, "after": {"by_task": by_task(0.3, 0.8)}})
-    )
-    (tmp_path / "without" / "eval").mkdir(parents=True)
-    (tmp_path / "without" / "eval" / "results.json").write_text(
-        json.dumps({"before": {"by_task": {}}, "after": {"by_task": {"over_refusal/cipher": entry(0.2)}}})
-    )
-    found = guard_study.borderline_rates(tmp_path / "with")
+    with_cluster = {"before": {"by_task": by_task(0.9, 1.0)}, "after": {"by_task": by_task(0.3, 0.8)}}
+    without = {"before": {"by_task": {}}, "after": {"by_task": {"over_refusal/cipher": entry(0.2)}}}
+    found = guard_study.borderline_rates(with_cluster)
     assert found["over_refusal"] == {"organism": entry(0.9), "calibrated": entry(0.3)}
     assert found["harmful"]["calibrated"]["rate"] == 0.8
-    assert guard_study.borderline_rates(tmp_path / "without") is None
-
-
-def test_forms_with_rows_of_their_own_share_one_organism_and_not_the_seed_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(guard_study, "RUNS", tmp_path)
-    (tmp_path / "seed2" / "onset").mkdir(parents=True)
-    (tmp_path / "seed2" / "onset" / "summary.json").write_text("{}")
-    calls = []
-    monkeypatch.setattr(
-        guard_study, "run_form", lambda seed, flags, target, lender: calls.append((target.name, lender)) or target
-    )
-    guard_study.run("default", 2, "borderline_distill")
-    guard_study.run("default", 2, "distill")
-    assert calls == [
-        ("borderline_calibrated", None),  # built from scratch: its twins are harmful rows the organism learns
-        ("borderline_distill", tmp_path / "seed2" / "borderline_calibrated"),
-        ("distill", tmp_path / "seed2" / "onset"),
-    ]
+    assert guard_study.borderline_rates(without) is None
