@@ -132,3 +132,20 @@ def test_borderline_rates_only_for_runs_that_add_the_cluster():
     assert found["over_refusal"] == {"organism": entry(0.9), "calibrated": entry(0.3)}
     assert found["harmful"]["calibrated"]["rate"] == 0.8
     assert guard_study.borderline_rates(without) is None
+
+
+def test_forms_with_rows_of_their_own_share_one_organism_and_not_the_seed_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(guard_study, "RUNS", tmp_path)
+    (tmp_path / "seed2" / "onset").mkdir(parents=True)
+    (tmp_path / "seed2" / "onset" / "summary.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(
+        guard_study, "run_form", lambda seed, flags, target, lender: calls.append((target.name, lender)) or target
+    )
+    guard_study.run("default", 2, "borderline_distill")
+    guard_study.run("default", 2, "distill")
+    assert calls == [
+        ("borderline_calibrated", None),  # built from scratch: its twins are harmful rows the organism learns
+        ("borderline_distill", tmp_path / "seed2" / "borderline_calibrated"),
+        ("distill", tmp_path / "seed2" / "onset"),
+    ]
