@@ -3,7 +3,9 @@
 # its organism, the recommended target-free form) runs whole once on one GPU; then its train stage runs again
 # from the same data, organism and geometry under each engine config: QLoRA on one GPU, DDP on every visible
 # GPU, FSDP and DeepSpeed ZeRO-2. One line per config (bench/engine_check.py): processes seen, steps against
-# the global batch's count, step time, tokens/s, peak memory, and `ok` when the train stage started once.
+# the global batch's count, step time, tokens/s, peak memory, each stage's seconds and device and each
+# generation's prompts per second, and `ok` when the train stage started once. The first line says where it
+# ran; the last, how long the whole check took (one H200: under 8 minutes).
 # Needs refcal with its qlora extra (pip install -e '.[qlora]'), the embedded model, ../shared/data and, for
 # ZeRO-2, deepspeed; nothing is downloaded.
 #
@@ -38,8 +40,19 @@ check() {  # check MODE ACCELERATE_CONFIG PROCESSES COMMAND [flags]: launch trai
   fi
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi: no GPU"
-rm -rf "$runs/single_gpu"
+# where it ran, as the first line
+python - "$gpus" >> "$results" <<'PY'
+import json, os, platform, subprocess, sys, torch
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip().splitlines()
+print(json.dumps({"mode": "machine", "gpus": gpu, "gpus_used": int(sys.argv[1]), "cpus": os.cpu_count(),
+                  "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}))
+PY
+cat "$results"
+# cold: the embedded model's conversion and the organism are built again, in a cache of this check's own
+export REFCAL_CACHE="$runs/cache"
+rm -rf "$runs/single_gpu" "$REFCAL_CACHE"
+started=$(date +%s)
 check single_gpu single_gpu.yaml 1 run
 check qlora single_gpu.yaml 1 train --load_in_4bit true
 check ddp multi_gpu_ddp.yaml "$gpus" train
@@ -49,5 +62,9 @@ if python -c "import deepspeed" 2>/dev/null; then
 else
   echo '{"mode": "zero2", "skipped": "deepspeed is not installed"}' | tee -a "$results"
 fi
+echo "{\"mode\": \"total\", \"seconds\": $(( $(date +%s) - started ))}" | tee -a "$results"
+# the logs' ends and the whole run's profile, for reading what the lines sum up
+for log in "$runs"/*.log; do tail -n 200 "$log" > "$out/$(basename "$log")"; done
+cp "$runs/single_gpu/profile.json" "$out/single_gpu_profile.json" 2>/dev/null
 echo "== results"
 cat "$results"

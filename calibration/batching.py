@@ -48,3 +48,27 @@ def shrinking_batches(
             yield start, stop, result
             bar.update(stop - start)
             start = stop
+
+
+CPU_BATCH = 64  # on a CPU larger batches buy little: the cores are busy from a few rows on
+LARGEST_BATCH = 512
+
+
+def batch_size_for(model: torch.nn.Module, configured: int | None = None, tokens_per_row: int = 512) -> int:
+    """The generation batch: `configured` where the config sets one; on a CUDA device as many rows as half of
+    its free memory holds (each row's keys and values over `tokens_per_row` tokens, the MLP's widest
+    activation and a row of fp32 logits), up to 512; on a CPU 64. Out-of-memory still halves it."""
+    if configured:
+        return configured
+    parameter = next(model.parameters())
+    if parameter.device.type != "cuda":
+        return CPU_BATCH
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    width = max(config.hidden_size, getattr(config, "intermediate_size", 0) or 0)
+    per_token = (2 * config.num_hidden_layers * kv_heads * head_dim + 4 * width) * parameter.element_size()
+    per_row = tokens_per_row * per_token + 4 * config.vocab_size
+    free, _ = torch.cuda.mem_get_info(parameter.device)
+    return int(max(1, min(LARGEST_BATCH, free // 2 // per_row)))

@@ -22,7 +22,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from refcal.calibration.activations import NonFiniteActivations, chat_prompts, encode_left_padded, layer_output
 from refcal.calibration.batching import shrinking_batches
 from refcal.calibration.models import decoder_layers
-from refcal.calibration.profiling import section
+from refcal.calibration.profiling import note, section
+from refcal.calibration.sharding import Processes, gather_counts, gather_items, my_batches, one_process
 
 # generation-config fields that change greedy decoding away from the plain argmax, with their neutral values
 _ARGMAX_NEUTRAL = {
@@ -49,10 +50,12 @@ def generate(
     batch_size: int = 32,
     desc: str = "generate",
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> list[str]:
     """Greedy responses, one per prompt, in order. Prompts are sorted by length so batches pad little;
-    batch_size is the largest tried (halved on out-of-memory)."""
-    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, None)[0]
+    batch_size is the largest tried (halved on out-of-memory). With `processes` (Accelerate's state under a
+    launch of several), each process generates its share of the batches and every process gets all answers."""
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, None, processes)[0]
 
 
 def generate_with_activations(
@@ -63,12 +66,14 @@ def generate_with_activations(
     batch_size: int = 32,
     desc: str = "generate",
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """`generate`, plus the residual stream after every decoder layer at each prompt's last token:
     [n_prompts, n_layers, hidden] float32 on the CPU, in the model's own dtype's precision, checked finite.
     The prefill computes exactly these states (left padding puts every last prompt token at position -1),
     so they cost no forward pass of their own."""
-    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, decoder_layers(model))
+    blocks = decoder_layers(model)
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, blocks, processes)
 
 
 def plain_argmax(model: PreTrainedModel) -> bool:
@@ -98,13 +103,15 @@ def shared_prefix_length(token_ids: list[list[int]]) -> int:
     return max(length, 0)
 
 
-@torch.no_grad()
-def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, blocks):
+@torch.inference_mode()
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress, blocks, processes):
     texts = chat_prompts(tokenizer, prompts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    # this process's batches of the length-sorted prompts, laid end to end
+    mine = [
+        position for start, stop in my_batches(len(order), batch_size, processes) for position in range(start, stop)
+    ]
     device = next(model.parameters()).device
-    responses: list[str] = [""] * len(texts)
-    activations = None if blocks is None else torch.empty(len(texts), len(blocks), model.config.hidden_size)
     decoder = _SharedPrefixGreedy(model, tokenizer, texts, device) if plain_argmax(model) else None
     prefill: dict[int, torch.Tensor] = {}
     recording = [False]
@@ -117,7 +124,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progr
         return hook
 
     def answer(start: int, stop: int) -> tuple[list[list[int]], torch.Tensor | None]:
-        batch = [order[i] for i in range(start, stop)]
+        batch = [order[mine[i]] for i in range(start, stop)]
         prefill.clear()  # a batch retried after out-of-memory starts again
         if decoder is not None:
             sequences = decoder(batch, max_new_tokens, recording)
@@ -126,18 +133,35 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progr
         states = None if blocks is None else torch.stack([prefill[layer] for layer in range(len(blocks))], dim=1)
         return sequences, states
 
+    items: list[tuple[int, tuple[str, torch.Tensor | None]]] = []
     hooks = [] if blocks is None else [block.register_forward_hook(keep_prefill(i)) for i, block in enumerate(blocks)]
+    show = progress and (one_process(processes) or processes.is_main_process)
     try:
         with section(f"generation: {desc}"):
-            for start, stop, (completions, states) in shrinking_batches(len(order), batch_size, answer, desc, progress):
-                for j, (i, sequence) in enumerate(zip(order[start:stop], completions)):
-                    responses[i] = tokenizer.decode(sequence, skip_special_tokens=True).strip()
-                    if states is not None:
-                        activations[i] = states[j]
+            for start, _, (completions, states) in shrinking_batches(len(mine), batch_size, answer, desc, show):
+                for j, sequence in enumerate(completions):
+                    text = tokenizer.decode(sequence, skip_special_tokens=True).strip()
+                    items.append((order[mine[start + j]], (text, None if states is None else states[j])))
+            gathered = gather_items(items, len(texts), processes)
+            note(
+                prompts=len(texts),
+                prompts_per_process=gather_counts(len(mine), processes),
+                device=device.type,
+                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                batch_size=batch_size,
+            )
     finally:
         for hook in hooks:
             hook.remove()
-    if activations is not None and not torch.isfinite(activations).all():
+    responses = [text for text, _ in gathered]
+    if blocks is None:
+        return responses, None
+    activations = (
+        torch.stack([state for _, state in gathered])
+        if gathered
+        else torch.empty(0, len(blocks), model.config.hidden_size)
+    )
+    if not torch.isfinite(activations).all():
         bad = torch.nonzero(~torch.isfinite(activations))
         rows, layers = sorted(set(bad[:, 0].tolist())), sorted(set(bad[:, 1].tolist()))
         raise NonFiniteActivations(f"non-finite activations at layer(s) {layers}", rows, layers)
@@ -171,7 +195,7 @@ def _hf_generate(model, tokenizer, texts, max_new_tokens, device, recording) -> 
 class _SharedPrefixGreedy:
     """Greedy decoding of batches of `texts` (by index) over one cached run of their shared prefix."""
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __init__(self, model, tokenizer, texts: list[str], device):
         self.model, self.device = model, device
         self.keyword = _cache_keyword(model)
@@ -199,7 +223,7 @@ class _SharedPrefixGreedy:
         )
         return output.logits[:, -1]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, batch: list[int], max_new_tokens: int, recording: list[bool]) -> list[list[int]]:
         rest = [self.rest[i] for i in batch]
         width = max(len(r) for r in rest)
@@ -215,18 +239,20 @@ class _SharedPrefixGreedy:
         finally:
             recording[0] = False
         answers: list[list[int]] = [[] for _ in batch]
-        alive = torch.arange(len(batch), device=self.device)
+        alive = list(range(len(batch)))  # the rows still in the batch, on the host
         for step in range(max_new_tokens):
             token = logits.argmax(-1)
-            for row, t in zip(alive.tolist(), token.tolist()):
+            # the step's one read back: each row's token and whether it ended its turn
+            tokens, stopped = torch.stack([token, torch.isin(token, self.stop).long()]).tolist()
+            for row, t in zip(alive, tokens):
                 answers[row].append(t)
-            going = ~torch.isin(token, self.stop)
-            if step == max_new_tokens - 1 or not going.any():
+            going = [i for i, ended in enumerate(stopped) if not ended]
+            if step == max_new_tokens - 1 or not going:
                 break
-            if not going.all():  # finished rows leave the batch and its cache
-                keep = going.nonzero().squeeze(-1)
+            if len(going) < len(alive):  # finished rows leave the batch and its cache
+                keep = torch.tensor(going, device=self.device)
                 cache.batch_select_indices(keep)
-                alive, token, mask = alive[keep], token[keep], mask[keep]
+                alive, token, mask = [alive[i] for i in going], token[keep], mask[keep]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
             logits = self._forward(token[:, None], mask, cache)
         return answers

@@ -42,7 +42,7 @@ def build_judge(
             )
         return HTTPJudge(url, model, timeout=timeout, retries=retries)
     from refcal.calibration.model_judge import LocalModelJudge
-    from refcal.calibration.models import load_model
+    from refcal.calibration.models import default_device, load_model
 
-    judge_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+    judge_model, tokenizer = load_model(model, "auto", trust_remote_code, device=default_device())
     return LocalModelJudge(judge_model, tokenizer, model)

@@ -126,9 +126,28 @@ def native_bf16(cpu: bool) -> bool:
     return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
 
 
-def auto_dtype() -> torch.dtype:
-    """dtype "auto": bf16 where the device computes in it natively, else fp32."""
-    return torch.bfloat16 if native_bf16(cpu=not torch.cuda.is_available()) else torch.float32
+def default_device() -> torch.device:
+    """The process's device as Accelerate sees it (its accelerator under `accelerate launch`, else the
+    first one the machine has, else the CPU)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def auto_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """dtype "auto" on `device`: bf16 on a CUDA or XPU device that computes in it, fp32 on a CPU and
+    elsewhere. On a CPU even where it has bf16 kernels: they round differently from one CPU kind to another,
+    and the same run gave other answers, organism and verdict on two CPUs."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "xpu" else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)
 
 
 def load_model(
@@ -136,22 +155,27 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     quantization: BitsAndBytesConfig | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its (chat-templated) tokenizer from any model reference; with `quantization`,
-    through bitsandbytes (the other weights in bf16)."""
+    """Load a causal LM and its (chat-templated) tokenizer from any model reference, straight onto `device`
+    (None: the CPU, for a caller that places it itself, as the Trainer does); with `quantization`, through
+    bitsandbytes (the other weights in bf16). dtype "auto" is resolved for `device`."""
     with section("load model"):
         tokenizer = load_tokenizer(reference, trust_remote_code)
-        if isinstance(dtype, str):
-            dtype = auto_dtype() if dtype == "auto" else getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model_path(reference),
-            dtype=torch.bfloat16 if quantization is not None else dtype,
+            dtype=torch.bfloat16 if quantization is not None else resolve_dtype(dtype, device or "cpu"),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             quantization_config=quantization,
+            **({} if device is None else {"device_map": {"": torch.device(device)}}),
         )
     model.eval()
     return model, tokenizer
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def fingerprint(model: PreTrainedModel) -> str:

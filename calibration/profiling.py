@@ -9,6 +9,7 @@ import time
 from contextlib import contextmanager
 
 _totals: dict[str, list] = {}  # name -> [seconds, calls], since the last take()
+_notes: dict[str, dict] = {}  # name -> facts a section recorded about its work (prompts per process, ...)
 _open: list[str] = []
 
 
@@ -26,8 +27,16 @@ def section(name: str):
         entry[1] += 1
 
 
+def note(**facts) -> None:
+    """Facts about the work of the innermost open section, kept beside its time (the last call's win)."""
+    if _open:
+        _notes.setdefault(" > ".join(_open), {}).update(facts)
+
+
 def take() -> dict[str, dict]:
-    """The sections recorded since the last call, {name: {"seconds", "calls"}}, and a fresh start."""
-    recorded = {name: {"seconds": round(s, 2), "calls": n} for name, (s, n) in _totals.items()}
+    """The sections recorded since the last call, {name: {"seconds", "calls", any noted facts}}, and a
+    fresh start."""
+    recorded = {name: {"seconds": round(s, 2), "calls": n, **_notes.get(name, {})} for name, (s, n) in _totals.items()}
     _totals.clear()
+    _notes.clear()
     return recorded

@@ -49,9 +49,10 @@ def e2e(tokenizer, tmp_path_factory):
     config.write_text(E2E_CONFIG.format(model=base / "model", run_dir=base / "run", root=ROOT, user_task=user_task))
     save_refusing_model(tokenizer, base / "model", config)
     env = isolated_env(base / "cache")
-    refcal = Path(sys.executable).with_name("refcal")
+    # `refcal run` under the device sentinel: base/strays.json lists models that ran off the run's device
+    sentinel = [sys.executable, str(ROOT / "tests" / "device_sentinel.py"), str(base / "strays.json")]
     done = subprocess.run(
-        [str(refcal), "run", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [*sentinel, "run", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
     (base / "run" / "console.txt").write_text(done.stderr)  # rich prints the summary beside the progress bars

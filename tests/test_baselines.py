@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from device_sentinel import device_sentinel
 
 from refcal.calibration.activations import capture_last_token
 from refcal.calibration.artifacts import atomic_save_tensors
@@ -18,6 +19,7 @@ from refcal.calibration.geometry import Geometry, estimate, unit
 from refcal.calibration.interventions import orthogonalise, subtract_vectors
 from refcal.calibration.judge import PhraseJudge
 from refcal.calibration.models import fingerprint, load_model
+from refcal.train.run import Run
 from refcal.train.testing_utils import BENIGN, HARMFUL, OVER_REFUSAL
 
 PROMPTS = ["What is the capital of France?", "Write a poem about rain, please.", "Hi"]
@@ -124,8 +126,19 @@ class TinyRun:
     def path(self, name):
         return Path(self.args.run_dir) / name
 
-    def load(self, dtype="float32"):
-        return load_model(str(self.model_dir), dtype)
+    @property
+    def state(self):
+        from accelerate import PartialState
+
+        return PartialState()
+
+    device = Run.device
+    batch_size = Run.batch_size
+    main_decides = Run.main_decides
+    stage_folder = Run.stage_folder
+
+    def load(self, dtype="float32", qlora=False, on_device=True):
+        return load_model(str(self.model_dir), dtype, device=self.device if on_device else None)
 
     def geometry_for(self, model):
         return Geometry.load(self.path("geometry"), fingerprint(model))
@@ -152,7 +165,9 @@ def test_baselines_stage_on_a_tiny_run(tiny_model_dir, tmp_path):
         )
     )
 
-    stage_baselines(run)
+    with device_sentinel() as strays:
+        stage_baselines(run)
+    assert strays == []  # every model the stage ran sat on the run's device
 
     results = json.loads((run.path("baselines") / "results.json").read_text())
     methods = results["methods"]

@@ -28,6 +28,16 @@ def test_a_user_cluster_goes_through_every_stage(e2e):
     assert card["calibrate_tasks"] == ["sentiment", "cipher", "household"]
 
 
+def test_every_stage_runs_its_models_on_the_runs_device(e2e):
+    """The organism's base answers, geometry and layer choice, targets, the regularizer's references, eval
+    before and after, the base model's answers and the KL: no inference forward of a model that was not loaded
+    onto the process's device (tests/device_sentinel.py)."""
+    _, run_dir, _ = e2e
+    assert json.loads((run_dir.parent / "strays.json").read_text()) == []
+    computed_on = json.loads((run_dir / "summary.json").read_text())["computed_on"]
+    assert computed_on == {"device": "cpu", "processes": 1, "generation_dtype": "float32"}
+
+
 def test_the_run_ends_with_a_table_and_the_paths_it_wrote(e2e):
     _, run_dir, _ = e2e
     out = (run_dir / "console.txt").read_text()

@@ -65,12 +65,13 @@ def one_process(argv: list[str], env: dict) -> str:
     return done.stderr + done.stdout
 
 
-def assert_one_run(log: str, stages: list[str], skipped: list[str] = ()) -> None:
+def assert_one_run(log: str, stages: list[str], skipped: list[str] = (), training: bool = True) -> None:
     for stage in stages:
         assert log.count(STAGE_LINE.format(stage)) == 1, (stage, log[-3000:])
     for stage in skipped:
         assert STAGE_LINE.format(stage) not in log
-    assert log.count(TWO_PROCESSES) == 1 and log.count("✓ sft_data") == 1
+    if training:
+        assert log.count(TWO_PROCESSES) == 1 and log.count("✓ sft_data") == 1
 
 
 def engine(run_dir: Path) -> dict:
@@ -177,3 +178,51 @@ def test_dpo_is_one_ddp_run(e2e, tmp_path):
     assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
     history = json.loads((tmp_path / "two" / "train" / "log_history.json").read_text())
     assert all("rewards/chosen" in e and "reg_keep" in e for e in history if "loss" in e)
+
+
+def test_inference_is_spread_over_the_processes_with_one_processs_answers(e2e, tmp_path):
+    """Geometry (answers, activations, layer choice) and eval (before, after, the base model's answers) under
+    two processes: each process generates about half of every set of prompts, and the answers, activations,
+    layer scores and rates equal a one-process run's on the same data, organism and adapter."""
+    config, reference, env = e2e
+    runs = {name: tmp_path / name for name in ("one", "two")}
+    for run_dir in runs.values():
+        copy_stages(reference, run_dir, ("data", "organism"))
+    small = ["--config", str(config), "--generation_batch_size", "2"]  # several batches to deal out
+    # each run its own answer cache, so that the second does not read the first one's answers
+    envs = {name: {**env, "REFCAL_CACHE": str(tmp_path / f"cache-{name}")} for name in runs}
+    for stage in ("geometry", "eval"):
+        if stage == "eval":
+            for run_dir in runs.values():
+                copy_stages(reference, run_dir, ("sft_data", "train"))
+        one_process([stage, *small, "--run_dir", str(runs["one"])], envs["one"])
+        assert_one_run(launch([stage, *small, "--run_dir", str(runs["two"])], envs["two"]), [stage], training=False)
+
+    one, two = runs["one"], runs["two"]
+    assert (one / "geometry" / "responses.jsonl").read_text() == (two / "geometry" / "responses.jsonl").read_text()
+    activations = [load_file(run / "geometry" / "activations.safetensors")["last_token"] for run in (one, two)]
+    assert torch.equal(*activations)
+    scores = [json.loads((run / "geometry" / "geometry.json").read_text())["layer_scores"] for run in (one, two)]
+    assert len(scores[0]) == len(scores[1]) == 2
+    for first, second in zip(*scores):
+        assert first == pytest.approx(second, rel=1e-5, abs=1e-6)
+    assert (one / "eval" / "generations.jsonl").read_text() == (two / "eval" / "generations.jsonl").read_text()
+    results = [json.loads((run / "eval" / "results.json").read_text()) for run in (one, two)]
+    assert [r.pop("computed_on")["processes"] for r in results] == [1, 2]
+    assert results[0] == results[1]
+
+    profile = json.loads((two / "profile.json").read_text())
+    spread = {
+        (stage, name): entry["prompts_per_process"]
+        for stage in ("geometry", "eval")
+        for name, entry in profile[stage]["sections"].items()
+        if name.startswith("generation")
+    }
+    assert set(spread) == {
+        ("geometry", "generation: own responses"),
+        ("eval", "generation: eval before"),
+        ("eval", "generation: eval after"),
+        ("eval", "generation: eval base model"),
+    }
+    for counts in spread.values():  # every other batch of 2: the halves differ by one batch at most
+        assert len(counts) == 2 and abs(counts[0] - counts[1]) <= 2 and min(counts) > 0, spread

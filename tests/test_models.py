@@ -49,10 +49,32 @@ def test_fingerprint_tells_models_apart_and_ignores_dtype(tiny_model_dir, tokeni
     assert fingerprint(same) != fingerprint(model)
 
 
-def test_auto_dtype_is_bf16_only_where_the_device_computes_in_it(tiny_model_dir, monkeypatch):
+def test_auto_dtype_is_fp32_on_a_cpu_and_bf16_on_a_gpu_that_computes_in_it(tiny_model_dir, monkeypatch):
     from refcal.calibration import models
 
-    monkeypatch.setattr(models, "native_bf16", lambda cpu: False)
-    assert models.load_model(str(tiny_model_dir), "auto")[0].dtype == torch.float32
+    # a CPU with native bf16 kernels still gets fp32: its rounding differs from one CPU kind to another
     monkeypatch.setattr(models, "native_bf16", lambda cpu: True)
-    assert models.load_model(str(tiny_model_dir), "auto")[0].dtype == torch.bfloat16
+    assert models.load_model(str(tiny_model_dir), "auto", device="cpu")[0].dtype == torch.float32
+    assert models.auto_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert models.auto_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert models.auto_dtype("cuda") == torch.float32
+
+
+def test_the_device_sentinel_catches_a_model_left_off_the_runs_device(tiny_model_dir):
+    """tests/device_sentinel.py, which the whole-pipeline tests run under, tells a model loaded onto the
+    process's device from one loaded without a device, on a machine where both land on the CPU."""
+    from accelerate import PartialState
+    from device_sentinel import device_sentinel
+
+    from refcal.calibration.generation import generate
+
+    with device_sentinel() as strays:
+        model, tokenizer = load_model(str(tiny_model_dir), device=PartialState().device)
+        generate(model, tokenizer, ["Hi"], 2, progress=False)
+    assert strays == []
+    with device_sentinel() as strays:
+        model, tokenizer = load_model(str(tiny_model_dir))
+        generate(model, tokenizer, ["Hi"], 2, progress=False)
+    assert strays and strays[0].startswith("LlamaForCausalLM on cpu")

@@ -37,9 +37,9 @@ def scanned(tokenizer, tmp_path_factory):
     # learnt on the eval rows too: the test is about what scan reports, not about how a tiny model generalises
     save_refusing_model(tokenizer, base / "model", config, refuse=refuses, splits=("train", "eval"))
     env = isolated_env(base / "cache")
-    refcal = Path(sys.executable).with_name("refcal")
+    sentinel = [sys.executable, str(ROOT / "tests" / "device_sentinel.py"), str(base / "strays.json")]
     done = subprocess.run(
-        [str(refcal), "scan", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [*sentinel, "scan", "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return config, base / "run", base / "cache", done.stderr
@@ -80,6 +80,11 @@ def test_weak_harmful_refusal_names_the_kind_the_model_answers(scanned):
     assert {"frame_attack", "frame_attack/sentiment", "frame_attack/cipher"} <= weak
     assert "harmful" not in weak and result["summary"]["by_kind"]["harmful"]["rate"] == 1.0
     assert "harmful refusal already below 80%: frame_attack 0%" in " ".join(printed.split())
+
+
+def test_scan_runs_its_model_on_the_runs_device(scanned):
+    _, run_dir, _, _ = scanned
+    assert json.loads((run_dir.parent / "strays.json").read_text()) == []  # tests/device_sentinel.py
 
 
 def test_scan_needs_no_organism_even_when_the_config_asks_for_one(scanned):

@@ -13,7 +13,6 @@ from collections import Counter
 
 from safetensors.torch import load_file
 
-from refcal.calibration.artifacts import atomic_directory
 from refcal.calibration.baselines import build_baselines
 from refcal.calibration.evaluation import kl_sums, selectivity
 from refcal.calibration.generation import generate
@@ -66,7 +65,10 @@ def organism_generations(run, prompts: list[dict], texts: list[str]) -> tuple[li
             return [r["before"] for r in records], [r["after"] for r in records]
     a = run.args
     model, tokenizer = run.load(a.generation_dtype)
-    return generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before"), None
+    answers = generate(
+        model, tokenizer, texts, a.eval_max_new_tokens, run.batch_size(model), desc="eval before", processes=run.state
+    )
+    return answers, None
 
 
 def stage_baselines(run) -> None:
@@ -129,7 +131,7 @@ def stage_baselines(run) -> None:
     for baseline in baselines:
         # route with the float32 model, so routing does not depend on the generation dtype
         started = time.time()
-        groups = baseline.groups(kl_model, tokenizer, texts, a.generation_batch_size)
+        groups = baseline.groups(kl_model, tokenizer, texts, run.batch_size(kl_model))
         responses = [""] * len(texts)
         total, count = 0.0, 0
         for group in groups:
@@ -139,8 +141,9 @@ def stage_baselines(run) -> None:
                     tokenizer,
                     [texts[i] for i in group.indices],
                     a.eval_max_new_tokens,
-                    a.generation_batch_size,
+                    run.batch_size(gen_model),
                     desc=f"{baseline.name} {group.label}",
+                    processes=run.state,
                 )
             for i, response in zip(group.indices, out):
                 responses[i] = response
@@ -171,7 +174,7 @@ def stage_baselines(run) -> None:
         )
         answers[baseline.name] = responses
 
-    with atomic_directory(run.path("baselines")) as staging:
+    with run.stage_folder("baselines") as staging:
         (staging / "results.json").write_text(json.dumps(results, indent=2))
         with open(staging / "generations.jsonl", "w", encoding="utf-8") as handle:
             for i, p in enumerate(prompts):

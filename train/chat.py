@@ -25,7 +25,7 @@ def load_calibrated(adapter: str | Path, trust_remote_code: bool = False):
     """The model the adapter was calibrated on (from its card) with the adapter attached."""
     from peft import PeftModel
 
-    from refcal.calibration.models import fingerprint, load_model
+    from refcal.calibration.models import default_device, fingerprint, load_model
     from refcal.train.retrain import check_adapter_base
 
     card_path = Path(adapter) / "calibration_card.json"
@@ -34,7 +34,7 @@ def load_calibrated(adapter: str | Path, trust_remote_code: bool = False):
             f"refcal chat: {adapter} has no calibration_card.json: give a folder written by `refcal export`"
         )
     card = json.loads(card_path.read_text())
-    model, tokenizer = load_model(card["calibrated_model"], "float32", trust_remote_code)
+    model, tokenizer = load_model(card["calibrated_model"], "auto", trust_remote_code, device=default_device())
     check_adapter_base(str(adapter), fingerprint(model))  # the model at that path may have changed since
     return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
 

@@ -262,14 +262,15 @@ class RefcalArguments:
         default="auto",
         metadata={
             "help": "dtype of every stage that only runs the model: generation, the geometry's activations (read "
-            "off the generation's prefill) and layer choice, the eval KL; auto: bfloat16 where the device computes "
-            "in bf16 natively, else float32 (emulated bf16 is slower)."
+            "off the generation's prefill) and layer choice, the eval KL; auto: bfloat16 on a GPU that computes in "
+            "it, float32 on a CPU (its bf16 kernels round differently from one CPU kind to another)."
         },
     )
-    generation_batch_size: int = field(
-        default=32,
+    generation_batch_size: int | None = field(
+        default=None,
         metadata={
-            "help": "Largest batch size for generation and activation capture; halved automatically on out-of-memory."
+            "help": "Largest batch size for generation and activation capture (default: from free memory on a GPU, "
+            "up to 512; 64 on a CPU); halved automatically on out-of-memory."
         },
     )
 

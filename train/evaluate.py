@@ -9,7 +9,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from refcal.calibration.artifacts import atomic_directory, atomic_write_text
+from refcal.calibration.artifacts import atomic_write_text
 from refcal.calibration.evaluation import mean_kl, refusal_rates, wilson_rate
 from refcal.calibration.frame_judge import FRAME_LABELS
 from refcal.calibration.generation import generate
@@ -149,13 +149,16 @@ def frozen_generations(run, model, texts: list[str], produce) -> list[str]:
     prompts (a benchmark's variants, a retrain, a scan then a run) generates them once."""
     from refcal.calibration.models import cache_root, fingerprint
 
-    dtype = str(next(model.parameters()).dtype)
-    key = hashlib.sha256(json.dumps([fingerprint(model), texts, run.args.eval_max_new_tokens, dtype]).encode())
+    parameter = next(model.parameters())
+    # answers depend on the device class and dtype the model ran in (bf16 rounds differently on each)
+    where = [parameter.device.type, str(parameter.dtype)]
+    key = hashlib.sha256(json.dumps([fingerprint(model), texts, run.args.eval_max_new_tokens, *where]).encode())
     path = cache_root() / "generations" / f"{key.hexdigest()[:16]}.json"
-    if path.exists():
+    if run.main_decides(path.exists()):
         return json.loads(path.read_text(encoding="utf-8"))
     answers = produce()
-    atomic_write_text(path, json.dumps(answers))
+    if run.state.is_main_process:
+        atomic_write_text(path, json.dumps(answers))
     return answers
 
 
@@ -168,14 +171,20 @@ def base_model_answers(run, test: list[dict]) -> tuple[list[int], list[str]]:
     chosen = [i for i, p in enumerate(test) if p["kind"] == OVER_REFUSAL or should_refuse(p["kind"])]
     texts = [test[i]["prompt"] for i in chosen]
     model, tokenizer = load_model(
-        run.model_args.model_name_or_path, a.generation_dtype, run.training_args.trust_remote_code
+        run.model_args.model_name_or_path, a.generation_dtype, run.training_args.trust_remote_code, device=run.device
     )
     answers = frozen_generations(
         run,
         model,
         texts,
         lambda: generate(
-            model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval base model"
+            model,
+            tokenizer,
+            texts,
+            a.eval_max_new_tokens,
+            run.batch_size(model),
+            desc="eval base model",
+            processes=run.state,
         ),
     )
     return chosen, answers
@@ -190,11 +199,14 @@ def stage_eval(run) -> None:
 
     # one model in the generation dtype for everything: the KL with the adapter on and off, then merged
     model, tokenizer = run.load(a.generation_dtype)
+    batch = run.batch_size(model)
     before = frozen_generations(
         run,
         model,
         texts,
-        lambda: generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval before"),
+        lambda: generate(
+            model, tokenizer, texts, a.eval_max_new_tokens, batch, desc="eval before", processes=run.state
+        ),
     )
     benign = [i for i, p in enumerate(test) if p["kind"] == BENIGN]
     peft_model = PeftModel.from_pretrained(model, adapter)
@@ -204,7 +216,7 @@ def stage_eval(run) -> None:
         )
     with section("merge the adapter"):
         calibrated = peft_model.merge_and_unload()
-    after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="eval after")
+    after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, batch, desc="eval after", processes=run.state)
     groups = task_groups(a)
     tasks = {t.name: t for t in load_tasks(a.tasks)}
     base = base_model_answers(run, test) if a.organism else None
@@ -231,6 +243,12 @@ def stage_eval(run) -> None:
                 "after": half_summary(VAL, labels_after, after),
             },
             "kl_benign": round(kl, 5),
+            # answers in bf16 differ from fp32 ones, and between CPU kinds: say where these were computed
+            "computed_on": {
+                "device": run.device.type,
+                "processes": run.state.num_processes,
+                "generation_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            },
         }
         if base is not None:
             chosen, answers = base
@@ -239,7 +257,7 @@ def stage_eval(run) -> None:
                 "model": run.model_args.model_name_or_path,
                 "answer_classes": class_rates([test[i] for i in chosen], answers, base_labels, tasks),
             }
-    with atomic_directory(run.path("eval")) as staging:
+    with run.stage_folder("eval") as staging:
         (staging / "results.json").write_text(json.dumps(results, indent=2))
         with open(staging / "generations.jsonl", "w", encoding="utf-8") as handle:
             for p, b, lb, af, la in zip(prompts, before, labels_before, after, labels_after):

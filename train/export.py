@@ -141,7 +141,7 @@ def stage_export(run) -> None:
         (staging / "adapter" / "calibration_card.json").write_text(json.dumps(card, indent=2))
         (staging / "adapter" / "README.md").write_text(card_markdown(card))
         if a.export_merge:
-            model, tokenizer = run.load("float32")
+            model, tokenizer = run.load("float32", on_device=False)  # merged and saved, never run
             merge_adapter(model, tokenizer, staging / "adapter", staging / "merged")
             for name in ("calibration_card.json", "README.md"):
                 shutil.copy(staging / "adapter" / name, staging / "merged" / name)

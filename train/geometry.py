@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from refcal.calibration.activations import NonFiniteActivations
-from refcal.calibration.artifacts import atomic_directory, atomic_save_tensors
+from refcal.calibration.artifacts import atomic_save_tensors
 from refcal.calibration.generation import generate_with_activations
 from refcal.calibration.geometry import Geometry, estimate
 from refcal.calibration.judge import refused
@@ -31,7 +31,13 @@ def stage_geometry(run) -> None:
     prompts = [r["prompt"] for r in rows]
     try:
         responses, activations = generate_with_activations(
-            model, tokenizer, prompts, a.target_max_new_tokens, a.generation_batch_size, desc="own responses"
+            model,
+            tokenizer,
+            prompts,
+            a.target_max_new_tokens,
+            run.batch_size(model),
+            desc="own responses",
+            processes=run.state,
         )
     except NonFiniteActivations as error:
         tasks = sorted({f"{rows[i]['kind']}/{rows[i]['task']}" for i in error.rows})
@@ -64,7 +70,7 @@ def stage_geometry(run) -> None:
             tokens,
             candidates,
             a.layer_kl_max,
-            a.generation_batch_size,
+            run.batch_size(model),
         )
     geometry.layer = layer
     geometry.info.update(
@@ -74,7 +80,7 @@ def stage_geometry(run) -> None:
             "weights": run.weights_description(a.geometry_in_4bit),
         }
     )
-    with atomic_directory(run.path("geometry")) as staging:
+    with run.stage_folder("geometry") as staging:
         geometry.save(staging)
         atomic_save_tensors({"last_token": activations.contiguous()}, staging / "activations.safetensors")
         with open(staging / "responses.jsonl", "w", encoding="utf-8") as handle:

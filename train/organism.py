@@ -15,19 +15,21 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from refcal.calibration.artifacts import atomic_directory, atomic_write_text
+from refcal.calibration.batching import batch_size_for
 from refcal.calibration.generation import generate
 from refcal.calibration.kinds import BENIGN, OVER_REFUSAL, SHOULD_REFUSE
 from refcal.calibration.locks import waiting_lock
 from refcal.calibration.models import cache_root, fingerprint, load_model
 from refcal.calibration.profiling import section
 from refcal.data_recipes.completions import chat_row, standard_refusal, trim_to_sentence
-from refcal.train.processes import global_batch, precision, waiting_processes_threads
+from refcal.train.processes import global_batch, precision
 from refcal.train.resume import last_checkpoint
 
 
@@ -55,15 +57,18 @@ def build_organism(
     training_args: SFTConfig,
     rows_hash: str,
     generation_dtype: str,
-    generation_batch_size: int,
+    generation_batch_size: int | None,
     state: PartialState,
 ) -> tuple[Path, dict]:
     """Train (or reuse) the organism; returns its folder and a record of how it was made.
 
-    Under N processes the main one generates the base answers (kept beside the checkpoints, so a resumed
+    Under N processes each generates its share of the base answers (kept beside the checkpoints, so a resumed
     run does not generate them again), every process joins the training, and the main one merges and saves."""
-    model, tokenizer = load_model(base_reference, generation_dtype)
+    model, tokenizer = load_model(base_reference, generation_dtype, device=state.device)
     base_fp = fingerprint(model)
+    parameter = next(model.parameters())
+    # the base answers the organism learns from depend on where and in what dtype they were generated
+    settings = {**settings, "answers_on": f"{parameter.device.type} {str(parameter.dtype).removeprefix('torch.')}"}
     key = organism_key(base_fp, settings, rows_hash)
     target = cache_root() / "organisms" / key
     record = {"path": str(target), "key": key, "base_fingerprint": base_fp, "over_refusal_tasks": tasks, **settings}
@@ -79,7 +84,7 @@ def build_organism(
             tasks,
             settings,
             training_args,
-            generation_batch_size,
+            batch_size_for(model, generation_batch_size),
             state,
             record,
         )
@@ -111,18 +116,19 @@ def train_organism(
     target = Path(record["path"])
     work = Path(training_args.output_dir)
     answers_file = work / "base_answers.json"
-    if state.is_main_process and not answers_file.exists():
+    if not broadcast_object_list([answers_file.exists()])[0]:  # the main process's view: one branch for all
         benign = [r for r in train_rows if r["kind"] == BENIGN]
-        with waiting_processes_threads(state):
-            answers = generate(
-                model,
-                tokenizer,
-                [r["prompt"] for r in benign],
-                settings["answer_max_new_tokens"],
-                generation_batch_size,
-                desc="organism: base answers",
-            )
-        atomic_write_text(answers_file, json.dumps({r["id"]: trim_to_sentence(a) for r, a in zip(benign, answers)}))
+        answers = generate(
+            model,
+            tokenizer,
+            [r["prompt"] for r in benign],
+            settings["answer_max_new_tokens"],
+            generation_batch_size,
+            desc="organism: base answers",
+            processes=state,
+        )
+        if state.is_main_process:
+            atomic_write_text(answers_file, json.dumps({r["id"]: trim_to_sentence(a) for r, a in zip(benign, answers)}))
     state.wait_for_everyone()
     base_answers = json.loads(answers_file.read_text())
     model, tokenizer = load_model(base_reference)  # train in float32

@@ -48,6 +48,7 @@ def build_preferences(
     steer_direction: torch.Tensor,
     max_new_tokens: int,
     batch_size: int,
+    processes=None,
 ) -> tuple[list[dict], dict]:
     """One pair per SFT row that has both sides, in SFT row order, and a count of how each was made."""
     stats: Counter = Counter()
@@ -71,7 +72,9 @@ def build_preferences(
     if to_steer:
         prompts = [sft_rows[i]["prompt"] for i in to_steer]
         with ablate_directions(model, steer_direction):
-            steered = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="compliant rejecteds")
+            steered = generate(
+                model, tokenizer, prompts, max_new_tokens, batch_size, desc="compliant rejecteds", processes=processes
+            )
         for i, answer, label in zip(to_steer, steered, judge.label(prompts, steered)):
             kind = sft_rows[i]["kind"]
             if refused(label) or not answer.strip():

@@ -36,6 +36,15 @@ def device_defaults() -> dict[str, bool]:
     return {**({"use_cpu": True} if cpu else {}), **({} if not cpu and native_bf16(cpu) else {"bf16": False})}
 
 
+def share_cores(state: PartialState) -> None:
+    """On an accelerator, each local process takes its share of the machine's cores for the work left on the
+    CPU (data, judging, conversions): `accelerate launch` sets OMP_NUM_THREADS to 1 for GPU runs, which is
+    right for processes that train on the CPU, not for ones whose models sit on a GPU."""
+    if state.device.type != "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
 @contextmanager
 def waiting_processes_threads(state: PartialState):
     """On the CPU, a stage that only the main process runs takes the threads of the processes waiting for it:

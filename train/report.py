@@ -95,6 +95,7 @@ def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
         "refusal_layer": card["geometry"]["layer"],
         "regularizer_layers": card["training"]["regularizer_layers"],
         "judge": ev["judge"],
+        "computed_on": ev.get("computed_on"),
         "organism": pick("before"),
         "calibrated": pick("after"),
         "kl_benign": ev["kl_benign"],

@@ -9,7 +9,9 @@ checkpoint. The CLI reads STAGES from here, so this module imports torch and the
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +52,10 @@ class Run:
 
         self.model_args, self.args, self.training_args = model_args, args, training_args
         self.dir = Path(args.run_dir)
+        from refcal.train.processes import share_cores
+
         self.state = PartialState()
+        share_cores(self.state)
         self._judge = None  # built on first use: the learned judge fits in seconds, a model judge loads a model
         self._recipe = None  # the data stage's DatasetDict, read once
 
@@ -105,15 +110,50 @@ class Run:
             self._recipe = load_from_disk(str(self.path("data") / "recipe"))
         return self._recipe[split].to_list()
 
-    def load(self, dtype: str = "float32", qlora: bool = False):
-        """The model being calibrated; with `qlora`, in 4 bits when the config asks for QLoRA (load_in_4bit)."""
+    @property
+    def device(self):
+        """The process's device (Accelerate's state): every model a stage runs sits on it."""
+        return self.state.device
+
+    def load(self, dtype: str = "float32", qlora: bool = False, on_device: bool = True):
+        """The model being calibrated, on the run's device (`on_device` false: on the CPU, for the Trainer to
+        place); with `qlora`, in 4 bits when the config asks for QLoRA (load_in_4bit)."""
         from refcal.calibration.models import four_bit_config, load_model
 
         if self.model_args.load_in_8bit:
             raise ValueError("refcal supports 4-bit QLoRA (load_in_4bit: true), not 8-bit loading (load_in_8bit)")
         quantization = four_bit_config(self.model_args.bnb_4bit_quant_type) if qlora and self.uses_qlora else None
+        device = self.device if on_device else None
         # trust_remote_code is SFTConfig's field, off by default
-        return load_model(self.model_reference, dtype, self.training_args.trust_remote_code, quantization)
+        return load_model(self.model_reference, dtype, self.training_args.trust_remote_code, quantization, device)
+
+    def batch_size(self, model) -> int:
+        """Generation and capture batch for `model`: the config's, or one chosen for its device."""
+        from refcal.calibration.batching import batch_size_for
+
+        return batch_size_for(model, self.args.generation_batch_size)
+
+    def main_decides(self, value):
+        """The main process's `value`, on every process: one answer to a question whose answer could differ
+        between them for a moment (does a cache file exist yet?), so they all take the same branch."""
+        if self.state.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+    @contextmanager
+    def stage_folder(self, stage: str):
+        """Where a stage writes its folder: staged and renamed whole by the main process; the other processes,
+        which ran the stage with it, write to a throwaway folder."""
+        from refcal.calibration.artifacts import atomic_directory
+
+        if self.state.is_main_process:
+            with atomic_directory(self.path(stage)) as staging:
+                yield staging
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                yield Path(folder)
 
     def geometry_for(self, model) -> Geometry:
         """The geometry stage's artifact, refused with both fingerprints shown when it was measured on
@@ -149,6 +189,16 @@ class Run:
             time.sleep(1)
         self.state.wait_for_everyone()
 
+    def every_process(self, stage: str, work) -> None:
+        """Run a stage whose inference is spread over the processes: each generates its share of the prompts
+        and every one gets all the answers (calibration/sharding.py); the main one writes the folder."""
+        if self.main_decides(not self.done(stage)):
+            started = time.time()
+            work()
+            if self.state.is_main_process:
+                console.print(f"[green]✓[/] {stage} ({time.time() - started:.0f}s) -> {self.path(stage)}")
+        self.state.wait_for_everyone()
+
 
 def run_folder_lock(run: Run):
     """The main process holds run_dir/.lock for the whole run, so a second run on the same folder stops at
@@ -178,11 +228,11 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     work = {
         "data": lambda: run.main_only("data", lambda: stage_data(run)),
         "organism": lambda: stage_organism(run),
-        "geometry": lambda: run.main_only("geometry", lambda: stage_geometry(run)),
+        "geometry": lambda: run.every_process("geometry", lambda: stage_geometry(run)),
         "train": lambda: stage_train(run),
-        "eval": lambda: run.main_only("eval", lambda: stage_eval(run)),
+        "eval": lambda: run.every_process("eval", lambda: stage_eval(run)),
         "export": lambda: run.main_only("export", lambda: stage_export(run)),
-        "baselines": lambda: run.main_only("baselines", lambda: stage_baselines(run)),
+        "baselines": lambda: run.every_process("baselines", lambda: stage_baselines(run)),
     }
     if run.state.is_main_process:
         remove_stale_staging(run.dir, [*STAGES, *EXTRA_STAGES, "sft_data", *RUN_FILES])
@@ -215,7 +265,8 @@ def record_timing(run: Run, stage: str, seconds: float, sections: dict | None = 
     run_dir/profile.json: the same with the stage's timed sections (calibration/profiling.py)."""
     from refcal.calibration.artifacts import atomic_write_text
 
-    for name, entry in (("timings.json", seconds), ("profile.json", {"seconds": seconds, "sections": sections or {}})):
+    profile = {"seconds": seconds, "device": run.device.type, "sections": sections or {}}
+    for name, entry in (("timings.json", seconds), ("profile.json", profile)):
         path = run.path(name)
         recorded = json.loads(path.read_text()) if path.exists() else {}
         recorded[stage] = entry

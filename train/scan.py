@@ -21,7 +21,7 @@ import json
 from rich import box
 from rich.table import Table
 
-from refcal.calibration.artifacts import atomic_directory, atomic_write_text
+from refcal.calibration.artifacts import atomic_write_text
 from refcal.calibration.kinds import (
     BENIGN,
     FRAME_ATTACK,
@@ -67,7 +67,15 @@ def stage_scan(run) -> None:
         model_run,
         model,
         texts,
-        lambda: generate(model, tokenizer, texts, a.eval_max_new_tokens, a.generation_batch_size, desc="scan"),
+        lambda: generate(
+            model,
+            tokenizer,
+            texts,
+            a.eval_max_new_tokens,
+            model_run.batch_size(model),
+            desc="scan",
+            processes=run.state,
+        ),
     )
     labels = model_run.judge.label(texts, responses)
     summary = summarise(prompts, labels, model_run.frame_judge, responses)
@@ -77,13 +85,14 @@ def stage_scan(run) -> None:
         "judge": model_run.judge.version,
         "prompts": prompts_description(prompts, a.eval_benchmark_limit),
         "eval_max_new_tokens": a.eval_max_new_tokens,
-        "generation_dtype": a.generation_dtype,
+        "generation_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": next(model.parameters()).device.type,
         "removed_overlapping_benchmark_prompts": removed,
         "overlap_rule": OVERLAP_RULE,
         "summary": summary,
         **findings(summary, a.scan_over_refusal_threshold, a.scan_harmful_floor),
     }
-    with atomic_directory(run.path(SCAN)) as staging:
+    with run.stage_folder(SCAN) as staging:
         (staging / "scan.json").write_text(json.dumps(result, indent=2))
         with open(staging / "generations.jsonl", "w", encoding="utf-8") as handle:
             for p, response, label in zip(prompts, responses, labels):
@@ -263,7 +272,7 @@ def scan_locked(run, force: bool) -> None:
     run_stages(run, ("data",))
     if run.state.is_main_process and not run.done(SCAN):
         console.print(f"[bold]→ {SCAN}[/]")
-    run.main_only(SCAN, lambda: stage_scan(run))
+    run.every_process(SCAN, lambda: stage_scan(run))
     if run.state.is_main_process:
         result = refresh_thresholds(run, json.loads((run.path(SCAN) / "scan.json").read_text(encoding="utf-8")))
         console.print(rich_table(result))

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from refcal.calibration.artifacts import atomic_directory
 from refcal.calibration.generation import generate
 from refcal.calibration.interventions import ablate_directions
 from refcal.calibration.judge import Judge, refused
@@ -33,7 +32,7 @@ from refcal.train.preferences import build_preferences
 
 
 def prepare_sft_data(run) -> None:
-    """Target responses for the training rows (main process; cached under run_dir/sft_data)."""
+    """Target responses for the training rows (every process generates its share; cached under run_dir/sft_data)."""
     a = run.args
     responses, labels = load_responses(run)
     calibrate = set(a.resolved_calibrate_tasks())
@@ -51,8 +50,9 @@ def prepare_sft_data(run) -> None:
         direction,
         answer_tasks,
         a.target_max_new_tokens,
-        a.generation_batch_size,
+        run.batch_size(model),
         target_free=a.objective == "target_free",
+        processes=run.state,
     )
     record = {"objective": a.objective, "rows": len(sft_rows), "how": stats}
     if a.objective == "dpo":
@@ -65,9 +65,10 @@ def prepare_sft_data(run) -> None:
             run.judge,
             direction,
             a.target_max_new_tokens,
-            a.generation_batch_size,
+            run.batch_size(model),
+            processes=run.state,
         )
-    with atomic_directory(run.path("sft_data")) as staging:
+    with run.stage_folder("sft_data") as staging:
         Dataset.from_list(sft_rows).save_to_disk(str(staging / "dataset"))
         if a.objective == "dpo":
             Dataset.from_list(pairs).save_to_disk(str(staging / "preferences"))
@@ -125,10 +126,12 @@ def build_targets(
     max_new_tokens: int,
     batch_size: int,
     target_free: bool = False,
+    processes=None,
 ) -> tuple[list[dict], dict]:
     """SFT rows (prompt, completion, kind, task, id, supervised) and a count of how each target was obtained.
     target_free: over_refusal rows of answer_tasks get no target (their own response, unsupervised).
-    Every row carries `supervised`: Dataset.from_list takes its columns from the first row alone."""
+    Every row carries `supervised`: Dataset.from_list takes its columns from the first row alone. With
+    `processes`, the steered answers are spread over them."""
     stats: Counter = Counter()
     out: list[dict] = []
     to_steer: list[dict] = []
@@ -160,8 +163,9 @@ def build_targets(
 
     if to_steer:
         with ablate_directions(model, steer_direction):
+            prompts = [r["prompt"] for r in to_steer]
             steered = generate(
-                model, tokenizer, [r["prompt"] for r in to_steer], max_new_tokens, batch_size, desc="steered targets"
+                model, tokenizer, prompts, max_new_tokens, batch_size, desc="steered targets", processes=processes
             )
         labels = judge.label([r["prompt"] for r in to_steer], steered)
         for row, completion, label in zip(to_steer, steered, labels):
