@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refcal.calibration.activations import chat_prompts
+from refcal.calibration.activations import backbone, chat_prompts
 from refcal.calibration.judge import refused
 
 
@@ -50,7 +50,7 @@ def mean_kl(
     return total / max(count, 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def kl_sums(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -60,34 +60,68 @@ def kl_sums(
     current_mode: Callable[[], AbstractContextManager] = nullcontext,
     batch_size: int = 16,
 ) -> tuple[float, int]:
-    """Summed per-token KL and the number of tokens scored (to pool groups that run under different hooks)."""
+    """Summed per-token KL and the number of tokens scored (to pool groups that run under different hooks).
+
+    The vocabulary projection runs only at the scored positions (those that predict a response token or
+    the end of turn): the prompt's positions, most of each row, never reach the LM head.
+    """
     chats = chat_prompts(tokenizer, prompts)
-    texts = [c + r + tokenizer.eos_token for c, r in zip(chats, responses)]
+    ids = [
+        tokenizer(c + r + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for c, r in zip(chats, responses)
+    ]
     prompt_lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chats]
     device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            # Position j predicts token j+1: score the positions that predict response tokens.
-            mask = batch["attention_mask"].clone()
-            mask[:, :-1] = mask[:, 1:].clone()
-            mask[:, -1] = 0
-            for row, length in enumerate(prompt_lengths[start : start + batch_size]):
-                mask[row, : length - 1] = 0
-            with reference_mode():
-                reference = F.log_softmax(model(**batch).logits.float(), -1)
-            with current_mode():
-                current = F.log_softmax(model(**batch).logits.float(), -1)
-            kl = (reference.exp() * (reference - current)).sum(-1)
-            total += (kl * mask).sum().item()
-            count += mask.sum().item()
-    finally:
-        tokenizer.padding_side = side
-    return total, int(count)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = right_padded([ids[i] for i in chosen], pad, device)
+        rows, positions = scored_positions([len(ids[i]) for i in chosen], [prompt_lengths[i] for i in chosen])
+        rows, positions = rows.to(device, non_blocking=True), positions.to(device, non_blocking=True)
+        with reference_mode():
+            reference = F.log_softmax(logits_at(model, batch, rows, positions), -1)
+        with current_mode():
+            current = F.log_softmax(logits_at(model, batch, rows, positions), -1)
+        total += F.kl_div(current, reference, log_target=True, reduction="sum").double()
+        count += len(rows)
+    return total.item(), count
+
+
+def right_padded(ids: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
+    """Token rows padded on the right: input_ids and attention_mask, [b, longest]."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    # non-blocking: a copy from the host need not wait for the previous batch's work on the device
+    return {"input_ids": input_ids.to(device, non_blocking=True), "attention_mask": mask.to(device, non_blocking=True)}
+
+
+def scored_positions(lengths: list[int], prompt_lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of each position that predicts a response token: position j predicts token j + 1, so
+    a row of n tokens whose prompt takes p scores positions p - 1 to n - 2. Two [m] index tensors."""
+    spans = [torch.arange(p - 1, n - 1) for n, p in zip(lengths, prompt_lengths)]
+    rows = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([len(s) for s in spans]))
+    return rows, torch.cat(spans)
+
+
+def logits_at(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Next-token logits at (rows, positions) of a right-padded batch: [m, vocab] float32. The decoder runs
+    over the whole batch, the LM head over those m positions only."""
+    hidden = backbone(model)(**batch, use_cache=False).last_hidden_state  # [b, tokens, hidden]
+    return output_logits(model, hidden[rows, positions]).float()
+
+
+def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states [..., hidden] -> [..., vocab], with Gemma-2's logit soft-capping.
+    The output embeddings module itself is called, so a LoRA adapter on it (when targeted) takes part."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    logits = base.get_output_embeddings()(hidden)
+    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def selectivity(over_before: float, over_after: float, harmful_before: float, harmful_after: float) -> dict:

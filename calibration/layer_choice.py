@@ -8,14 +8,18 @@ The chosen layer removes the most refusal among those whose KL stays under a bou
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refcal.calibration.activations import chat_prompts, encode_left_padded
+from refcal.calibration.generation import shared_prefix_length
 from refcal.calibration.geometry import Geometry
 from refcal.calibration.interventions import ablate_directions
 
@@ -47,10 +51,152 @@ def first_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int =
 
 
 def refusal_score(logprobs: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """Per prompt: log p(refusal token) - log p(anything else)."""
-    refuse = torch.logsumexp(logprobs[:, tokens], dim=-1)
-    other = torch.log1p(-refuse.exp().clamp(max=1 - 1e-6))
-    return refuse - other
+    """Per prompt: log p(refusal token) - log p(anything else). logprobs: [n, vocab] -> [n]."""
+    return refusal_log_odds(torch.logsumexp(logprobs[:, tokens], dim=-1))
+
+
+def refusal_log_odds(refuse: torch.Tensor) -> torch.Tensor:
+    """log p - log(1 - p) from log p ([n] -> [n]), with p kept below 1."""
+    return refuse - torch.log1p(-refuse.exp().clamp(max=1 - 1e-6))
+
+
+@dataclass
+class PromptBatch:
+    rows: torch.Tensor  # [b] the prompts' indices in the encoded list
+    input_ids: torch.Tensor  # [b, w] each prompt's tokens after the shared prefix, left padded
+    attention_mask: torch.Tensor  # [b, p + w] the prefix, then padding (0) and the prompt's own tokens (1)
+    kl_at: torch.Tensor  # [k] rows of this batch whose whole distribution is scored
+    kl_rows: torch.Tensor  # [k] their indices among the prompts so scored
+
+
+@dataclass
+class EncodedPrompts:
+    """Chat prompts tokenized and padded once, for many forward passes over the same prompts (one per
+    candidate layer). The `prefix` every prompt starts with (the chat template's header) runs once per pass
+    and its keys and values serve every batch, as in calibration.generation."""
+
+    prefix: torch.Tensor  # [1, p]; p = 0 where nothing is shared or the model's cache cannot be shared
+    batches: list[PromptBatch]
+    size: int  # prompts
+    kl_size: int  # prompts whose whole distribution is scored
+
+
+def encode_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    kl: list[bool],
+    batch_size: int = 32,
+) -> EncodedPrompts:
+    """`prompts` in batches of similar length, on the model's device; `kl` marks the prompts whose whole
+    first-token distribution `first_token_scores` returns (or compares with a reference)."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in chat_prompts(tokenizer, prompts)]
+    prefix = shared_prefix_length(ids) if ids and prefix_cacheable(model, max(map(len, ids))) else 0
+    kl_rows = (torch.tensor(kl, dtype=torch.long).cumsum(0) - 1).tolist()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        rest = [ids[i][prefix:] for i in chosen]
+        width = max(len(r) for r in rest)
+        at = [j for j, i in enumerate(chosen) if kl[i]]
+        tensors = (
+            chosen,
+            [[pad] * (width - len(r)) + r for r in rest],
+            [[1] * prefix + [0] * (width - len(r)) + [1] * len(r) for r in rest],
+            at,
+            [kl_rows[chosen[j]] for j in at],
+        )
+        batches.append(PromptBatch(*(torch.tensor(t, dtype=torch.long, device=device) for t in tensors)))
+    prefix_ids = torch.tensor([ids[0][:prefix] if ids else []], dtype=torch.long, device=device)
+    return EncodedPrompts(prefix_ids, batches, len(ids), sum(kl))
+
+
+def prefix_cacheable(model: PreTrainedModel, longest: int) -> bool:
+    """Whether the prompts' shared prefix can run once and its keys and values serve every batch: the
+    forward takes a cache and every layer is attention (a recurrent state could not be shared this way).
+    A sliding window (where the config sets one) must hold the longest prompt: the padding between the
+    prefix and a prompt's own tokens would otherwise push prefix tokens out of the window that the unpadded
+    prompt keeps in it."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    window = getattr(config, "sliding_window", None)
+    attention_only = set(layer_types) <= {"full_attention", "sliding_attention"}
+    return cache_keyword(model) is not None and attention_only and (window is None or longest < window)
+
+
+def cache_keyword(model: PreTrainedModel) -> str | None:
+    """The name the model's forward takes its key-value cache under (a PEFT wrapper passes it on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+@torch.inference_mode()
+def first_token_scores(
+    model: PreTrainedModel, encoded: EncodedPrompts, tokens: list[int], reference: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, for the first response token: log p(any of `tokens`) [n]; and for the prompts marked for
+    KL, their log-probabilities [m, vocab] without a `reference`, or KL(reference || model) [m] with one
+    (`reference`: [m, vocab], an earlier call's log-probabilities). float32, on the model's device.
+
+    Each prompt's results are its own whatever the batching, so a process may score a share of the
+    prompts and the shares be gathered."""
+    device = encoded.prefix.device
+    vocab = model.config.get_text_config().vocab_size
+    refuse = torch.empty(encoded.size, device=device)
+    scored = torch.empty((encoded.kl_size, vocab) if reference is None else encoded.kl_size, device=device)
+    tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+    cache = prefix_cache(model, encoded.prefix)
+    for batch in encoded.batches:
+        logits = last_logits(model, batch, cache)  # [b, vocab]
+        normaliser = torch.logsumexp(logits, dim=-1)  # [b]: log-softmax needs no [b, vocab] result for this
+        refuse[batch.rows] = torch.logsumexp(logits[:, tokens], dim=-1) - normaliser
+        logprobs = logits[batch.kl_at] - normaliser[batch.kl_at, None]  # [k, vocab], the KL prompts' only
+        if reference is None:
+            scored[batch.kl_rows] = logprobs
+        else:
+            kl = F.kl_div(logprobs, reference[batch.kl_rows], log_target=True, reduction="none")
+            scored[batch.kl_rows] = kl.sum(-1)
+    return refuse, scored
+
+
+def prefix_cache(model: PreTrainedModel, prefix: torch.Tensor) -> DynamicCache | None:
+    """Keys and values of the shared prefix ([1, p]) under the model's current hooks (an ablation acts at the
+    prefix's positions too), or None without a prefix."""
+    if not prefix.shape[1]:
+        return None
+    cache = DynamicCache(config=model.config)  # sliding-window layers where the model has them
+    keyword = cache_keyword(model)
+    model(
+        input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1, **{keyword: cache}
+    )
+    return cache
+
+
+def last_logits(model: PreTrainedModel, batch: PromptBatch, cache: DynamicCache | None) -> torch.Tensor:
+    """Next-token logits at each prompt's last token (left padding puts it at -1): [b, vocab] float32."""
+    if cache is None:
+        output = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1
+        )
+        return output.logits[:, -1].float()
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(len(batch.rows))
+    width = batch.input_ids.shape[1]
+    # positions continue the prefix past each row's padding, as if the prompt had none
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+    output = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_keyword(model): cache},
+    )
+    return output.logits[:, -1].float()
 
 
 def choose_layer(
@@ -64,22 +210,22 @@ def choose_layer(
     kl_max: float = 0.2,
     batch_size: int = 32,
 ) -> tuple[int, list[dict]]:
-    base_harmful = refusal_score(first_token_logprobs(model, tokenizer, harmful_prompts, batch_size), tokens)
-    base_benign = first_token_logprobs(model, tokenizer, benign_prompts, batch_size)
+    """The candidate whose ablation lowers the harmful prompts' refusal score most among those whose mean
+    benign KL stays within `kl_max` (all of them where none does), and every candidate's scores."""
+    prompts = harmful_prompts + benign_prompts
+    harmful = slice(0, len(harmful_prompts))
+    encoded = encode_prompts(
+        model, tokenizer, prompts, [False] * len(harmful_prompts) + [True] * len(benign_prompts), batch_size
+    )
+    base_refuse, base_benign = first_token_scores(model, encoded, tokens)
+    base_harmful = refusal_log_odds(base_refuse[harmful])
     table = []
     for layer in tqdm(candidates, desc="layer choice", leave=False):
         with ablate_directions(model, geometry.direction(layer)):
-            harmful = refusal_score(first_token_logprobs(model, tokenizer, harmful_prompts, batch_size), tokens)
-            benign = first_token_logprobs(model, tokenizer, benign_prompts, batch_size)
-        kl = F.kl_div(benign, base_benign, log_target=True, reduction="batchmean").item()
-        table.append(
-            {
-                "layer": layer,
-                "refusal_score": harmful.mean().item(),
-                "refusal_score_drop": (base_harmful - harmful).mean().item(),
-                "benign_kl": kl,
-            }
-        )
+            refuse, kl = first_token_scores(model, encoded, tokens, base_benign)
+        score = refusal_log_odds(refuse[harmful])
+        values = torch.stack([score.mean(), (base_harmful - score).mean(), kl.mean()]).tolist()  # one read back
+        table.append(dict(zip(("layer", "refusal_score", "refusal_score_drop", "benign_kl"), (layer, *values))))
     allowed = [row for row in table if row["benign_kl"] <= kl_max] or table
     best = min(allowed, key=lambda row: row["refusal_score"])
     return best["layer"], table
