@@ -168,6 +168,7 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             quantization_config=quantization,
+            use_kernels=False,  # hub kernels would be fetched at load time: refcal runs offline
             **({} if device is None else {"device_map": {"": torch.device(device)}}),
         )
     model.eval()
