@@ -87,6 +87,14 @@ def plain_argmax(model: PreTrainedModel) -> bool:
     return neutral and attention_only and _cache_keyword(model) is not None
 
 
+def within_sliding_window(model: PreTrainedModel, longest: int) -> bool:
+    """Whether a sliding window (where the config sets one) holds `longest` tokens. Past it, the padding
+    between the shared prefix and a prompt's own tokens would push prefix tokens out of the window that the
+    unpadded prompt keeps them in."""
+    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+    return window is None or longest < window
+
+
 def _cache_keyword(model: PreTrainedModel) -> str | None:
     parameters = inspect.signature(model.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
@@ -112,7 +120,11 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progr
         position for start, stop in my_batches(len(order), batch_size, processes) for position in range(start, stop)
     ]
     device = next(model.parameters()).device
-    decoder = _SharedPrefixGreedy(model, tokenizer, texts, device) if plain_argmax(model) else None
+    decoder = None
+    if plain_argmax(model):
+        longest = max((len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts), default=0)
+        if within_sliding_window(model, longest + max_new_tokens):
+            decoder = _SharedPrefixGreedy(model, tokenizer, texts, device)
     prefill: dict[int, torch.Tensor] = {}
     recording = [False]
 

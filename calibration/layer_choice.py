@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,11 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refcal.calibration.activations import chat_prompts, encode_left_padded
-from refcal.calibration.generation import shared_prefix_length
+from refcal.calibration.generation import shared_prefix_length, within_sliding_window
 from refcal.calibration.geometry import Geometry
 from refcal.calibration.interventions import ablate_directions
+from refcal.calibration.profiling import note
+from refcal.calibration.sharding import Processes, gather_counts, one_process
 
 
 def refusal_tokens(tokenizer: PreTrainedTokenizerBase, refusals: list[str], top: int = 4) -> list[int]:
@@ -120,11 +122,9 @@ def prefix_cacheable(model: PreTrainedModel, longest: int) -> bool:
     A sliding window (where the config sets one) must hold the longest prompt: the padding between the
     prefix and a prompt's own tokens would otherwise push prefix tokens out of the window that the unpadded
     prompt keeps in it."""
-    config = model.config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
     attention_only = set(layer_types) <= {"full_attention", "sliding_attention"}
-    return cache_keyword(model) is not None and attention_only and (window is None or longest < window)
+    return cache_keyword(model) is not None and attention_only and within_sliding_window(model, longest)
 
 
 def cache_keyword(model: PreTrainedModel) -> str | None:
@@ -146,8 +146,9 @@ def first_token_scores(
     prompts and the shares be gathered."""
     device = encoded.prefix.device
     vocab = model.config.get_text_config().vocab_size
-    refuse = torch.empty(encoded.size, device=device)
-    scored = torch.empty((encoded.kl_size, vocab) if reference is None else encoded.kl_size, device=device)
+    # zeros where a prompt is not in `encoded.batches` (another process's share): a sum over processes gathers
+    refuse = torch.zeros(encoded.size, device=device)
+    scored = torch.zeros((encoded.kl_size, vocab) if reference is None else encoded.kl_size, device=device)
     tokens = torch.tensor(tokens, dtype=torch.long, device=device)
     cache = prefix_cache(model, encoded.prefix)
     for batch in encoded.batches:
@@ -209,23 +210,40 @@ def choose_layer(
     candidates: list[int],
     kl_max: float = 0.2,
     batch_size: int = 32,
+    processes: Processes | None = None,
 ) -> tuple[int, list[dict]]:
     """The candidate whose ablation lowers the harmful prompts' refusal score most among those whose mean
-    benign KL stays within `kl_max` (all of them where none does), and every candidate's scores."""
+    benign KL stays within `kl_max` (all of them where none does), and every candidate's scores. With
+    `processes`, each scores every N-th batch and the per-prompt scores are summed over them (each prompt's
+    are nonzero on one process only), so every process gets one process's table."""
     prompts = harmful_prompts + benign_prompts
     harmful = slice(0, len(harmful_prompts))
     encoded = encode_prompts(
         model, tokenizer, prompts, [False] * len(harmful_prompts) + [True] * len(benign_prompts), batch_size
     )
+    if not one_process(processes):
+        encoded = replace(encoded, batches=encoded.batches[processes.process_index :: processes.num_processes])
+    note(prompts=len(prompts), prompts_per_process=gather_counts(sum(len(b.rows) for b in encoded.batches), processes))
+    # this process's base log-probabilities stay its own: it compares only its own prompts with them
     base_refuse, base_benign = first_token_scores(model, encoded, tokens)
-    base_harmful = refusal_log_odds(base_refuse[harmful])
+    base_harmful = refusal_log_odds(sum_over(base_refuse, processes)[harmful])
     table = []
-    for layer in tqdm(candidates, desc="layer choice", leave=False):
+    show = one_process(processes) or processes.is_main_process
+    for layer in tqdm(candidates, desc="layer choice", leave=False, disable=not show):
         with ablate_directions(model, geometry.direction(layer)):
-            refuse, kl = first_token_scores(model, encoded, tokens, base_benign)
+            refuse, kl = (sum_over(t, processes) for t in first_token_scores(model, encoded, tokens, base_benign))
         score = refusal_log_odds(refuse[harmful])
         values = torch.stack([score.mean(), (base_harmful - score).mean(), kl.mean()]).tolist()  # one read back
         table.append(dict(zip(("layer", "refusal_score", "refusal_score_drop", "benign_kl"), (layer, *values))))
     allowed = [row for row in table if row["benign_kl"] <= kl_max] or table
     best = min(allowed, key=lambda row: row["refusal_score"])
     return best["layer"], table
+
+
+def sum_over(values: torch.Tensor, processes: Processes | None) -> torch.Tensor:
+    """`values` summed over the processes (as is for one)."""
+    if one_process(processes):
+        return values
+    from accelerate.utils import reduce
+
+    return reduce(values, reduction="sum")

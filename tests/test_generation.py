@@ -6,6 +6,7 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+import torch
 
 import refcal.calibration.generation as generation
 from refcal.calibration.activations import chat_prompts
@@ -82,3 +83,34 @@ def test_activations_come_from_the_prompt_pass_only(tiny_model_dir, own_loop):
     captured = capture_last_token(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), progress=False)
     assert states.shape == captured.shape
     assert (states - captured).abs().max() < 1e-4
+
+
+def test_a_sliding_window_shorter_than_a_prompt_goes_through_generate(tiny_model_dir):
+    """Shared-prefix decoding pads between the prefix and each prompt: past a sliding window that padding
+    would push prefix tokens out of the window, so such prompts take `model.generate`."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model.config.sliding_window = 8  # shorter than any chat prompt
+    with mock.patch.object(generation, "_SharedPrefixGreedy", side_effect=AssertionError("own loop used")):
+        answers = generation.generate(model, tokenizer, PROMPTS[:2], 3, batch_size=2, progress=False)
+    assert len(answers) == 2
+    model.config.sliding_window = 4096
+    assert generation.within_sliding_window(model, 200)
+
+
+def test_decoding_reads_back_once_per_step(tiny_model_dir):
+    """Each decoding step copies the tokens and the rows' ends to the host in one transfer, not one per check."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    steps = 6
+    calls = []
+    original = torch.Tensor.tolist
+
+    def counting(tensor):
+        calls.append(tuple(tensor.shape))
+        return original(tensor)
+
+    decoder = generation._SharedPrefixGreedy(model, tokenizer, chat_prompts(tokenizer, PROMPTS[:2]), "cpu")
+    decoder.stop = torch.tensor([-1])  # no row ends early: every step is a full one
+    with mock.patch.object(torch.Tensor, "tolist", counting):
+        answers = decoder([0, 1], steps, [False])
+    assert [len(a) for a in answers] == [steps, steps]
+    assert calls == [(2, 2)] * steps  # [tokens; ended] per step, nothing else

@@ -216,10 +216,11 @@ def test_inference_is_spread_over_the_processes_with_one_processs_answers(e2e, t
         (stage, name): entry["prompts_per_process"]
         for stage in ("geometry", "eval")
         for name, entry in profile[stage]["sections"].items()
-        if name.startswith("generation")
+        if name.startswith("generation") or name == "layer choice"
     }
     assert set(spread) == {
         ("geometry", "generation: own responses"),
+        ("geometry", "layer choice"),
         ("eval", "generation: eval before"),
         ("eval", "generation: eval after"),
         ("eval", "generation: eval base model"),

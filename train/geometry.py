@@ -71,6 +71,7 @@ def stage_geometry(run) -> None:
             candidates,
             a.layer_kl_max,
             run.batch_size(model),
+            processes=run.state,
         )
     geometry.layer = layer
     geometry.info.update(
