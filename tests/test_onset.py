@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,14 @@ import torch
 
 from refcal.calibration.models import load_model
 from refcal.train.losses import LossWeights
-from refcal.train.onset import RefusalOnset, build_onset, first_completion_token, onset_loss, select_onset_tokens
+from refcal.train.onset import (
+    RefusalOnset,
+    build_onset,
+    first_completion_token,
+    onset_loss,
+    select_onset_tokens,
+    split_vocabulary,
+)
 from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 LAYERS = [1, 3]
@@ -41,6 +49,48 @@ def test_onset_loss_gradient_lowers_the_onset_logits_of_rows_that_should_answer(
     logits = torch.zeros(1, 5, requires_grad=True)
     onset_loss(logits, torch.tensor([2]), torch.tensor([0.0])).sum().backward()
     assert logits.grad[0, 2] > 0 and (logits.grad[0, [0, 1, 3, 4]] < 0).all()  # descent lowers token 2
+
+
+def test_the_onset_split_reads_what_a_vocabulary_mask_selects():
+    """Token ids, or the split built from them once, give the loss a [vocab] mask's selection gives, exactly."""
+    g = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(5, 50, generator=g)
+    tokens = torch.tensor([7, 3, 3, 41])  # unsorted, with a repeat
+    onset, others = split_vocabulary(tokens, 50)
+    assert onset.tolist() == [3, 7, 41] and others.tolist() == [i for i in range(50) if i not in (3, 7, 41)]
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[tokens] = True
+    target = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    log_partition = logits.logsumexp(-1)
+    selected = -(
+        target * (logits[:, mask].logsumexp(-1) - log_partition)
+        + (1 - target) * (logits[:, ~mask].logsumexp(-1) - log_partition)
+    )
+    assert torch.equal(onset_loss(logits, tokens, target), selected)
+    assert torch.equal(onset_loss(logits, (onset, others), target), selected)
+
+
+def test_refusal_onset_splits_its_vocabulary_once_and_masks_rows_without_a_target(monkeypatch):
+    from refcal.train import onset as onset_module
+
+    kinds = ["harmful", "benign", "over_refusal", "over_refusal", "harmful"]
+    module = RefusalOnset([41, 3, 7], kinds, [False, False, True, False, False])  # row 3: no target
+    splits = []
+    split = onset_module.split_vocabulary
+    monkeypatch.setattr(onset_module, "split_vocabulary", lambda *args: splits.append(args) or split(*args))
+    logits = (4 * torch.randn(5, 50, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    rows = torch.tensor([0, 1, 2, 3, 4])
+    (total, count), again = module(logits, rows), module(logits, rows)
+    assert len(splits) == 1 and module.onset_ids.tolist() == [3, 7, 41] and len(module.other_ids) == 47
+    assert torch.equal(again[0], total) and count.item() == 4
+    kept = torch.tensor([0, 1, 2, 4])
+    expected = onset_loss(logits[kept], torch.tensor([3, 7, 41]), module.target[kept]).sum()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    total.backward()
+    assert logits.grad[3].abs().sum() == 0 and logits.grad[kept].abs().sum() > 0  # the masked row adds nothing
+    splits.clear()
+    module.vocabulary(60)  # another vocabulary size: split again
+    assert len(splits) == 1 and len(module.other_ids) == 57
 
 
 def rows_with(refusals: list[str], answers: list[str]) -> list[dict]:
@@ -91,12 +141,13 @@ def onset_trainer(tiny_model_dir, tmp_path):
     onset = build_onset(tokenizer, rows, {"sentiment", "translation"})
     trainer = make_trainer(model, tokenizer, rows, regularizer, tmp_path / "out", train_sampling_strategy="sequential")
     trainer.onset = onset.to(trainer.accelerator.device)
+    trainer.weights = dataclasses.replace(trainer.weights, onset=1.0)  # at weight 0 it would not run
     return trainer, rows, tokenizer
 
 
 def first_batch(trainer):
     batch = next(iter(trainer.get_train_dataloader()))
-    return {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+    return {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def test_onset_logits_are_the_models_own_next_token_logits(onset_trainer):

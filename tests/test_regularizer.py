@@ -159,3 +159,34 @@ def test_following_a_live_direction_keeps_each_rows_height_above_the_benign_mean
     assert module(at_reference, rows)["keep"][0].item() == pytest.approx(0.0, abs=1e-8)
     at_reference[0] -= turned  # falls on the live direction
     assert module(at_reference, rows)["keep"][0].item() > 0
+
+
+def test_forward_and_counts_compute_only_the_terms_asked_for():
+    """The trainer asks only for the terms in the loss; each equals the full forward's, and the masked sums
+    equal sums over the rows each term selects."""
+    module, reference, kinds = synthetic_regularizer()
+    rows = torch.arange(len(kinds))
+    hidden = module.reference_hidden + 0.3 * torch.randn(
+        module.reference_hidden.shape, generator=torch.Generator().manual_seed(1)
+    )
+    full = module(hidden, rows)
+    assert list(full) == ["keep", "collapse", "retain"]
+    for term in full:
+        only = module(hidden, rows, (term,))
+        assert list(only) == [term] and torch.equal(only[term][0], full[term][0])
+        assert list(module.counts(rows, (term,))) == [term]
+    benign = torch.tensor([i for i, k in enumerate(kinds) if k == "benign"])
+    drift = retain_drift(hidden[benign], module.reference_hidden[benign], module.spread).mean(-1).sum()
+    assert torch.allclose(full["retain"][0], drift)
+    collapse = torch.tensor([4, 5])  # the over_refusal rows, of tasks sentiment (1) and cipher (0)
+    task = module.collapse_task[collapse]
+    ratios = torch.stack(
+        [
+            collapse_ratio(hidden[collapse, j], module.answered_means[task, j], module.bases[task, j],
+                           module.reference_energy[collapse, j])
+            for j in range(2)
+        ],
+        -1,
+    )  # fmt: skip
+    assert torch.allclose(full["collapse"][0], ratios.mean(-1).sum())
+    assert module(hidden, rows, ()) == {}

@@ -54,7 +54,7 @@ def test_only_rows_that_must_stay_refused_are_guarded(tiny_model_dir):
 def harmful_drift(trainer, rows, guard: FirstTokenGuard) -> float:
     """Mean KL of the harmful rows' first-token distributions from the guard's reference."""
     batch = next(iter(trainer.get_train_dataloader()))
-    batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+    batch = {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     trainer.model.eval()
     with torch.no_grad():
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -92,7 +92,8 @@ def drift_after_onset_training(tiny_model_dir, output_dir, distill: float) -> fl
     trainer.train_dataset = trainer.train_dataset.map(lambda _: {"supervised": False})  # the output terms alone
     trainer.train()
     logged = [entry["reg_distill"] for entry in trainer.state.log_history if "reg_distill" in entry]
-    assert logged and all(value > -1e-5 for value in logged)  # logged whether or not it is in the loss
+    assert all(value > -1e-5 for value in logged)
+    assert len(logged) == (20 if distill else 0)  # at weight 0 the guard is not run, so not logged
     return harmful_drift(trainer, rows, guard)
 
 

@@ -10,7 +10,7 @@ import torch
 from refcal.calibration.models import load_model
 from refcal.train.losses import LossWeights
 from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, make_trainer, sft_rows
-from refcal.train.trainer import GEOMETRY_TERMS, last_prompt_positions
+from refcal.train.trainer import ANY_SUPERVISED, GEOMETRY_TERMS, RowIndexCollator, last_prompt_positions
 
 LAYERS = [1, 3]
 
@@ -140,9 +140,8 @@ def test_a_padding_free_batch_trains_as_the_padded_one(tiny_model_dir, tmp_path,
         trainer.compute_loss(trainer.model, dict(batch)).backward()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         grads = [p.grad.clone() for n, p in sorted(trainer.model.named_parameters()) if "lora_B" in n]
-        results.append(
-            (loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("reg_")}, grads)
-        )
+        terms = {k: float(v[-1]) for k, v in trainer._metrics["train"].items() if k.startswith("reg_")}
+        results.append((loss.item(), terms, grads))
     (padded_loss, padded_terms, padded_grads), (free_loss, free_terms, free_grads) = results
     assert free_loss == pytest.approx(padded_loss, rel=1e-4)
     assert free_terms.keys() == padded_terms.keys() and "reg_onset" in free_terms
@@ -180,11 +179,23 @@ def test_target_free_rows_have_no_labels_but_keep_their_position(target_free):
     assert_terms_at_reference(trainer, batch)
 
 
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_the_collator_says_on_the_host_whether_a_batch_has_answer_targets(target_free, padding_free):
+    trainer, rows = target_free
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    collator = RowIndexCollator(trainer.processing_class.pad_token_id, padding_free=padding_free)
+    mixed = collator(examples[:4])
+    unsupervised = collator([e for e in examples if not e["supervised"]])
+    assert mixed[ANY_SUPERVISED] is True and (mixed["labels"] != -100).any()
+    assert unsupervised[ANY_SUPERVISED] is False and not (unsupervised["labels"] != -100).any()
+
+
 def test_a_batch_of_target_free_rows_trains_through_the_regularizer_alone(target_free):
     trainer, rows = target_free
     batch = first_batch(trainer)
     only = [i for i, r in enumerate(batch["row_index"].tolist()) if not rows[r]["supervised"]]
-    batch = {k: v[only] for k, v in batch.items()}
+    # the rows' own flags travel with the batch, so the branch is taken without reading the labels back
+    batch = {**{k: v[only] for k, v in batch.items() if torch.is_tensor(v)}, ANY_SUPERVISED: False}
     trainer.model.train()
     for name, parameter in trainer.model.named_parameters():
         if "lora_" in name:

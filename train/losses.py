@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+GEOMETRY_TERMS = ("keep", "collapse", "retain")  # the geometry regularizer's, on captured hidden states
+OUTPUT_TERMS = ("onset", "distill")  # on the logits at the last prompt token
+
 
 @dataclass(frozen=True)
 class LossWeights:
     """The weights of the geometry regularizer's terms (keep, collapse, retain) and of the output-side terms
     (onset: the refusal-onset term; distill: the self-distillation guard), each added to the trainer's own
-    loss; 0 leaves a term logged but out of the loss."""
+    loss; a term at 0 is neither built nor run, so it is not logged either."""
 
     keep: float = 0.0
     collapse: float = 0.0
@@ -24,3 +27,12 @@ class LossWeights:
     def of(self, term: str) -> float:
         """The weight of a term the trainer computed, by its logged name."""
         return getattr(self, term)
+
+    def active(self, terms: tuple[str, ...]) -> tuple[str, ...]:
+        """The terms among `terms` with a non-zero weight, in their order: the only ones worth computing."""
+        return tuple(term for term in terms if self.of(term))
+
+    @property
+    def uses_geometry(self) -> bool:
+        """Whether any geometry term (keep, collapse, retain) is in the loss: else no regularizer is needed."""
+        return bool(self.active(GEOMETRY_TERMS))

@@ -30,19 +30,33 @@ from refcal.train.regularizer import KEEP_UP, KIND_CODES
 MAX_ANSWER_RATIO = 0.25  # an onset token opens at most this fraction of its refusal share of the answers
 
 
-def onset_loss(logits: torch.Tensor, onset_tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def split_vocabulary(onset_tokens: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The onset tokens' ids and every other token's, each ascending, in a vocabulary of `vocab`: the two sides
+    of onset_loss. Gathering by these ids reads the same logits in the same order a [vocab] mask would select,
+    without the mask's per-call read of its size from the device."""
+    onset = torch.zeros(vocab, dtype=torch.bool, device=onset_tokens.device)
+    onset[onset_tokens] = True
+    return onset.nonzero().flatten(), (~onset).nonzero().flatten()
+
+
+def onset_loss(
+    logits: torch.Tensor, onset_tokens: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor
+) -> torch.Tensor:
     """Per row: binary cross-entropy of p = softmax(logits)[onset_tokens].sum() against target (0 or 1).
 
-    logits: [B, V] at the last prompt token; onset_tokens: [k] token ids; target: [B] floats.
+    logits: [B, V] at the last prompt token; onset_tokens: [k] token ids, or the (onset ids, other ids) pair of
+    split_vocabulary, built once for a vocabulary (RefusalOnset keeps it); target: [B] floats.
     log p and log(1 - p) are each a logsumexp (over the onset tokens' logits, and over every other
     token's) less the log-partition, so neither saturates: a row refused by a margin of 30 nats still pulls
     towards answering with a gradient of about 1, where 1 - p itself would round to 0."""
     logits = logits.float()
-    onset = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    onset[onset_tokens] = True
+    if isinstance(onset_tokens, tuple):
+        onset, others = onset_tokens
+    else:
+        onset, others = split_vocabulary(onset_tokens, logits.shape[-1])
     log_partition = logits.logsumexp(-1)
-    log_p = logits[:, onset].logsumexp(-1) - log_partition
-    log_not_p = logits[:, ~onset].logsumexp(-1) - log_partition
+    log_p = logits.index_select(-1, onset).logsumexp(-1) - log_partition
+    log_not_p = logits.index_select(-1, others).logsumexp(-1) - log_partition
     return -(target * log_p + (1 - target) * log_not_p)
 
 
@@ -99,17 +113,28 @@ class RefusalOnset(nn.Module):
         ]
         self.register_buffer("onset_tokens", torch.tensor(onset_tokens))
         self.register_buffer("target", torch.tensor(targets))
+        # the vocabulary split into onset and other token ids: built on the first forward, when the logits
+        # tell the vocabulary's size, then kept (it moves with the module)
+        self.register_buffer("onset_ids", None, persistent=False)
+        self.register_buffer("other_ids", None, persistent=False)
 
     def count(self, row_index: torch.Tensor) -> torch.Tensor:
         """Rows with a target among these."""
         return (self.target[row_index] >= 0).sum().float()
 
+    def vocabulary(self, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The onset tokens' ids and every other token's in a vocabulary of `vocab` (split_vocabulary), kept."""
+        if self.other_ids is None or len(self.onset_ids) + len(self.other_ids) != vocab:
+            self.onset_ids, self.other_ids = split_vocabulary(self.onset_tokens, vocab)
+        return self.onset_ids, self.other_ids
+
     def forward(self, logits: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits: [B, V] at the last prompt token. Returns (sum over rows with a target, their count)."""
+        """logits: [B, V] at the last prompt token. Returns (sum over rows with a target, their count). Rows
+        without one are masked out of the sum, not selected: selecting would read their number back from the
+        device in every step."""
         target = self.target[row_index]
-        rows = target >= 0
-        loss = onset_loss(logits[rows], self.onset_tokens, target[rows])
-        return loss.sum(), self.count(row_index)
+        loss = onset_loss(logits, self.vocabulary(logits.shape[-1]), target.clamp_min(0))
+        return torch.where(target >= 0, loss, 0.0).sum(), self.count(row_index)
 
 
 def build_onset(tokenizer, rows: list[dict], calibrate: set[str], min_refusal_share: float = 0.05) -> RefusalOnset:

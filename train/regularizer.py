@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from refcal.calibration.kinds import BENIGN, HARMFUL, KINDS, SHOULD_REFUSE
+from refcal.train.losses import GEOMETRY_TERMS
 
 KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}
 KEEP_UP = tuple(KIND_CODES[kind] for kind in SHOULD_REFUSE)  # must keep refusing
@@ -88,6 +89,8 @@ class GeometryRegularizer(nn.Module):
         self.register_buffer("directions", directions.float())
         self.register_buffer("reference_hidden", reference_hidden.float())
         self.register_buffer("kind", torch.tensor([KIND_CODES[k] for k in kinds]))
+        # which items must keep refusing, once: a per-step lookup table would be a host-to-device copy
+        self.register_buffer("keep_up", torch.isin(self.kind, torch.tensor(KEEP_UP)), persistent=False)
         collapse_task = [task_index[t] if c and t in task_index else -1 for t, c in zip(tasks, collapse_rows)]
         self.register_buffer("collapse_task", torch.tensor(collapse_task))
         rank = max((b.shape[1] for b in bases.values()), default=0)  # pad ranks with zero rows (they add nothing)
@@ -133,55 +136,55 @@ class GeometryRegularizer(nn.Module):
         self.directions.copy_(directions)
         self.reference_projection.copy_(self.height * self.gap + benign_projection)
 
-    def counts(self, row_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Items each term averages over, for these items: known before any forward pass, so the trainer can
-        divide by a whole accumulation window's count."""
-        kind = self.kind[row_index]
-        keep_up = torch.isin(kind, torch.tensor(KEEP_UP, device=kind.device))
-        return {
-            "keep": torch.tensor(float(len(row_index)), device=row_index.device)
-            if self.keep_down
-            else keep_up.sum().float(),
-            "collapse": (self.collapse_task[row_index] >= 0).sum().float(),
-            "retain": (kind == KIND_CODES[BENIGN]).sum().float(),
-        }
+    def counts(self, row_index: torch.Tensor, terms: tuple[str, ...] = GEOMETRY_TERMS) -> dict[str, torch.Tensor]:
+        """Items each of `terms` averages over, for these items: known before any forward pass, so the trainer
+        can divide by a whole accumulation window's count."""
+        return {term: self._applies(term, row_index).sum().float() for term in terms}
 
-    def forward(self, hidden: torch.Tensor, row_index: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """hidden: [B, Lr, d] at the last prompt token. Returns term -> (sum over rows and layers, row count)."""
-        kind = self.kind[row_index]
-        counts = self.counts(row_index)
-        terms = {}
+    def forward(
+        self, hidden: torch.Tensor, row_index: torch.Tensor, terms: tuple[str, ...] = GEOMETRY_TERMS
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """hidden: [B, Lr, d] at the last prompt token. Returns term -> (sum over rows and layers, row count),
+        for `terms` only. Rows a term does not apply to are masked, not selected: selecting by a mask would
+        read its size back from the device, a sync in every step."""
+        sums = {"keep": self._keep_sum, "collapse": self._collapse_sum, "retain": self._retain_sum}
+        counts = self.counts(row_index, terms)
+        return {term: (sums[term](hidden, row_index), counts[term]) for term in terms}
+
+    def _applies(self, term: str, row_index: torch.Tensor) -> torch.Tensor:
+        """Which of these items `term` acts on."""
+        if term == "keep":
+            return torch.ones_like(self.keep_up[row_index]) if self.keep_down else self.keep_up[row_index]
+        if term == "collapse":
+            return self.collapse_task[row_index] >= 0
+        return self.kind[row_index] == KIND_CODES[BENIGN]
+
+    def _keep_sum(self, hidden: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
         projection = torch.einsum("bld,ld->bl", hidden.float(), self.directions)
-        keep_up = torch.isin(kind, torch.tensor(KEEP_UP, device=kind.device))[:, None]
+        keep_up = self.keep_up[row_index][:, None]
         keep = keep_violation(projection, self.reference_projection[row_index], keep_up, self.gap)
         if not self.keep_down:
             keep = keep * keep_up
-        terms["keep"] = (keep.mean(-1).sum(), counts["keep"])
+        return keep.mean(-1).sum()
 
-        collapse_task = self.collapse_task[row_index]
-        rows = torch.nonzero(collapse_task >= 0).flatten()
-        if len(rows):
-            t = collapse_task[rows]
-            ratios = torch.stack(
-                [
-                    collapse_ratio(
-                        hidden[rows, j].float(),
-                        self.answered_means[t, j],
-                        self.bases[t, j],
-                        self.reference_energy[row_index[rows], j],
-                    )
-                    for j in range(len(self.layers))
-                ],
-                dim=-1,
-            )
-            terms["collapse"] = (ratios.mean(-1).sum(), counts["collapse"])
-        else:
-            terms["collapse"] = (hidden.sum() * 0, counts["collapse"])
+    def _collapse_sum(self, hidden: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+        if self.bases.numel() == 0:  # no task has a subspace: nothing collapses, but the graph stays whole
+            return hidden.sum() * 0
+        task = self.collapse_task[row_index].clamp_min(0)  # rows outside the term read task 0, then are masked
+        ratios = torch.stack(
+            [
+                collapse_ratio(
+                    hidden[:, j].float(),
+                    self.answered_means[task, j],
+                    self.bases[task, j],
+                    self.reference_energy[row_index, j],
+                )
+                for j in range(len(self.layers))
+            ],
+            dim=-1,
+        )
+        return torch.where(self._applies("collapse", row_index), ratios.mean(-1), 0.0).sum()
 
-        benign = torch.nonzero(kind == KIND_CODES[BENIGN]).flatten()
-        if len(benign):
-            drift = retain_drift(hidden[benign].float(), self.reference_hidden[row_index[benign]], self.spread)
-            terms["retain"] = (drift.mean(-1).sum(), counts["retain"])
-        else:
-            terms["retain"] = (hidden.sum() * 0, counts["retain"])
-        return terms
+    def _retain_sum(self, hidden: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+        drift = retain_drift(hidden.float(), self.reference_hidden[row_index], self.spread)
+        return torch.where(self._applies("retain", row_index), drift.mean(-1), 0.0).sum()

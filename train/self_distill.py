@@ -64,11 +64,11 @@ class FirstTokenGuard(nn.Module):
         return self.guarded[row_index].sum().float()
 
     def forward(self, logits: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits: [B, V] at the last prompt token. Returns (KL summed over guarded rows, their count)."""
-        rows = self.guarded[row_index]
-        index = row_index[rows]
-        kl = bucket_kl(self.reference[index], logits[rows], self.tokens[index])
-        return kl.sum(), self.count(row_index)
+        """logits: [B, V] at the last prompt token. Returns (KL summed over guarded rows, their count). Unguarded
+        rows are masked out of the sum, not selected: selecting would read their number back from the device
+        in every step (their zero references give a finite KL that the mask drops)."""
+        kl = bucket_kl(self.reference[row_index], logits, self.tokens[row_index])
+        return torch.where(self.guarded[row_index], kl, 0.0).sum(), self.count(row_index)
 
 
 def build_guard(model, tokenizer, rows: list[dict], batch_size: int = 16) -> FirstTokenGuard:

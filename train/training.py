@@ -95,6 +95,14 @@ def build_regularizer(run, sft_rows: list[dict], geometry: Geometry, model=None,
     )
 
 
+def base_dtype(run) -> str:
+    """The frozen base weights' dtype: bf16 where training computes in bf16 on an accelerator (halving their
+    memory and reads; PEFT still keeps the LoRA weights in fp32, as its autocast_adapter_dtype does by
+    default), float32 on the CPU."""
+    t = run.training_args
+    return "bfloat16" if t.bf16 and not t.use_cpu and run.device.type != "cpu" else "float32"
+
+
 def stage_train(run) -> None:
     """Distributed: TRL training with the regularizer; the adapter lands in run_dir/train."""
     if run.done("train"):
@@ -104,14 +112,17 @@ def stage_train(run) -> None:
     if run.done("sft_data") and run.state.is_main_process and not sft_data_fits(run.path("sft_data"), a.objective):
         shutil.rmtree(run.path("sft_data"))  # built for another objective: build it again
     run.state.wait_for_everyone()
-    run.main_only("sft_data", lambda: prepare_sft_data(run))
-    model, tokenizer = run.load("float32", qlora=True)
+    run.every_process("sft_data", lambda: prepare_sft_data(run))
+    model, tokenizer = run.load(base_dtype(run), qlora=True)
     geometry = run.geometry_for(model)
     train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
     if a.objective == "target_free" and a.geometry_targets == "none":  # the regularizer alone: no row has a target
         train_rows = [{**row, "supervised": False} for row in train_rows]
-    with section("regularizer references"):
-        regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
+    weights = a.loss_weights()
+    regularizer = None  # only a geometry term in the loss needs its references (and the live direction, keep)
+    if weights.uses_geometry:
+        with section("regularizer references"):
+            regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
     calibrate = set(a.resolved_calibrate_tasks())
     onset = build_onset(tokenizer, train_rows, calibrate, a.onset_min_refusal_share) if a.onset_weight else None
     peft_config = get_peft_config(run.model_args)
@@ -132,11 +143,11 @@ def stage_train(run) -> None:
         data_collator=RowIndexCollator(tokenizer.pad_token_id, preference=dpo, padding_free=t.padding_free),
         peft_config=peft_config,
         regularizer=regularizer,
-        weights=a.loss_weights(),
+        weights=weights,
         onset=onset,
         guard=guard,
     )
-    if a.keep_direction == "live":
+    if a.keep_direction == "live" and weights.keep:  # it moves the keep term alone: nothing to move at weight 0
         trainer.add_callback(LiveDirection(trainer.regularizer, tokenizer, train_rows, a.keep_refresh_steps))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -154,7 +165,8 @@ def stage_train(run) -> None:
             (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
             record = {
                 "objective": a.objective,
-                "regularizer_layers": regularizer.layers,
+                "regularizer_layers": None if regularizer is None else regularizer.layers,
+                "base_dtype": base_dtype(run),
                 "rows": len(train_rows),
                 "base_weights": run.weights_description(True),
                 "geometry_weights": geometry.info.get("weights", "unquantised"),
