@@ -12,11 +12,13 @@ on its own. So the device is chosen here, from the machine, before the arguments
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import torch
-from accelerate import PartialState
+from accelerate import DistributedType, PartialState
 from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available, str_to_bool
+from transformers import TrainerCallback
 
 from refcal.calibration.models import native_bf16
 
@@ -83,13 +85,38 @@ def describe(state: PartialState, training_args) -> str:
     )
 
 
-def engine_record(trainer, seconds: float, first_step: int) -> dict:
-    """How the train stage ran: processes, the global batch, steps and their speed, peak GPU memory. A
-    resumed run (from `first_step`) times only its own steps and reports no token rate."""
+def shards_weights(state: PartialState) -> bool:
+    """Whether the engine shards the model's weights itself from a copy on the CPU (FSDP, DeepSpeed)."""
+    return state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+class LoggedPace(TrainerCallback):
+    """The clock at each logging step, which reads the device anyway: the pace of the steps after the first
+    logging window, free of the first steps' start-up (kernels, allocator) and without a sync of its own."""
+
+    def __init__(self):
+        self.marks: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, **kwargs):
+        if not self.marks or self.marks[-1][0] != state.global_step:
+            self.marks.append((state.global_step, time.perf_counter()))
+
+    def steady_step_seconds(self) -> float | None:
+        if len(self.marks) < 2 or self.marks[-1][0] == self.marks[0][0]:
+            return None
+        (first_step, first), (last_step, last) = self.marks[0], self.marks[-1]
+        return (last - first) / (last_step - first_step)
+
+
+def engine_record(trainer, seconds: float, first_step: int, pace: LoggedPace | None = None) -> dict:
+    """How the train stage ran: processes, the global batch, steps and their speed (all steps, and the steps
+    after the first logging window), peak GPU memory. A resumed run (from `first_step`) times only its own
+    steps and reports no token rate."""
     t, state, accelerator = trainer.args, trainer.state, trainer.accelerator
     steps_run = state.global_step - first_step
     logged = [e for e in state.log_history if "num_tokens" in e]  # TRL counts every process's tokens
     step_seconds = seconds / steps_run if steps_run else None
+    steady = pace.steady_step_seconds() if pace is not None else None
     tokens_per_step = logged[-1]["num_tokens"] / logged[-1]["step"] if logged and not first_step else None
     return {
         "distributed_type": accelerator.distributed_type.value,
@@ -100,6 +127,7 @@ def engine_record(trainer, seconds: float, first_step: int) -> dict:
         "epochs": round(state.epoch or 0.0, 4),
         "steps": state.global_step,
         "step_seconds": None if step_seconds is None else round(step_seconds, 3),
+        "steady_step_seconds": None if steady is None else round(steady, 3),
         "tokens_per_second": round(tokens_per_step / step_seconds, 1) if tokens_per_step and step_seconds else None,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }

@@ -27,7 +27,7 @@ from refcal.train.geometry import load_responses
 from refcal.train.live_direction import LiveDirection
 from refcal.train.onset import build_onset
 from refcal.train.preferences import preference_dataset
-from refcal.train.processes import engine_record
+from refcal.train.processes import LoggedPace, engine_record, shards_weights
 from refcal.train.regularizer import GeometryRegularizer
 from refcal.train.resume import checkpoint_step, last_checkpoint
 from refcal.train.retrain import check_adapter_base
@@ -113,7 +113,9 @@ def stage_train(run) -> None:
         shutil.rmtree(run.path("sft_data"))  # built for another objective: build it again
     run.state.wait_for_everyone()
     run.every_process("sft_data", lambda: prepare_sft_data(run))
-    model, tokenizer = run.load(base_dtype(run), qlora=True)
+    # on the device for the references built before training (regularizer, guard); FSDP and DeepSpeed shard
+    # the model from the CPU themselves
+    model, tokenizer = run.load(base_dtype(run), qlora=True, on_device=not shards_weights(run.state))
     geometry = run.geometry_for(model)
     train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
     if a.objective == "target_free" and a.geometry_targets == "none":  # the regularizer alone: no row has a target
@@ -149,6 +151,7 @@ def stage_train(run) -> None:
     )
     if a.keep_direction == "live" and weights.keep:  # it moves the keep term alone: nothing to move at weight 0
         trainer.add_callback(LiveDirection(trainer.regularizer, tokenizer, train_rows, a.keep_refresh_steps))
+    trainer.add_callback(pace := LoggedPace())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     checkpoint = last_checkpoint(t.output_dir)
@@ -173,7 +176,7 @@ def stage_train(run) -> None:
                 "onset_tokens": None if onset is None else [tokenizer.decode([t]) for t in onset.onset_tokens.tolist()],
                 "distill_rows": None if guard is None else int(guard.guarded.sum()),
                 "keep_direction": a.keep_direction,
-                "engine": engine_record(trainer, seconds, checkpoint_step(checkpoint)),
+                "engine": engine_record(trainer, seconds, checkpoint_step(checkpoint), pace),
             }
             (staging / "train.json").write_text(json.dumps(record, indent=2))
     run.state.wait_for_everyone()
