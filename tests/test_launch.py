@@ -186,17 +186,14 @@ def test_inference_is_spread_over_the_processes_with_one_processs_answers(e2e, t
     layer scores and rates equal a one-process run's on the same data, organism and adapter."""
     config, reference, env = e2e
     runs = {name: tmp_path / name for name in ("one", "two")}
-    for run_dir in runs.values():
-        copy_stages(reference, run_dir, ("data", "organism"))
-    small = ["--config", str(config), "--generation_batch_size", "2"]  # several batches to deal out
+    for run_dir in runs.values():  # the reference's adapter, so that only geometry and eval run again
+        copy_stages(reference, run_dir, ("data", "organism", "sft_data", "train"))
+    common = ["run", "--config", str(config), "--generation_batch_size", "2"]  # several batches to deal out
     # each run its own answer cache, so that the second does not read the first one's answers
     envs = {name: {**env, "REFCAL_CACHE": str(tmp_path / f"cache-{name}")} for name in runs}
-    for stage in ("geometry", "eval"):
-        if stage == "eval":
-            for run_dir in runs.values():
-                copy_stages(reference, run_dir, ("sft_data", "train"))
-        one_process([stage, *small, "--run_dir", str(runs["one"])], envs["one"])
-        assert_one_run(launch([stage, *small, "--run_dir", str(runs["two"])], envs["two"]), [stage], training=False)
+    one_process([*common, "--run_dir", str(runs["one"])], envs["one"])
+    log = launch([*common, "--run_dir", str(runs["two"])], envs["two"])
+    assert_one_run(log, ["geometry", "eval"], skipped=["data", "organism", "train"], training=False)
 
     one, two = runs["one"], runs["two"]
     assert (one / "geometry" / "responses.jsonl").read_text() == (two / "geometry" / "responses.jsonl").read_text()
