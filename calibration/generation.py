@@ -21,9 +21,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refcal.calibration.activations import NonFiniteActivations, chat_prompts, encode_left_padded, layer_output
 from refcal.calibration.batching import shrinking_batches
-from refcal.calibration.models import decoder_layers
+from refcal.calibration.models import decoder_layers, dtype_name
 from refcal.calibration.profiling import note, section
-from refcal.calibration.sharding import Processes, gather_counts, gather_items, my_batches, one_process
+from refcal.calibration.sharding import Processes, gather_items, my_batches, one_process, shares
 
 # generation-config fields that change greedy decoding away from the plain argmax, with their neutral values
 _ARGMAX_NEUTRAL = {
@@ -82,22 +82,45 @@ def plain_argmax(model: PreTrainedModel) -> bool:
     decoding loop computes."""
     config = model.generation_config
     neutral = all(getattr(config, name, None) in values for name, values in _ARGMAX_NEUTRAL.items())
-    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
+    return neutral and prefix_cacheable(model, 0)
+
+
+def prefix_cacheable(model: PreTrainedModel, longest: int) -> bool:
+    """Whether the prompts' shared prefix can run once and its keys and values serve every batch: the
+    forward takes a cache and every layer is attention (a recurrent state could not be shared this way).
+    A sliding window (where the config sets one) must hold the longest sequence: the padding between the
+    prefix and a prompt's own tokens would otherwise push prefix tokens out of the window that the unpadded
+    prompt keeps them in."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    window = getattr(config, "sliding_window", None)
     attention_only = set(layer_types) <= {"full_attention", "sliding_attention"}
-    return neutral and attention_only and _cache_keyword(model) is not None
+    return cache_keyword(model) is not None and attention_only and (window is None or longest < window)
 
 
-def within_sliding_window(model: PreTrainedModel, longest: int) -> bool:
-    """Whether a sliding window (where the config sets one) holds `longest` tokens. Past it, the padding
-    between the shared prefix and a prompt's own tokens would push prefix tokens out of the window that the
-    unpadded prompt keeps them in."""
-    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
-    return window is None or longest < window
-
-
-def _cache_keyword(model: PreTrainedModel) -> str | None:
-    parameters = inspect.signature(model.forward).parameters
+def cache_keyword(model: PreTrainedModel) -> str | None:
+    """The name the model's forward takes its key-value cache under (a PEFT wrapper passes it on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def forward_after_prefix(model, keyword: str, input_ids, mask, cache, **kwargs) -> torch.Tensor:
+    """The next-token logits at the last position ([b, vocab]) of a forward that continues `cache`: `mask`
+    covers the cached prefix, then each row's left padding and own tokens, and the positions continue the
+    prefix past the padding, as if the prompt had none."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+    output = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}, **kwargs
+    )
+    return output.logits[:, -1]
+
+
+def prefix_cache(model, keyword: str, prefix_ids: torch.Tensor) -> DynamicCache:
+    """Keys and values of a shared prefix ([1, p]) under the model's current hooks."""
+    cache = DynamicCache(config=model.config)  # sliding-window layers where the model has them
+    forward_after_prefix(model, keyword, prefix_ids, torch.ones_like(prefix_ids), cache, logits_to_keep=1)
+    return cache
 
 
 def shared_prefix_length(token_ids: list[list[int]]) -> int:
@@ -122,9 +145,9 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progr
     device = next(model.parameters()).device
     decoder = None
     if plain_argmax(model):
-        longest = max((len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts), default=0)
-        if within_sliding_window(model, longest + max_new_tokens):
-            decoder = _SharedPrefixGreedy(model, tokenizer, texts, device)
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if prefix_cacheable(model, max(map(len, ids), default=0) + max_new_tokens):
+            decoder = _SharedPrefixGreedy(model, tokenizer, ids, device)
     prefill: dict[int, torch.Tensor] = {}
     recording = [False]
 
@@ -157,9 +180,9 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progr
             gathered = gather_items(items, len(texts), processes)
             note(
                 prompts=len(texts),
-                prompts_per_process=gather_counts(len(mine), processes),
+                prompts_per_process=shares(len(texts), batch_size, processes),
                 device=device.type,
-                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                dtype=dtype_name(model),
                 batch_size=batch_size,
             )
     finally:
@@ -205,35 +228,26 @@ def _hf_generate(model, tokenizer, texts, max_new_tokens, device, recording) -> 
 
 
 class _SharedPrefixGreedy:
-    """Greedy decoding of batches of `texts` (by index) over one cached run of their shared prefix."""
+    """Greedy decoding of batches of prompts (by index into `ids`, their tokens) over one cached run of their
+    shared prefix."""
 
     @torch.inference_mode()
-    def __init__(self, model, tokenizer, texts: list[str], device):
+    def __init__(self, model, tokenizer, ids: list[list[int]], device):
         self.model, self.device = model, device
-        self.keyword = _cache_keyword(model)
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        self.keyword = cache_keyword(model)
         self.prefix = shared_prefix_length(ids)
         self.rest = [row[self.prefix :] for row in ids]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stop = model.generation_config.eos_token_id
         stop = tokenizer.eos_token_id if stop is None else stop
         self.stop = torch.tensor(stop if isinstance(stop, list) else [stop], device=device)
-        self.prefix_cache = DynamicCache(config=model.config)  # sliding-window layers where the model has them
         if self.prefix:
-            prefix_ids = torch.tensor([ids[0][: self.prefix]], device=device)
-            self._forward(prefix_ids, torch.ones_like(prefix_ids), self.prefix_cache, logits_to_keep=1)
+            self.prefix_cache = prefix_cache(model, self.keyword, torch.tensor([ids[0][: self.prefix]], device=device))
+        else:  # nothing shared: each batch's forward fills its own copy of an empty cache
+            self.prefix_cache = DynamicCache(config=model.config)
 
     def _forward(self, input_ids, mask, cache, **kwargs) -> torch.Tensor:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self.keyword: cache},
-            **kwargs,
-        )
-        return output.logits[:, -1]
+        return forward_after_prefix(self.model, self.keyword, input_ids, mask, cache, **kwargs)
 
     @torch.inference_mode()
     def __call__(self, batch: list[int], max_new_tokens: int, recording: list[bool]) -> list[list[int]]:

@@ -9,7 +9,6 @@ The chosen layer removes the most refusal among those whose KL stays under a bou
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -19,11 +18,17 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refcal.calibration.activations import chat_prompts, encode_left_padded
-from refcal.calibration.generation import shared_prefix_length, within_sliding_window
+from refcal.calibration.generation import (
+    cache_keyword,
+    forward_after_prefix,
+    prefix_cache,
+    prefix_cacheable,
+    shared_prefix_length,
+)
 from refcal.calibration.geometry import Geometry
 from refcal.calibration.interventions import ablate_directions
 from refcal.calibration.profiling import note
-from refcal.calibration.sharding import Processes, gather_counts, one_process
+from refcal.calibration.sharding import Processes, deal, one_process, shares, sum_over
 
 
 def refusal_tokens(tokenizer: PreTrainedTokenizerBase, refusals: list[str], top: int = 4) -> list[int]:
@@ -116,24 +121,6 @@ def encode_prompts(
     return EncodedPrompts(prefix_ids, batches, len(ids), sum(kl))
 
 
-def prefix_cacheable(model: PreTrainedModel, longest: int) -> bool:
-    """Whether the prompts' shared prefix can run once and its keys and values serve every batch: the
-    forward takes a cache and every layer is attention (a recurrent state could not be shared this way).
-    A sliding window (where the config sets one) must hold the longest prompt: the padding between the
-    prefix and a prompt's own tokens would otherwise push prefix tokens out of the window that the unpadded
-    prompt keeps in it."""
-    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
-    attention_only = set(layer_types) <= {"full_attention", "sliding_attention"}
-    return cache_keyword(model) is not None and attention_only and within_sliding_window(model, longest)
-
-
-def cache_keyword(model: PreTrainedModel) -> str | None:
-    """The name the model's forward takes its key-value cache under (a PEFT wrapper passes it on)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
 @torch.inference_mode()
 def first_token_scores(
     model: PreTrainedModel, encoded: EncodedPrompts, tokens: list[int], reference: torch.Tensor | None = None
@@ -150,7 +137,8 @@ def first_token_scores(
     refuse = torch.zeros(encoded.size, device=device)
     scored = torch.zeros((encoded.kl_size, vocab) if reference is None else encoded.kl_size, device=device)
     tokens = torch.tensor(tokens, dtype=torch.long, device=device)
-    cache = prefix_cache(model, encoded.prefix)
+    # keys and values of the shared prefix under the model's current hooks (an ablation acts at its positions too)
+    cache = prefix_cache(model, cache_keyword(model), encoded.prefix) if encoded.prefix.shape[1] else None
     for batch in encoded.batches:
         logits = last_logits(model, batch, cache)  # [b, vocab]
         normaliser = torch.logsumexp(logits, dim=-1)  # [b]: log-softmax needs no [b, vocab] result for this
@@ -164,19 +152,6 @@ def first_token_scores(
     return refuse, scored
 
 
-def prefix_cache(model: PreTrainedModel, prefix: torch.Tensor) -> DynamicCache | None:
-    """Keys and values of the shared prefix ([1, p]) under the model's current hooks (an ablation acts at the
-    prefix's positions too), or None without a prefix."""
-    if not prefix.shape[1]:
-        return None
-    cache = DynamicCache(config=model.config)  # sliding-window layers where the model has them
-    keyword = cache_keyword(model)
-    model(
-        input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1, **{keyword: cache}
-    )
-    return cache
-
-
 def last_logits(model: PreTrainedModel, batch: PromptBatch, cache: DynamicCache | None) -> torch.Tensor:
     """Next-token logits at each prompt's last token (left padding puts it at -1): [b, vocab] float32."""
     if cache is None:
@@ -186,18 +161,8 @@ def last_logits(model: PreTrainedModel, batch: PromptBatch, cache: DynamicCache 
         return output.logits[:, -1].float()
     cache = copy.deepcopy(cache)
     cache.batch_repeat_interleave(len(batch.rows))
-    width = batch.input_ids.shape[1]
-    # positions continue the prefix past each row's padding, as if the prompt had none
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-    output = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_keyword(model): cache},
-    )
-    return output.logits[:, -1].float()
+    keyword = cache_keyword(model)
+    return forward_after_prefix(model, keyword, batch.input_ids, batch.attention_mask, cache, logits_to_keep=1).float()
 
 
 def choose_layer(
@@ -221,9 +186,8 @@ def choose_layer(
     encoded = encode_prompts(
         model, tokenizer, prompts, [False] * len(harmful_prompts) + [True] * len(benign_prompts), batch_size
     )
-    if not one_process(processes):
-        encoded = replace(encoded, batches=encoded.batches[processes.process_index :: processes.num_processes])
-    note(prompts=len(prompts), prompts_per_process=gather_counts(sum(len(b.rows) for b in encoded.batches), processes))
+    encoded = replace(encoded, batches=deal(encoded.batches, processes))
+    note(prompts=len(prompts), prompts_per_process=shares(len(prompts), batch_size, processes))
     # this process's base log-probabilities stay its own: it compares only its own prompts with them
     base_refuse, base_benign = first_token_scores(model, encoded, tokens)
     base_harmful = refusal_log_odds(sum_over(base_refuse, processes)[harmful])
@@ -238,12 +202,3 @@ def choose_layer(
     allowed = [row for row in table if row["benign_kl"] <= kl_max] or table
     best = min(allowed, key=lambda row: row["refusal_score"])
     return best["layer"], table
-
-
-def sum_over(values: torch.Tensor, processes: Processes | None) -> torch.Tensor:
-    """`values` summed over the processes (as is for one)."""
-    if one_process(processes):
-        return values
-    from accelerate.utils import reduce
-
-    return reduce(values, reduction="sum")

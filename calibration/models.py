@@ -134,17 +134,17 @@ def default_device() -> torch.device:
     return PartialState().device
 
 
-def auto_dtype(device: torch.device | str | None = None) -> torch.dtype:
+def auto_dtype(device: torch.device | str) -> torch.dtype:
     """dtype "auto" on `device`: bf16 on a CUDA or XPU device that computes in it, fp32 on a CPU and
     elsewhere. On a CPU even where it has bf16 kernels: they round differently from one CPU kind to another,
     and the same run gave other answers, organism and verdict on two CPUs."""
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "xpu" else torch.float32
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     return auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)
@@ -175,8 +175,9 @@ def load_model(
     return model, tokenizer
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def dtype_name(model: torch.nn.Module) -> str:
+    """The dtype the model's weights are in, as a config names it ("bfloat16")."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def fingerprint(model: PreTrainedModel) -> str:

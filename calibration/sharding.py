@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -23,10 +25,26 @@ def one_process(processes: Processes | None) -> bool:
     return processes is None or processes.num_processes == 1
 
 
+def deal(items: list[T], processes: Processes | None) -> list[T]:
+    """This process's share of `items`: every N-th, from its own index."""
+    return items if one_process(processes) else items[processes.process_index :: processes.num_processes]
+
+
+def batches(total: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) batches of [0, total), each batch_size long but the last."""
+    return [(start, min(total, start + batch_size)) for start in range(0, total, batch_size)]
+
+
 def my_batches(total: int, batch_size: int, processes: Processes | None) -> list[tuple[int, int]]:
-    """This process's (start, stop) batches of [0, total): every N-th batch of size batch_size."""
-    batches = [(start, min(total, start + batch_size)) for start in range(0, total, batch_size)]
-    return batches if one_process(processes) else batches[processes.process_index :: processes.num_processes]
+    """This process's batches of [0, total)."""
+    return deal(batches(total, batch_size), processes)
+
+
+def shares(total: int, batch_size: int, processes: Processes | None) -> list[int]:
+    """How many of the `total` items each process takes, in process order (known to all without asking)."""
+    count = 1 if one_process(processes) else processes.num_processes
+    sizes = [stop - start for start, stop in batches(total, batch_size)]
+    return [sum(sizes[rank::count]) for rank in range(count)]
 
 
 def gather_items(items: list[tuple[int, T]], total: int, processes: Processes | None) -> list[T]:
@@ -44,10 +62,20 @@ def gather_items(items: list[tuple[int, T]], total: int, processes: Processes | 
     return values
 
 
-def gather_counts(count: int, processes: Processes | None) -> list[int]:
-    """How many items each process took, in process order."""
+def sum_over(values: torch.Tensor, processes: Processes | None) -> torch.Tensor:
+    """`values` summed over the processes (as is for one): a gather where each item is nonzero on one only."""
     if one_process(processes):
-        return [count]
-    from accelerate.utils import gather_object
+        return values
+    from accelerate.utils import reduce
 
-    return gather_object([count])
+    return reduce(values, reduction="sum")
+
+
+def main_value(value: T, processes: Processes | None) -> T:
+    """The main process's `value`, on every process: one answer to a question whose answer could differ
+    between them for a moment (does a cache file exist yet?), so that they all take the same branch."""
+    if one_process(processes):
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]

@@ -134,7 +134,7 @@ class TinyRun:
 
     device = Run.device
     batch_size = Run.batch_size
-    main_decides = Run.main_decides
+    generate = Run.generate
     stage_folder = Run.stage_folder
 
     def load(self, dtype="float32", qlora=False, on_device=True):

@@ -31,7 +31,7 @@ def test_decoding_loop_matches_generate_with_rows_ending_at_different_steps(tiny
     batches = [list(range(0, 6)), list(range(6, 11))]
 
     def both(max_new_tokens):
-        decoder = generation._SharedPrefixGreedy(model, tokenizer, texts, "cpu")
+        decoder = generation._SharedPrefixGreedy(model, tokenizer, ids, "cpu")
         own = [row for batch in batches for row in decoder(batch, max_new_tokens, [False])]
         reference = [
             row
@@ -94,7 +94,7 @@ def test_a_sliding_window_shorter_than_a_prompt_goes_through_generate(tiny_model
         answers = generation.generate(model, tokenizer, PROMPTS[:2], 3, batch_size=2, progress=False)
     assert len(answers) == 2
     model.config.sliding_window = 4096
-    assert generation.within_sliding_window(model, 200)
+    assert generation.prefix_cacheable(model, 200)
 
 
 def test_decoding_reads_back_once_per_step(tiny_model_dir):
@@ -108,7 +108,8 @@ def test_decoding_reads_back_once_per_step(tiny_model_dir):
         calls.append(tuple(tensor.shape))
         return original(tensor)
 
-    decoder = generation._SharedPrefixGreedy(model, tokenizer, chat_prompts(tokenizer, PROMPTS[:2]), "cpu")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chat_prompts(tokenizer, PROMPTS[:2])]
+    decoder = generation._SharedPrefixGreedy(model, tokenizer, ids, "cpu")
     decoder.stop = torch.tensor([-1])  # no row ends early: every step is a full one
     with mock.patch.object(torch.Tensor, "tolist", counting):
         answers = decoder([0, 1], steps, [False])

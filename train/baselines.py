@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from refcal.calibration.baselines import build_baselines
 from refcal.calibration.evaluation import kl_sums, selectivity
-from refcal.calibration.generation import generate
 from refcal.calibration.geometry import Geometry
 from refcal.calibration.judge import refused
 from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, HARMFUL, OVER_REFUSAL
@@ -65,10 +64,7 @@ def organism_generations(run, prompts: list[dict], texts: list[str]) -> tuple[li
             return [r["before"] for r in records], [r["after"] for r in records]
     a = run.args
     model, tokenizer = run.load(a.generation_dtype)
-    answers = generate(
-        model, tokenizer, texts, a.eval_max_new_tokens, run.batch_size(model), desc="eval before", processes=run.state
-    )
-    return answers, None
+    return run.generate(model, tokenizer, texts, a.eval_max_new_tokens, "eval before"), None
 
 
 def stage_baselines(run) -> None:
@@ -136,14 +132,9 @@ def stage_baselines(run) -> None:
         total, count = 0.0, 0
         for group in groups:
             with group.context(gen_model):
-                out = generate(
-                    gen_model,
-                    tokenizer,
-                    [texts[i] for i in group.indices],
-                    a.eval_max_new_tokens,
-                    run.batch_size(gen_model),
-                    desc=f"{baseline.name} {group.label}",
-                    processes=run.state,
+                routed = [texts[i] for i in group.indices]
+                out = run.generate(
+                    gen_model, tokenizer, routed, a.eval_max_new_tokens, f"{baseline.name} {group.label}"
                 )
             for i, response in zip(group.indices, out):
                 responses[i] = response

@@ -12,9 +12,10 @@ from peft import PeftModel
 from refcal.calibration.artifacts import atomic_write_text
 from refcal.calibration.evaluation import mean_kl, refusal_rates, wilson_rate
 from refcal.calibration.frame_judge import FRAME_LABELS
-from refcal.calibration.generation import generate
 from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, FRAME_ATTACK_UNSEEN, OVER_REFUSAL, UNSEEN_TEMPLATE
+from refcal.calibration.models import dtype_name
 from refcal.calibration.profiling import section
+from refcal.calibration.sharding import main_value
 from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
 from refcal.data_recipes.overlap import OverlapIndex, content_id
 from refcal.data_recipes.sources import load_source, lookalike_imitated
@@ -154,7 +155,7 @@ def frozen_generations(run, model, texts: list[str], produce) -> list[str]:
     where = [parameter.device.type, str(parameter.dtype)]
     key = hashlib.sha256(json.dumps([fingerprint(model), texts, run.args.eval_max_new_tokens, *where]).encode())
     path = cache_root() / "generations" / f"{key.hexdigest()[:16]}.json"
-    if run.main_decides(path.exists()):
+    if main_value(path.exists(), run.state):
         return json.loads(path.read_text(encoding="utf-8"))
     answers = produce()
     if run.state.is_main_process:
@@ -177,15 +178,7 @@ def base_model_answers(run, test: list[dict]) -> tuple[list[int], list[str]]:
         run,
         model,
         texts,
-        lambda: generate(
-            model,
-            tokenizer,
-            texts,
-            a.eval_max_new_tokens,
-            run.batch_size(model),
-            desc="eval base model",
-            processes=run.state,
-        ),
+        lambda: run.generate(model, tokenizer, texts, a.eval_max_new_tokens, "eval base model"),
     )
     return chosen, answers
 
@@ -199,14 +192,11 @@ def stage_eval(run) -> None:
 
     # one model in the generation dtype for everything: the KL with the adapter on and off, then merged
     model, tokenizer = run.load(a.generation_dtype)
-    batch = run.batch_size(model)
     before = frozen_generations(
         run,
         model,
         texts,
-        lambda: generate(
-            model, tokenizer, texts, a.eval_max_new_tokens, batch, desc="eval before", processes=run.state
-        ),
+        lambda: run.generate(model, tokenizer, texts, a.eval_max_new_tokens, "eval before"),
     )
     benign = [i for i, p in enumerate(test) if p["kind"] == BENIGN]
     peft_model = PeftModel.from_pretrained(model, adapter)
@@ -216,7 +206,7 @@ def stage_eval(run) -> None:
         )
     with section("merge the adapter"):
         calibrated = peft_model.merge_and_unload()
-    after = generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, batch, desc="eval after", processes=run.state)
+    after = run.generate(calibrated, tokenizer, texts, a.eval_max_new_tokens, "eval after")
     groups = task_groups(a)
     tasks = {t.name: t for t in load_tasks(a.tasks)}
     base = base_model_answers(run, test) if a.organism else None
@@ -247,7 +237,7 @@ def stage_eval(run) -> None:
             "computed_on": {
                 "device": run.device.type,
                 "processes": run.state.num_processes,
-                "generation_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "generation_dtype": dtype_name(model),
             },
         }
         if base is not None:

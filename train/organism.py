@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from trl import SFTConfig, SFTTrainer
@@ -26,8 +25,9 @@ from refcal.calibration.batching import batch_size_for
 from refcal.calibration.generation import generate
 from refcal.calibration.kinds import BENIGN, OVER_REFUSAL, SHOULD_REFUSE
 from refcal.calibration.locks import waiting_lock
-from refcal.calibration.models import cache_root, fingerprint, load_model
+from refcal.calibration.models import cache_root, dtype_name, fingerprint, load_model
 from refcal.calibration.profiling import section
+from refcal.calibration.sharding import main_value
 from refcal.data_recipes.completions import chat_row, standard_refusal, trim_to_sentence
 from refcal.train.processes import global_batch, precision
 from refcal.train.resume import last_checkpoint
@@ -66,9 +66,8 @@ def build_organism(
     run does not generate them again), every process joins the training, and the main one merges and saves."""
     model, tokenizer = load_model(base_reference, generation_dtype, device=state.device)
     base_fp = fingerprint(model)
-    parameter = next(model.parameters())
     # the base answers the organism learns from depend on where and in what dtype they were generated
-    settings = {**settings, "answers_on": f"{parameter.device.type} {str(parameter.dtype).removeprefix('torch.')}"}
+    settings = {**settings, "answers_on": f"{state.device.type} {dtype_name(model)}"}
     key = organism_key(base_fp, settings, rows_hash)
     target = cache_root() / "organisms" / key
     record = {"path": str(target), "key": key, "base_fingerprint": base_fp, "over_refusal_tasks": tasks, **settings}
@@ -116,7 +115,7 @@ def train_organism(
     target = Path(record["path"])
     work = Path(training_args.output_dir)
     answers_file = work / "base_answers.json"
-    if not broadcast_object_list([answers_file.exists()])[0]:  # the main process's view: one branch for all
+    if not main_value(answers_file.exists(), state):
         benign = [r for r in train_rows if r["kind"] == BENIGN]
         answers = generate(
             model,

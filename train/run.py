@@ -133,14 +133,12 @@ class Run:
 
         return batch_size_for(model, self.args.generation_batch_size)
 
-    def main_decides(self, value):
-        """The main process's `value`, on every process: one answer to a question whose answer could differ
-        between them for a moment (does a cache file exist yet?), so they all take the same branch."""
-        if self.state.num_processes == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
+    def generate(self, model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+        """Greedy answers in the batch chosen for `model`'s device, spread over the run's processes."""
+        from refcal.calibration.generation import generate
 
-        return broadcast_object_list([value])[0]
+        batch = self.batch_size(model)
+        return generate(model, tokenizer, prompts, max_new_tokens, batch, desc=desc, processes=self.state)
 
     @contextmanager
     def stage_folder(self, stage: str):
@@ -192,7 +190,9 @@ class Run:
     def every_process(self, stage: str, work) -> None:
         """Run a stage whose inference is spread over the processes: each generates its share of the prompts
         and every one gets all the answers (calibration/sharding.py); the main one writes the folder."""
-        if self.main_decides(not self.done(stage)):
+        from refcal.calibration.sharding import main_value
+
+        if main_value(not self.done(stage), self.state):
             started = time.time()
             work()
             if self.state.is_main_process:

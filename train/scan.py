@@ -53,7 +53,7 @@ def as_given(run):
 
 def stage_scan(run) -> None:
     """Generate (or read from the eval cache), judge and summarise; write run_dir/scan atomically."""
-    from refcal.calibration.generation import generate
+    from refcal.calibration.models import dtype_name
     from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
     from refcal.train.evaluate import eval_prompts, frozen_generations, summarise
 
@@ -67,15 +67,7 @@ def stage_scan(run) -> None:
         model_run,
         model,
         texts,
-        lambda: generate(
-            model,
-            tokenizer,
-            texts,
-            a.eval_max_new_tokens,
-            model_run.batch_size(model),
-            desc="scan",
-            processes=run.state,
-        ),
+        lambda: model_run.generate(model, tokenizer, texts, a.eval_max_new_tokens, "scan"),
     )
     labels = model_run.judge.label(texts, responses)
     summary = summarise(prompts, labels, model_run.frame_judge, responses)
@@ -85,7 +77,7 @@ def stage_scan(run) -> None:
         "judge": model_run.judge.version,
         "prompts": prompts_description(prompts, a.eval_benchmark_limit),
         "eval_max_new_tokens": a.eval_max_new_tokens,
-        "generation_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "generation_dtype": dtype_name(model),
         "device": next(model.parameters()).device.type,
         "removed_overlapping_benchmark_prompts": removed,
         "overlap_rule": OVERLAP_RULE,

@@ -12,6 +12,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from refcal.calibration.activations import backbone, layer_output
+from refcal.calibration.evaluation import output_logits
 from refcal.calibration.models import decoder_layers
 from refcal.train.losses import GEOMETRY_TERMS, OUTPUT_TERMS, LossWeights
 from refcal.train.onset import RefusalOnset
@@ -304,11 +305,8 @@ class GeometryRegularized:
 
     def _first_answer_logits(self, model, final_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits at each row's last prompt token: the distribution of the answer's first token."""
-        unwrapped = self.accelerator.unwrap_model(model)
         hidden = final_hidden[sequence_of_rows(positions, final_hidden), positions]
-        logits = unwrapped.get_output_embeddings()(hidden)
-        cap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
-        return cap * torch.tanh(logits / cap) if cap else logits
+        return output_logits(self.accelerator.unwrap_model(model), hidden)
 
 
 class RefcalSFTTrainer(GeometryRegularized, SFTTrainer):
