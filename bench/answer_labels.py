@@ -55,7 +55,7 @@ from pathlib import Path
 
 from bench.label_rows import restore
 from refcal.calibration.evaluation import wilson_rate
-from refcal.calibration.judge import refused
+from refcal.calibration.judges.phrases import refused
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ROOT / "bench" / "results" / "answer_labels.jsonl"
@@ -228,9 +228,9 @@ def score_classes(rows: list[dict], classify: Callable[[dict], str]) -> dict:
 
 
 def refcal_classifier(judge) -> Callable[[dict], str]:
-    """refcal's own answer classes (train/answers.py) on the refusal judge's label, as the eval stage runs them."""
+    """refcal's own answer classes (train/reports/answer_classes.py) on the refusal judge's label, as the eval stage runs them."""
     from refcal.data_recipes.tasks import load_tasks
-    from refcal.train.answers import answer_class
+    from refcal.train.reports.answer_classes import answer_class
 
     tasks = {t.name: t for t in load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml")))}
 
@@ -280,7 +280,7 @@ def main() -> None:
         print(f"{args.sample_out}: {len(rows)} rows to label")
         return
 
-    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.calibration.judges.learned import LearnedJudge
     from refcal.data_recipes.sources import default_data_root
 
     rows = read_labels(LABELS, args.data_root)

@@ -3,7 +3,7 @@
 Runs what `make demo` runs (`train.py --config configs/demo_smollm2.yaml` into runs/demo) with an empty
 refcal cache (runs/cold-cache, emptied first and kept: the organism the later benchmarks read from
 runs/demo lives there), so the embedded model is converted and the organism built, and reads the run's profile
-(run_dir/profile.json: each stage's timed sections, calibration/profiling.py). The outcome is set beside
+(run_dir/profile.json: each stage's timed sections, calibration/infra/profiling.py). The outcome is set beside
 a reference summary (the committed bench/results/demo.json, read before anything runs) with the
 reference's 95% Wilson intervals: a faster demo must land inside them, or on the better side.
 
@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from refcal.calibration.artifacts import atomic_write_text
 from refcal.calibration.evaluation import wilson_rate
+from refcal.calibration.infra.artifacts import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -10,7 +10,7 @@ each. The guide the labeller followed:
   or starts doing it (steps, a piece of the requested artifact), however poorly;
 - frame_task_only: anything else: the frame's task (translating, decoding, listing nouns), a description of
   the request, or text that does neither.
-The 50 "dev" answers were labelled first and the rules in calibration/frame_judge.py were written while
+The 50 "dev" answers were labelled first and the rules in calibration/judges/frame.py were written while
 looking at them; the 75 "test" answers were labelled before the rules were run on them, and are the
 figure to quote.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from bench.label_rows import restore
 from refcal.calibration.evaluation import wilson_rate
-from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
-from refcal.calibration.judge import PhraseJudge, judge_validation
-from refcal.calibration.learned_judge import LearnedJudge
+from refcal.calibration.judges.frame import CARRIED_OUT, FrameJudge
+from refcal.calibration.judges.learned import LearnedJudge
+from refcal.calibration.judges.phrases import PhraseJudge, judge_validation
 from refcal.data_recipes.sources import default_data_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def main() -> None:
     (ROOT / args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     # the default judge's held-out figures go into calibration cards beside its XSTest validation
-    validation_path = ROOT / "calibration" / "judge_validation.json"
+    validation_path = ROOT / "calibration" / "judges" / "judge_validation.json"
     record = judge_validation(learned.version)
     if record is not None:
         test = result["judges"][FrameJudge(learned).version]["test"]

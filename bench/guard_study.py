@@ -60,7 +60,7 @@ from bench.calibration_table import write_outputs
 from bench.regimes import paired_difference
 from bench.seeds import FORMS as SEED_FORMS
 from bench.seeds import LENDER, ROOT, RUNS, figures, run_form
-from refcal.calibration.judge import refused
+from refcal.calibration.judges.phrases import refused
 
 GUARD_RUNS = ROOT / "runs" / "guard"
 SCREEN_SEED = 2

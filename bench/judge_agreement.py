@@ -16,7 +16,7 @@ matching rule, and XSTest's own automated labels (string match; GPT-4). Binary a
 refusal as refusal; three-way accuracy is reported for the judges that output three classes.
 
     python -m bench.judge_agreement   # ~15 min; writes bench/results/judge_agreement.json and
-                                      # calibration/judge_validation.json (read into calibration cards)
+                                      # calibration/judges/judge_validation.json (read into calibration cards)
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 
 from refcal.calibration.evaluation import wilson_rate
-from refcal.calibration.judge import LABELS, PhraseJudge, refused
-from refcal.calibration.learned_judge import XSTEST_LABELS, XSTEST_MODELS, LearnedJudge, xstest_completions
+from refcal.calibration.judges.learned import XSTEST_LABELS, XSTEST_MODELS, LearnedJudge, xstest_completions
+from refcal.calibration.judges.phrases import LABELS, PhraseJudge, refused
 from refcal.data_recipes.sources import default_data_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
 
 def inputs_key(root: Path) -> str:
     """A hash of everything the figures depend on: the judges' code, this script and the labelled data."""
-    files = [ROOT / "calibration" / name for name in ("judge.py", "learned_judge.py", "refusal_phrases.txt")] + [
+    files = [ROOT / "calibration" / "judges" / name for name in ("phrases.py", "learned.py", "refusal_phrases.txt")] + [
         Path(__file__)
     ]
     files += sorted((root / "xstest").rglob("*.csv")) + sorted((root / "refusal_phrases").glob("*.txt"))
@@ -229,7 +229,7 @@ def main() -> None:
         "nested_binary_agreement": {m: table[NESTED][m]["binary"] for m in models},
         "prompts_in_training_binary_agreement": {m: table[PROMPTS_IN][m]["binary"] for m in models},
     }
-    validation_path = ROOT / "calibration" / "judge_validation.json"
+    validation_path = ROOT / "calibration" / "judges" / "judge_validation.json"
     if validation_path.exists():  # bench/frame_labels.py's figures for the same judge stay
         earlier = json.loads(validation_path.read_text())
         if earlier.get("version") == default.version and "frame_attack_label" in earlier:

@@ -35,9 +35,9 @@ import shutil
 from pathlib import Path
 
 from bench.calibration_table import BENCH, PLAIN_SFT, cli, fresh, settings_key, write_outputs
-from refcal.calibration.frame_judge import CARRIED_OUT, FrameJudge
-from refcal.calibration.judge import refused
-from refcal.calibration.learned_judge import LearnedJudge
+from refcal.calibration.judges.frame import CARRIED_OUT, FrameJudge
+from refcal.calibration.judges.learned import LearnedJudge
+from refcal.calibration.judges.phrases import refused
 from refcal.data_recipes.sources import default_data_root
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,16 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))  # the suite's small regularized SFT setup
+    from fixtures import COMPLETIONS, build_regularizer
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from refcal.calibration.models import load_model
     from refcal.data_recipes.build import RecipeSizes, build_rows
     from refcal.data_recipes.tasks import load_tasks
-    from refcal.train.losses import LossWeights
-    from refcal.train.targets import sft_dataset
-    from refcal.train.testing_utils import COMPLETIONS, build_regularizer
-    from refcal.train.trainer import RefcalSFTTrainer, RowIndexCollator
+    from refcal.train.losses.table import LossWeights
+    from refcal.train.losses.trainer import RefcalSFTTrainer, RowIndexCollator
+    from refcal.train.stages.sft_data import sft_dataset
 
     recipe = build_rows(load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml"))), RecipeSizes(), seed=0)
     rows = [

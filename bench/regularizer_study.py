@@ -35,7 +35,7 @@ Geometry after training, on held-out rows at the refusal layer (frozen organism 
     python -m bench.regularizer_study --collect-only  # only write bench/results/regularizer_study.{json,md,png}
 
 The onset screening (bench/results/regularizer_study_onset.*): the output-side refusal-onset term
-(train/onset.py), with and without answer targets and with and without the geometry terms, beside the
+(train/losses/onset.py), with and without answer targets and with and without the geometry terms, beside the
 regularized SFT form and the target-free geometry run, on a rebuilt organism:
 
     python -m bench.regularizer_study --variants refcal geometry geometry_onset geometry_onset_alone onset \
@@ -72,7 +72,7 @@ VARIANTS = {  # name: flags on top of the regularized SFT form (the regimes' ref
     # the regularizer alone: no language-modelling loss on any row
     "geometry_alone_band": ["--objective", "target_free", "--geometry_targets", "none", "--regularizer_layers", *BAND],
     "subspace_only": ["--collapse_harmful_component", "false"],  # collapse the task subspace, not r's component
-    # the output-side refusal-onset term (train/onset.py), and its ablations
+    # the output-side refusal-onset term (train/losses/onset.py), and its ablations
     "geometry_onset": ["--objective", "target_free", "--onset_weight", "1"],  # target-free: geometry + onset
     "geometry_onset_alone": [
         "--objective",
@@ -134,7 +134,7 @@ def held_out_hidden(directory: Path, layer: int) -> tuple[torch.Tensor, torch.Te
     """Frozen and calibrated hidden states of the run's eval prompts at `layer` (cached as safetensors)."""
     from safetensors.torch import load_file
 
-    from refcal.calibration.artifacts import atomic_save_tensors
+    from refcal.calibration.infra.artifacts import atomic_save_tensors
 
     records = [
         json.loads(line) for line in (directory / "eval" / "generations.jsonl").read_text(encoding="utf-8").splitlines()
@@ -157,7 +157,7 @@ def held_out_hidden(directory: Path, layer: int) -> tuple[torch.Tensor, torch.Te
 
 
 def geometry_figures(directory: Path, calibrated: set[str], split: str) -> dict:
-    from refcal.calibration.geometry import Geometry, unit
+    from refcal.calibration.geometry.directions import Geometry, unit
 
     geometry = Geometry.load(directory / "geometry")
     layer = geometry.layer
@@ -253,8 +253,8 @@ def regime_won(rows: dict, measure: str) -> bool:
 
 
 def collect(config: str, variants: list[str], study_regimes: list[str]) -> dict:
-    from refcal.calibration.frame_judge import FrameJudge
-    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.calibration.judges.frame import FrameJudge
+    from refcal.calibration.judges.learned import LearnedJudge
     from refcal.data_recipes.sources import default_data_root
 
     calibrated = set(regimes.OLD_TASKS)

@@ -27,7 +27,7 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-from refcal.calibration.artifacts import atomic_write_text
+from refcal.calibration.infra.artifacts import atomic_write_text
 from refcal.data_recipes.sources import default_data_root
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refcal.calibration.artifacts import atomic_file
-from refcal.calibration.batching import shrinking_batches
+from refcal.calibration.infra.artifacts import atomic_file
+from refcal.calibration.infra.batching import shrinking_batches
 from refcal.calibration.models import decoder_layers
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refcal.calibration.activations import backbone, chat_prompts
-from refcal.calibration.judge import refused
+from refcal.calibration.judges.phrases import refused
 
 
 def refusal_rates(groups: list[str], labels: list[str]) -> dict[str, dict]:

@@ -20,10 +20,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refcal.calibration.activations import NonFiniteActivations, chat_prompts, encode_left_padded, layer_output
-from refcal.calibration.batching import shrinking_batches
+from refcal.calibration.infra.batching import shrinking_batches
+from refcal.calibration.infra.profiling import note, section
+from refcal.calibration.infra.sharding import Processes, gather_items, my_batches, one_process, shares
 from refcal.calibration.models import decoder_layers, dtype_name
-from refcal.calibration.profiling import note, section
-from refcal.calibration.sharding import Processes, gather_items, my_batches, one_process, shares
 
 # generation-config fields that change greedy decoding away from the plain argmax, with their neutral values
 _ARGMAX_NEUTRAL = {

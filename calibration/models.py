@@ -23,8 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from refcal.calibration.artifacts import atomic_directory, cache_root
-from refcal.calibration.profiling import section
+from refcal.calibration.infra.artifacts import atomic_directory, cache_root
+from refcal.calibration.infra.profiling import section
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {

@@ -18,9 +18,9 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from refcal.calibration.kinds import BENIGN, FRAME_ATTACK, HARMFUL, KINDS, OVER_REFUSAL  # noqa: F401 (KINDS: re-exported)
-from refcal.data_recipes.errors import RecipeError
 from refcal.data_recipes.overlap import RULE as NEAR_COPY_RULE
 from refcal.data_recipes.overlap import OverlapIndex, content_id, normalise  # noqa: F401 (normalise: re-exported)
+from refcal.data_recipes.recipe_error import RecipeError
 from refcal.data_recipes.sources import SOURCES, SourceRow, default_data_root, load_source
 from refcal.data_recipes.tasks import SPLITS, TaskCluster
 from refcal.data_recipes.user_prompts import load_prompt_rows

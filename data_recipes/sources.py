@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.recipe_error import RecipeError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SEEDS = Path(__file__).resolve().parent / "seeds"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from refcal.data_recipes.answer_checks import CHECKS, did_task
-from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.recipe_error import RecipeError
 from refcal.data_recipes.yaml_files import read_yaml_mapping
 
 SPLITS = ("train", "val", "eval")  # every recipe's splits; no content is shared between them

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refcal.calibration.kinds import KINDS
-from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.recipe_error import RecipeError
 from refcal.data_recipes.sources import read_records
 from refcal.data_recipes.tasks import SPLITS, TaskCluster
 

@@ -25,7 +25,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
-    from refcal.train.testing_utils import save_tiny_model
+    from fixtures import save_tiny_model
 
     directory = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_model(tokenizer, directory, seed=0)
@@ -41,7 +41,7 @@ def e2e(tokenizer, tmp_path_factory):
     (config path, run folder, environment). Its organism cache is its own, never ~/.cache/refcal."""
     import subprocess
 
-    from refcal.train.testing_utils import E2E_CONFIG, isolated_env, save_refusing_model, write_user_task
+    from fixtures import E2E_CONFIG, isolated_env, save_refusing_model, write_user_task
 
     base = tmp_path_factory.mktemp("e2e")
     config = base / "config.yaml"

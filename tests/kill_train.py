@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows
 from peft import get_peft_model_state_dict
 
-from refcal.calibration.artifacts import atomic_save_tensors
+from refcal.calibration.infra.artifacts import atomic_save_tensors
 from refcal.calibration.models import load_model
 from refcal.train.resume import last_checkpoint
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from refcal.calibration.analysis import Groups, cosine, dimensionality, layer_geometry
-from refcal.calibration.probes import probe, silhouette
+from refcal.calibration.geometry.analysis import Groups, cosine, dimensionality, layer_geometry
+from refcal.calibration.geometry.probes import probe, silhouette
 
 D = 48
 TASKS = ("sentiment", "translation", "cipher")
@@ -124,7 +124,7 @@ def test_probe_needs_two_rows_per_class():
 
 def test_report_on_planted_geometry(data, tmp_path):
     """analyse + write_report over a stack of layers: files written, and the planted claims hold."""
-    from refcal.calibration.geometry_report import analyse, write_report
+    from refcal.train.reports.geometry_page import analyse, write_report
 
     x, groups, *_ = data
     rng = np.random.default_rng(1)

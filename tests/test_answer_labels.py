@@ -55,7 +55,7 @@ def test_halves_are_the_hash_of_the_id(rows):
 
 
 def test_refusal_judge_agreement_recomputes_to_the_committed_figure(rows):
-    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.calibration.judges.learned import LearnedJudge
     from refcal.data_recipes.sources import default_data_root
 
     committed = json.loads(AGREEMENT.read_text(encoding="utf-8"))

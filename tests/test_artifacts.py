@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refcal.calibration.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
+from refcal.calibration.infra.artifacts import atomic_directory, atomic_save_tensors, atomic_write_text
 
 
 def test_directory_appears_whole_on_success(tmp_path):
@@ -45,7 +45,7 @@ def test_artifacts_get_plain_permissions(tmp_path):
     import os
     import stat
 
-    from refcal.calibration.artifacts import atomic_directory, atomic_write_text
+    from refcal.calibration.infra.artifacts import atomic_directory, atomic_write_text
 
     mask = os.umask(0o022)
     try:
@@ -59,7 +59,7 @@ def test_artifacts_get_plain_permissions(tmp_path):
 
 
 def test_stale_staging_folders_and_files_of_a_killed_run_are_removed(tmp_path):
-    from refcal.calibration.artifacts import remove_stale_staging
+    from refcal.calibration.infra.artifacts import remove_stale_staging
 
     (tmp_path / ".train-abc123").mkdir()
     (tmp_path / ".train-abc123" / "part").write_text("half")

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refcal.data_recipes.build import RecipeSizes, build_rows
-from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.recipe_error import RecipeError
+from refcal.data_recipes.row_checks import check_calibrated_tasks, fit_prompt_lengths
 from refcal.data_recipes.tasks import load_task
 from refcal.data_recipes.user_prompts import KINDS, load_prompt_rows
 from refcal.train import cli
 from refcal.train.config import ConfigError, known_fields, parse
-from refcal.train.data_checks import check_calibrated_tasks, fit_prompt_lengths
 
 FIXTURES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 GOOD_ROWS = [

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from device_sentinel import device_sentinel
+from fixtures import BENIGN, HARMFUL, OVER_REFUSAL
 
 from refcal.calibration.activations import capture_last_token
-from refcal.calibration.artifacts import atomic_save_tensors
-from refcal.calibration.baselines import UNSTEERED, TaskSteering
 from refcal.calibration.evaluation import selectivity
-from refcal.calibration.frame_judge import FrameJudge
-from refcal.calibration.geometry import Geometry, estimate, unit
-from refcal.calibration.interventions import orthogonalise, subtract_vectors
-from refcal.calibration.judge import PhraseJudge
+from refcal.calibration.geometry.directions import Geometry, estimate, unit
+from refcal.calibration.geometry.interventions import orthogonalise, subtract_vectors
+from refcal.calibration.geometry.steering import UNSTEERED, TaskSteering
+from refcal.calibration.infra.artifacts import atomic_save_tensors
+from refcal.calibration.judges.frame import FrameJudge
+from refcal.calibration.judges.phrases import PhraseJudge
 from refcal.calibration.models import fingerprint, load_model
 from refcal.train.run import Run
-from refcal.train.testing_utils import BENIGN, HARMFUL, OVER_REFUSAL
 
 PROMPTS = ["What is the capital of France?", "Write a poem about rain, please.", "Hi"]
 
@@ -145,7 +145,7 @@ class TinyRun:
 
 
 def test_baselines_stage_on_a_tiny_run(tiny_model_dir, tmp_path):
-    from refcal.train.baselines import markdown_table, stage_baselines
+    from refcal.train.stages.baselines import markdown_table, stage_baselines
 
     run = TinyRun(tiny_model_dir, tmp_path / "run")
     model, tokenizer = run.load()

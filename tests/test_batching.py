@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from refcal.calibration.activations import capture_last_token
-from refcal.calibration.batching import shrinking_batches
 from refcal.calibration.generation import generate
+from refcal.calibration.infra.batching import shrinking_batches
 from refcal.calibration.models import load_model
 
 PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(7)]

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import assert_terms_at_reference, build_regularizer, sft_rows, tiny_training_settings
 from peft import LoraConfig
 
-from refcal.calibration.judge import PhraseJudge
+from refcal.calibration.judges.phrases import PhraseJudge
 from refcal.calibration.models import load_model
 from refcal.train.config import dpo_config
-from refcal.train.losses import LossWeights
-from refcal.train.onset import build_onset
-from refcal.train.preferences import build_preferences, preference_dataset
-from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, sft_rows, tiny_training_settings
-from refcal.train.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
+from refcal.train.losses.onset import build_onset
+from refcal.train.losses.table import LossWeights
+from refcal.train.losses.trainer import RefcalDPOTrainer, RowIndexCollator, last_prompt_positions
+from refcal.train.stages.sft_data import build_preferences, preference_dataset
 
 LAYERS = [1, 3]
 REFUSAL = "I'm sorry, but I can't help with that."

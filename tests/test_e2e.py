@@ -7,7 +7,7 @@ import json
 
 from datasets import load_from_disk
 
-from refcal.calibration.geometry import Geometry
+from refcal.calibration.geometry.directions import Geometry
 
 
 def test_a_user_cluster_goes_through_every_stage(e2e):

@@ -7,8 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from refcal.data_recipes.tasks import load_tasks
-from refcal.train.evaluate import unseen_template_prompts
-from refcal.train.targets import calibration_rows
+from refcal.train.stages.eval import unseen_template_prompts
+from refcal.train.stages.sft_data import calibration_rows
 
 TASKS = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "configs" / "tasks").glob("*.yaml"))
 

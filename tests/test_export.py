@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows
 from peft import PeftModel
 
 from refcal.calibration.models import load_model
 from refcal.train import cli
-from refcal.train.export import merge_adapter
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.stages.export import merge_adapter
 
 
 @pytest.fixture
@@ -88,10 +88,11 @@ def test_chat_needs_an_exported_folder(tmp_path):
 
 
 def test_chat_refuses_an_adapter_made_for_other_weights(tiny_model_dir, exported, tokenizer, tmp_path):
-    from refcal.calibration.geometry import FingerprintMismatch
+    from fixtures import save_tiny_model
+
+    from refcal.calibration.geometry.directions import FingerprintMismatch
     from refcal.calibration.models import fingerprint
     from refcal.train.chat import load_calibrated
-    from refcal.train.testing_utils import save_tiny_model
 
     folder, _, _ = exported
     card = {"calibrate_tasks": ["sentiment"], "calibrated_model": str(tiny_model_dir)}

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from refcal.calibration.errors import UserError
+from refcal.calibration.infra.errors import UserError
 from refcal.train.config import RefcalArguments
-from refcal.train.export import SafetyGateError, safety_gate, stage_export, withholds_export
-from refcal.train.report import gate_line, gate_report
+from refcal.train.reports.tables import gate_line, gate_report
+from refcal.train.stages.export import SafetyGateError, safety_gate, stage_export, withholds_export
 
 
 def rate(r: float, n: int = 40) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refcal.calibration.geometry import FingerprintMismatch, Geometry, GeometryError, estimate
+from refcal.calibration.geometry.directions import FingerprintMismatch, Geometry, GeometryError, estimate
 
 D, L = 32, 3
 RANKS = {"sentiment": 2, "translation": 3}
@@ -152,7 +152,7 @@ def _stream_inputs(model, tokenizer, prompts):
 
 def test_ablation_removes_direction_from_the_residual_stream(tiny_model_dir):
     from refcal.calibration.activations import capture_last_token
-    from refcal.calibration.interventions import ablate_directions
+    from refcal.calibration.geometry.interventions import ablate_directions
     from refcal.calibration.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from refcal.calibration.judge import COMPLY, REFUSE
+from refcal.calibration.judges.phrases import COMPLY, REFUSE
 from refcal.data_recipes.build import RecipeSizes, build_recipe, build_rows, drop_near_copies, manifest
-from refcal.data_recipes.errors import RecipeError
 from refcal.data_recipes.overlap import OverlapIndex, near_copies
+from refcal.data_recipes.recipe_error import RecipeError
 from refcal.data_recipes.tasks import load_tasks
 from refcal.train.config import RefcalArguments
-from refcal.train.data import recipe
-from refcal.train.evaluate import TEST, VAL, benchmark_half, eval_prompts, summarise, task_groups
+from refcal.train.stages.data import recipe
+from refcal.train.stages.eval import TEST, VAL, benchmark_half, eval_prompts, summarise, task_groups
 
 TASK_FILES = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "configs" / "tasks").glob("*.yaml"))
 HELD_OUT = ("entities", "grammar", "passage_qa")

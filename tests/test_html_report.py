@@ -57,7 +57,7 @@ def test_report_of_no_run_is_a_clear_error(tmp_path):
 
 
 def test_every_logged_term_gets_a_curve_dpo_included(tmp_path):
-    from refcal.train.html_report import render
+    from refcal.train.reports.html_page import render
 
     history = [
         {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refcal.calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge, judge_validation, refused
-from refcal.calibration.judges import build_judge
+from refcal.calibration.judges.phrases import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge, judge_validation, refused
+from refcal.calibration.judges.registry import build_judge
 
 
 def test_phrase_judge_labels():
@@ -46,7 +46,7 @@ def test_malformed_phrase_line_names_the_row(tmp_path, bad):
 
 @pytest.fixture(scope="module")
 def learned():
-    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.calibration.judges.learned import LearnedJudge
     from refcal.data_recipes.sources import default_data_root
 
     return LearnedJudge.from_xstest(default_data_root())
@@ -66,7 +66,7 @@ def test_learned_judge_labels_refusals_answers_and_unseen_refusal_phrasings(lear
 
 
 def test_learned_judge_is_deterministic_and_versioned_by_its_training_labels(learned):
-    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.calibration.judges.learned import LearnedJudge
     from refcal.data_recipes.sources import default_data_root
 
     again = LearnedJudge.from_xstest(default_data_root())
@@ -76,7 +76,7 @@ def test_learned_judge_is_deterministic_and_versioned_by_its_training_labels(lea
 
 
 def test_learned_judge_learns_three_classes_from_its_own_labels():
-    from refcal.calibration.learned_judge import LearnedJudge
+    from refcal.calibration.judges.learned import LearnedJudge
 
     answers = {
         COMPLY: ["Here is the summary you asked for.", "The translation is: bonjour.", "Sure, the answer is 42."],
@@ -98,7 +98,7 @@ def test_learned_judge_learns_three_classes_from_its_own_labels():
 
 
 def test_xstest_reader_names_the_file_row_and_field(tmp_path):
-    from refcal.calibration.learned_judge import xstest_completions
+    from refcal.calibration.judges.learned import xstest_completions
 
     folder = tmp_path / "xstest" / "model_completions"
     folder.mkdir(parents=True)
@@ -127,7 +127,9 @@ def test_build_judge_checks_what_each_kind_needs():
 
 def test_validation_figures_belong_to_one_judge_version(learned):
     record = judge_validation(learned.version)
-    assert record is not None, "calibration/judge_validation.json is stale: rerun python -m bench.judge_agreement"
+    assert record is not None, (
+        "calibration/judges/judge_validation.json is stale: rerun python -m bench.judge_agreement"
+    )
     assert judge_validation("learned-v1-other") is None
 
 
@@ -136,7 +138,7 @@ def test_validation_figures_are_recomputed_here(learned):
     model and its prompts out (the committed figures, with their intervals, the ones this code gives; the
     models under the 0.93 bar named in the method) and, for reference, leave one model out alone."""
     from bench.judge_agreement import leave_one_model_and_prompts_out, leave_one_model_out
-    from refcal.calibration.learned_judge import XSTEST_MODELS, xstest_completions
+    from refcal.calibration.judges.learned import XSTEST_MODELS, xstest_completions
     from refcal.data_recipes.sources import default_data_root
 
     data = xstest_completions(default_data_root())
@@ -184,7 +186,7 @@ def test_prompt_folds_keep_the_held_out_models_prompts_out_of_training(monkeypat
 
 
 def test_card_line_reports_the_judges_validation(learned):
-    from refcal.train.report import judge_line
+    from refcal.train.reports.tables import judge_line
 
     line = judge_line({"version": learned.version, "validation": judge_validation(learned.version)})
     assert (

@@ -91,7 +91,7 @@ def test_killed_data_stage_leaves_it_whole_or_absent(tiny_model_dir, tmp_path):
 SLOW_STAGE = """
 import sys, time
 from pathlib import Path
-from refcal.calibration.artifacts import atomic_directory
+from refcal.calibration.infra.artifacts import atomic_directory
 with atomic_directory(Path(sys.argv[1])) as staging:
     for i in range(100):
         (staging / f"part-{i}").write_text("x" * 1000)

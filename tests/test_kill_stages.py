@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_kill import kill_when
 
-from refcal.calibration.geometry import Geometry
+from refcal.calibration.geometry.directions import Geometry
 from refcal.train.run import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,14 +9,14 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import BENIGN, HARMFUL
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 from refcal.calibration.activations import chat_prompts
 from refcal.calibration.evaluation import kl_sums, mean_kl
-from refcal.calibration.interventions import ablate_directions
+from refcal.calibration.geometry.interventions import ablate_directions
 from refcal.calibration.models import load_model
-from refcal.train.testing_utils import BENIGN, HARMFUL
 
 PROMPTS = HARMFUL + BENIGN
 RESPONSES = [("Sure, here is an answer. " * (i % 4 + 1)).strip() for i in range(len(PROMPTS))]

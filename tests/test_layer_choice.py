@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import BENIGN, HARMFUL
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
-from refcal.calibration import layer_choice
 from refcal.calibration.activations import chat_prompts, encode_left_padded
-from refcal.calibration.geometry import Geometry
-from refcal.calibration.interventions import ablate_directions
-from refcal.train.testing_utils import BENIGN, HARMFUL
+from refcal.calibration.geometry import layer_choice
+from refcal.calibration.geometry.directions import Geometry
+from refcal.calibration.geometry.interventions import ablate_directions
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 LONGER = [f"Explain, in {i} short sentences, how rain forms over the sea." + " Thanks!" * i for i in range(1, 5)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows
 
 from refcal.calibration.activations import capture_last_token
 from refcal.calibration.models import load_model
-from refcal.train.live_direction import LiveDirection, difference_in_means
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.losses.live_direction import LiveDirection, difference_in_means
 
 LAYERS = [1, 3]
 

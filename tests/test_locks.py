@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refcal.calibration.locks import InUseError, exclusive_lock, read_holder, waiting_lock
+from refcal.calibration.infra.locks import InUseError, exclusive_lock, read_holder, waiting_lock
 from refcal.train import cli
 
 HOLD = """
 import sys, time
-from refcal.calibration.locks import exclusive_lock
+from refcal.calibration.infra.locks import exclusive_lock
 with exclusive_lock(sys.argv[1], "test lock"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -106,10 +106,10 @@ def build_in_child(model_dir: str, cache: str, work: str, barrier, results) -> N
     """One organism build, started with the other at the barrier; sends back its path and its stderr."""
     os.environ["REFCAL_CACHE"] = cache
     from accelerate import PartialState
+    from fixtures import BENIGN, HARMFUL, OVER_REFUSAL
     from trl import SFTConfig
 
-    from refcal.train.organism import build_organism
-    from refcal.train.testing_utils import BENIGN, HARMFUL, OVER_REFUSAL
+    from refcal.train.stages.organism import build_organism
 
     rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "task": "none"} for i, p in enumerate(HARMFUL)]
     rows += [{"id": f"b{i}", "prompt": p, "kind": "benign", "task": "none"} for i, p in enumerate(BENIGN)]

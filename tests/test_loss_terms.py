@@ -8,18 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows, tiny_training_settings
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from refcal.calibration.activations import backbone
 from refcal.calibration.models import decoder_layers, load_model
-from refcal.train.losses import LossWeights
-from refcal.train.onset import build_onset, onset_loss
-from refcal.train.regularizer import GeometryRegularizer
-from refcal.train.targets import sft_dataset
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows, tiny_training_settings
-from refcal.train.trainer import GeometryRegularized, RefcalSFTTrainer, RowIndexCollator
-from refcal.train.training import base_dtype
+from refcal.train.losses.onset import build_onset, onset_loss
+from refcal.train.losses.regularizer import GeometryRegularizer
+from refcal.train.losses.table import LossWeights
+from refcal.train.losses.trainer import GeometryRegularized, RefcalSFTTrainer, RowIndexCollator
+from refcal.train.stages.sft_data import sft_dataset
+from refcal.train.stages.training import base_dtype
 
 LAYERS = [1, 3]
 CALIBRATE = {"sentiment", "translation"}

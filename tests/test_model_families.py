@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import BENIGN, HARMFUL, OVER_REFUSAL, build_regularizer, make_trainer, sft_rows
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from refcal.calibration.activations import capture_last_token
-from refcal.calibration.geometry import estimate
-from refcal.calibration.layer_choice import choose_layer
+from refcal.calibration.geometry.directions import estimate
+from refcal.calibration.geometry.layer_choice import choose_layer
 from refcal.calibration.models import decoder_layers, load_model
-from refcal.train.testing_utils import BENIGN, HARMFUL, OVER_REFUSAL, build_regularizer, make_trainer, sft_rows
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 FAMILIES = {

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from refcal.calibration.judge import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge
-from refcal.calibration.model_judge import HTTPJudge, JudgeError, LocalModelJudge, parse_label
+from refcal.calibration.judges.model_backed import HTTPJudge, JudgeError, LocalModelJudge, parse_label
+from refcal.calibration.judges.phrases import COMPLY, LABELS, PARTIAL, REFUSE, PhraseJudge
 
 
 class Endpoint:

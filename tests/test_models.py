@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from fixtures import save_tiny_model
 
 from refcal.calibration.models import decoder_layers, fingerprint, load_model
-from refcal.train.testing_utils import save_tiny_model
 
 
 def test_tokenizer_without_chat_template_is_refused(tiny_model_dir, tokenizer, tmp_path):

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows
 
 from refcal.calibration.models import load_model
-from refcal.train.losses import LossWeights
-from refcal.train.onset import (
+from refcal.train.losses.onset import (
     RefusalOnset,
     build_onset,
     first_completion_token,
@@ -18,7 +18,7 @@ from refcal.train.onset import (
     select_onset_tokens,
     split_vocabulary,
 )
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.losses.table import LossWeights
 
 LAYERS = [1, 3]
 
@@ -71,7 +71,7 @@ def test_the_onset_split_reads_what_a_vocabulary_mask_selects():
 
 
 def test_refusal_onset_splits_its_vocabulary_once_and_masks_rows_without_a_target(monkeypatch):
-    from refcal.train import onset as onset_module
+    from refcal.train.losses import onset as onset_module
 
     kinds = ["harmful", "benign", "over_refusal", "over_refusal", "harmful"]
     module = RefusalOnset([41, 3, 7], kinds, [False, False, True, False, False])  # row 3: no target

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
+from fixtures import build_regularizer, make_trainer, sft_rows
 
 from refcal.calibration.models import four_bit_config, load_model
 from refcal.train.run import Run
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 
 def test_four_bit_config_is_qlora_recipe():

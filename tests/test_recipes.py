@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from refcal.data_recipes import sources
 from refcal.data_recipes.build import KINDS, SPLITS, RecipeSizes, build_rows, check_disjoint
-from refcal.data_recipes.errors import RecipeError
+from refcal.data_recipes.recipe_error import RecipeError
 from refcal.data_recipes.sources import Source, load_source
 from refcal.data_recipes.tasks import load_task, load_tasks
 

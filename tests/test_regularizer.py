@@ -1,11 +1,11 @@
-"""train/regularizer.py: the keep, collapse and retain terms and the GeometryRegularizer module."""
+"""train/losses/regularizer.py: the keep, collapse and retain terms and the GeometryRegularizer module."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from refcal.train.regularizer import GeometryRegularizer, collapse_ratio, keep_violation, retain_drift
+from refcal.train.losses.regularizer import GeometryRegularizer, collapse_ratio, keep_violation, retain_drift
 
 
 def test_keep_violation_zero_at_reference():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows
 from transformers import TrainerCallback
 
 from refcal.calibration.models import load_model
 from refcal.train.resume import last_checkpoint
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 LAYERS = [1, 3]
 

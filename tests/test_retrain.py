@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows
 from peft import PeftModel
 
-from refcal.calibration.geometry import FingerprintMismatch
+from refcal.calibration.geometry.directions import FingerprintMismatch
 from refcal.calibration.models import load_model
 from refcal.train.cli import _take
 from refcal.train.retrain import check_adapter_base, parent_card, retrain_overrides, reuse_parent_stages
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
 
 TASKS = "configs/tasks"
 

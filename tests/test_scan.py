@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from refcal.train.scan import findings, table_rows
+from refcal.train.stages.scan import findings, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def refuses(row: dict) -> bool:
 @pytest.fixture(scope="module")
 def scanned(tokenizer, tmp_path_factory):
     """(config, run folder, organism cache folder, what `refcal scan` printed), after one scan."""
-    from refcal.train.testing_utils import E2E_CONFIG, isolated_env, save_refusing_model, write_user_task
+    from fixtures import E2E_CONFIG, isolated_env, save_refusing_model, write_user_task
 
     base = tmp_path_factory.mktemp("scan")
     config = base / "config.yaml"
@@ -100,8 +100,8 @@ def test_a_run_of_the_same_model_reuses_the_scans_answers(scanned, tmp_path, mon
     """The eval stage's frozen answers are cached under a key of the weights and the prompts: a run of the
     same model (organism off), in another folder, finds the scan's answers and generates nothing."""
     from refcal.train.config import parse
-    from refcal.train.evaluate import eval_prompts, frozen_generations
     from refcal.train.run import Run
+    from refcal.train.stages.eval import eval_prompts, frozen_generations
 
     config, run_dir, cache, _ = scanned
     monkeypatch.setenv("REFCAL_CACHE", str(cache))
@@ -120,7 +120,8 @@ def test_a_run_of_the_same_model_reuses_the_scans_answers(scanned, tmp_path, mon
 
 
 def test_other_thresholds_recompute_the_verdicts_without_generating(scanned, tmp_path, capsys, monkeypatch):
-    from refcal.train import cli, scan
+    from refcal.train import cli
+    from refcal.train.stages import scan
 
     config, run_dir, _, _ = scanned
     copy = tmp_path / "run"
@@ -159,7 +160,7 @@ def test_the_html_report_shows_the_scan(scanned, tmp_path):
 
 
 def test_a_report_without_a_scan_has_no_scan_section(tmp_path):
-    from refcal.train.html_report import render
+    from refcal.train.reports.html_page import render
 
     assert "<h2>Scan</h2>" not in render(tmp_path)
 

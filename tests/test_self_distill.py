@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import build_regularizer, make_trainer, sft_rows
 
 from refcal.calibration.activations import chat_prompts, encode_left_padded
 from refcal.calibration.models import load_model
-from refcal.train.losses import LossWeights
-from refcal.train.onset import build_onset
-from refcal.train.self_distill import FirstTokenGuard, bucket_kl, bucket_logprobs, build_guard
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.losses.onset import build_onset
+from refcal.train.losses.self_distill import FirstTokenGuard, bucket_kl, bucket_logprobs, build_guard
+from refcal.train.losses.table import LossWeights
 
 LAYERS = [1, 3]
 

@@ -6,12 +6,12 @@ import dataclasses
 import math
 
 from conftest import EMBEDDED
+from fixtures import build_regularizer, make_trainer, sft_rows
 
 from refcal.calibration.generation import generate
-from refcal.calibration.judge import COMPLY, REFUSE, PhraseJudge
+from refcal.calibration.judges.phrases import COMPLY, REFUSE, PhraseJudge
 from refcal.calibration.models import decoder_layers, load_model
-from refcal.train.onset import build_onset
-from refcal.train.testing_utils import build_regularizer, make_trainer, sft_rows
+from refcal.train.losses.onset import build_onset
 
 
 def test_real_model_trains_generates_and_is_judged(tmp_path):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from refcal.calibration.judge import PhraseJudge
+from refcal.calibration.judges.phrases import PhraseJudge
 from refcal.calibration.models import load_model
 from refcal.data_recipes.tasks import TaskCluster
-from refcal.train import targets
+from refcal.train.stages import sft_data as targets
 
 
 def row(rid: str, kind: str, task: str, reference: str = "") -> dict:

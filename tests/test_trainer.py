@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from fixtures import assert_terms_at_reference, build_regularizer, make_trainer, sft_rows
 
 from refcal.calibration.models import load_model
-from refcal.train.losses import LossWeights
-from refcal.train.testing_utils import assert_terms_at_reference, build_regularizer, make_trainer, sft_rows
-from refcal.train.trainer import ANY_SUPERVISED, GEOMETRY_TERMS, RowIndexCollator, last_prompt_positions
+from refcal.train.losses.table import LossWeights
+from refcal.train.losses.trainer import ANY_SUPERVISED, GEOMETRY_TERMS, RowIndexCollator, last_prompt_positions
 
 LAYERS = [1, 3]
 
@@ -117,7 +117,7 @@ def test_train_logs_every_term_every_step(setup):
 def test_a_padding_free_batch_trains_as_the_padded_one(tiny_model_dir, tmp_path, supervised):
     """The same rows laid end to end in one sequence: the same loss, terms and gradients as padded (the rows
     do not attend to each other, and every row's last prompt token is found), with or without answer targets."""
-    from refcal.train.onset import build_onset
+    from refcal.train.losses.onset import build_onset
 
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = [{**r, "supervised": supervised or r["kind"] != "over_refusal"} for r in sft_rows()]

@@ -15,8 +15,8 @@ import time
 from rich.console import Console
 from rich.markup import escape
 
-from refcal.calibration.artifacts import atomic_write_text
-from refcal.calibration.errors import UserError
+from refcal.calibration.infra.artifacts import atomic_write_text
+from refcal.calibration.infra.errors import UserError
 from refcal.train.run import EXTRA_STAGES, STAGES, Run, console, run_folder_lock, run_stages
 
 USAGE = f"""usage: refcal {{run,{",".join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
@@ -81,11 +81,11 @@ def run_locked(
         run.state.wait_for_everyone()
     seconds.update(run_stages(run, stages))
     if report and run.state.is_main_process:
-        from refcal.train.geometry import geometry_report
+        from refcal.train.stages.geometry import geometry_report
 
         console.print(f"geometry report -> {geometry_report(run, report)}")
     if run.state.is_main_process and "baselines" in stages:
-        from refcal.train.baselines import markdown_table
+        from refcal.train.stages.baselines import markdown_table
 
         text = (run.path("baselines") / "results.json").read_text()
         if run.args.baselines_json:
@@ -98,8 +98,8 @@ def run_locked(
 def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     """The table, the safety gate's verdict, the summary and the report page; with strict_gate, status 3
     when the gate withheld the export."""
-    from refcal.train.export import calibration_card, gate_verdict, withholds_export
-    from refcal.train.report import demo_summary, gate_report, rich_table
+    from refcal.train.reports.tables import demo_summary, gate_report, rich_table
+    from refcal.train.stages.export import calibration_card, gate_verdict, withholds_export
 
     gate = gate_verdict(run)
     card = {**calibration_card(run), "safety_gate": gate}
@@ -111,7 +111,7 @@ def finish(run: Run, wall_seconds: float, seconds: dict) -> None:
     atomic_write_text(run.path("summary.json"), text)
     if run.args.summary_json:
         atomic_write_text(run.args.summary_json, text)
-    from refcal.train.html_report import write_report
+    from refcal.train.reports.html_page import write_report
 
     report = write_report(run.dir)
     withheld = withholds_export(gate) and not run.done("export")  # an earlier export stays where it is
@@ -142,7 +142,7 @@ def report_command(rest: list[str]) -> None:
     if not rest or rest[0] in ("-h", "--help"):
         print("usage: refcal report RUN_DIR [--out FILE]   (default FILE: RUN_DIR/report.html)")
         return
-    from refcal.train.html_report import write_report
+    from refcal.train.reports.html_page import write_report
 
     out = _take(rest, "--out")
     if len(rest) != 1:
@@ -201,7 +201,7 @@ def dispatch(argv: list[str]) -> None:
     force = "--force" in rest
     rest = [a for a in rest if a != "--force"]
     if command == "scan":
-        from refcal.train.scan import scan_command
+        from refcal.train.stages.scan import scan_command
 
         return scan_command(rest, force)
     if "--merge" in rest:

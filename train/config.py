@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from refcal.calibration.artifacts import atomic_write_text, cache_root
-from refcal.calibration.errors import UserError
-from refcal.calibration.judge import JUDGES
+from refcal.calibration.infra.artifacts import atomic_write_text, cache_root
+from refcal.calibration.infra.errors import UserError
+from refcal.calibration.judges.phrases import JUDGES
 from refcal.data_recipes.yaml_files import read_yaml_mapping
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class RefcalArguments:
     keep_direction: str = field(
         default="frozen",
         metadata={
-            "help": "The harmful direction the keep term holds rows on: frozen (estimated before training) or live (re-estimated from the model being trained every keep_refresh_steps steps, each row's reference kept as its height above the benign mean; train/live_direction.py). live needs regularizer_positions last.",
+            "help": "The harmful direction the keep term holds rows on: frozen (estimated before training) or live (re-estimated from the model being trained every keep_refresh_steps steps, each row's reference kept as its height above the benign mean; train/losses/live_direction.py). live needs regularizer_positions last.",
             "choices": ["frozen", "live"],
         },
     )
@@ -188,7 +188,7 @@ class RefcalArguments:
     onset_weight: float = field(
         default=1.0,
         metadata={
-            "help": "Weight of the refusal-onset term (train/onset.py): cross-entropy of the probability that the answer's first token opens a refusal, read at the last prompt token; 1 on harmful and frame_attack rows, 0 on calibrated over_refusal and benign rows. Output-side and target-free; 0 leaves it out."
+            "help": "Weight of the refusal-onset term (train/losses/onset.py): cross-entropy of the probability that the answer's first token opens a refusal, read at the last prompt token; 1 on harmful and frame_attack rows, 0 on calibrated over_refusal and benign rows. Output-side and target-free; 0 leaves it out."
         },
     )
     onset_min_refusal_share: float = field(
@@ -200,7 +200,7 @@ class RefcalArguments:
     distill_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of the self-distillation guard (train/self_distill.py): KL from the first-token distribution the model starts training with to the trained model's, on harmful and frame_attack rows. Output-side; 0 leaves it out. At 1 it keeps harmful refusal where the onset term alone leaks in some seeds, and removes about half as much over-refusal (docs/regularizer-study.md#the-guard-study)."
+            "help": "Weight of the self-distillation guard (train/losses/self_distill.py): KL from the first-token distribution the model starts training with to the trained model's, on harmful and frame_attack rows. Output-side; 0 leaves it out. At 1 it keeps harmful refusal where the onset term alone leaks in some seeds, and removes about half as much over-refusal (docs/regularizer-study.md#the-guard-study)."
         },
     )
     collapse_harmful_component: bool = field(
@@ -349,7 +349,7 @@ class RefcalArguments:
 
     def loss_weights(self):
         """The loss terms' weights (the *_weight fields) as the LossWeights the trainers take."""
-        from refcal.train.losses import LossWeights
+        from refcal.train.losses.table import LossWeights
 
         return LossWeights(
             self.keep_weight, self.collapse_weight, self.retain_weight, self.onset_weight, self.distill_weight

@@ -17,8 +17,8 @@ import json
 import shutil
 from pathlib import Path
 
-from refcal.calibration.artifacts import atomic_directory
-from refcal.calibration.geometry import FingerprintMismatch
+from refcal.calibration.geometry.directions import FingerprintMismatch
+from refcal.calibration.infra.artifacts import atomic_directory
 from refcal.data_recipes.tasks import load_tasks
 
 CARD = "calibration_card.json"

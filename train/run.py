@@ -20,8 +20,8 @@ from rich.console import Console
 if TYPE_CHECKING:
     from trl import ModelConfig, SFTConfig
 
-    from refcal.calibration.frame_judge import FrameJudge
-    from refcal.calibration.geometry import Geometry
+    from refcal.calibration.geometry.directions import Geometry
+    from refcal.calibration.judges.frame import FrameJudge
     from refcal.train.config import RefcalArguments
 
 console = Console(stderr=True)
@@ -65,8 +65,8 @@ class Run:
     @property
     def judge(self):
         if self._judge is None:
-            from refcal.calibration.judges import build_judge
-            from refcal.calibration.profiling import section
+            from refcal.calibration.infra.profiling import section
+            from refcal.calibration.judges.registry import build_judge
             from refcal.data_recipes.sources import default_data_root
 
             a = self.args
@@ -85,7 +85,7 @@ class Run:
 
     @property
     def frame_judge(self) -> FrameJudge:
-        from refcal.calibration.frame_judge import FrameJudge
+        from refcal.calibration.judges.frame import FrameJudge
 
         return FrameJudge(self.judge)
 
@@ -129,7 +129,7 @@ class Run:
 
     def batch_size(self, model) -> int:
         """Generation and capture batch for `model`: the config's, or one chosen for its device."""
-        from refcal.calibration.batching import batch_size_for
+        from refcal.calibration.infra.batching import batch_size_for
 
         return batch_size_for(model, self.args.generation_batch_size)
 
@@ -144,7 +144,7 @@ class Run:
     def stage_folder(self, stage: str):
         """Where a stage writes its folder: staged and renamed whole by the main process; the other processes,
         which ran the stage with it, write to a throwaway folder."""
-        from refcal.calibration.artifacts import atomic_directory
+        from refcal.calibration.infra.artifacts import atomic_directory
 
         if self.state.is_main_process:
             with atomic_directory(self.path(stage)) as staging:
@@ -157,7 +157,7 @@ class Run:
         """The geometry stage's artifact, refused with both fingerprints shown when it was measured on
         other weights than `model`'s (say, an organism rebuilt in the cache since). Under QLoRA the check
         is the run folder's: 4-bit weights cannot match an unquantised fingerprint."""
-        from refcal.calibration.geometry import Geometry
+        from refcal.calibration.geometry.directions import Geometry
         from refcal.calibration.models import fingerprint
 
         return Geometry.load(self.path("geometry"), None if self.uses_qlora else fingerprint(model))
@@ -189,8 +189,8 @@ class Run:
 
     def every_process(self, stage: str, work) -> None:
         """Run a stage whose inference is spread over the processes: each generates its share of the prompts
-        and every one gets all the answers (calibration/sharding.py); the main one writes the folder."""
-        from refcal.calibration.sharding import main_value
+        and every one gets all the answers (calibration/infra/sharding.py); the main one writes the folder."""
+        from refcal.calibration.infra.sharding import main_value
 
         if main_value(not self.done(stage), self.state):
             started = time.time()
@@ -205,7 +205,7 @@ def run_folder_lock(run: Run):
     once instead of overwriting its stages; the other processes of the same launch share the main one's."""
     from contextlib import nullcontext
 
-    from refcal.calibration.locks import exclusive_lock
+    from refcal.calibration.infra.locks import exclusive_lock
 
     if not run.state.is_main_process:
         return nullcontext()
@@ -215,15 +215,15 @@ def run_folder_lock(run: Run):
 
 def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     """Run the given stages in order, skipping finished ones; returns seconds spent per stage."""
-    from refcal.calibration import profiling
-    from refcal.calibration.artifacts import remove_stale_staging
-    from refcal.train.baselines import stage_baselines
-    from refcal.train.data import stage_data
-    from refcal.train.evaluate import stage_eval
-    from refcal.train.export import gate_verdict, stage_export, withholds_export
-    from refcal.train.geometry import stage_geometry
-    from refcal.train.organism import stage_organism
-    from refcal.train.training import stage_train
+    from refcal.calibration.infra import profiling
+    from refcal.calibration.infra.artifacts import remove_stale_staging
+    from refcal.train.stages.baselines import stage_baselines
+    from refcal.train.stages.data import stage_data
+    from refcal.train.stages.eval import stage_eval
+    from refcal.train.stages.export import gate_verdict, stage_export, withholds_export
+    from refcal.train.stages.geometry import stage_geometry
+    from refcal.train.stages.organism import stage_organism
+    from refcal.train.stages.training import stage_train
 
     work = {
         "data": lambda: run.main_only("data", lambda: stage_data(run)),
@@ -262,8 +262,8 @@ def run_stages(run: Run, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
 
 def record_timing(run: Run, stage: str, seconds: float, sections: dict | None = None) -> None:
     """run_dir/timings.json: wall seconds of each stage's last completed run (the benchmark's wall times);
-    run_dir/profile.json: the same with the stage's timed sections (calibration/profiling.py)."""
-    from refcal.calibration.artifacts import atomic_write_text
+    run_dir/profile.json: the same with the stage's timed sections (calibration/infra/profiling.py)."""
+    from refcal.calibration.infra.artifacts import atomic_write_text
 
     profile = {"seconds": seconds, "device": run.device.type, "sections": sections or {}}
     for name, entry in (("timings.json", seconds), ("profile.json", profile)):

@@ -1,0 +1,1 @@
+"""The pipeline's stages, one module each, run in order by refcal.train.run."""
