@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := PYTHONWARNINGS=ignore $(PY)
 
-.PHONY: demo test lint format bench seeds regimes study speed browser install clean
+.PHONY: demo test test-fast lint format bench seeds regimes study speed browser install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ browser:
 test: $(STAMP) browser
 	$(PY) -m pytest
 
+# The unit tier, for a quick check while editing (under 2 minutes): leaves out the tests marked e2e (the whole
+# pipeline, subprocesses and launches, Chromium, the real model) and slow; `make test` and CI run everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not e2e and not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -44,8 +49,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 # The committed results under bench/results/: the demo from a cold cache with its profile, its baselines,
-# the judge's validation and the benchmark table; each part after the demo reuses what it already ran.
-# The grids (regimes, the regularizer study) and the old-against-new speed comparison have targets of their own.
+# the judge's validation, the benchmark table, the CPU-kernel check and the gate's check; each part after
+# the demo reuses what it already ran.
+# The grids (regimes, the regularizer study) and the speed comparison have targets of their own.
 bench: $(STAMP)
 	$(RUN) -m bench.demo_profile
 	cp runs/demo/summary.json bench/results/demo.json
@@ -54,6 +60,8 @@ bench: $(STAMP)
 	$(RUN) -m bench.frame_labels
 	$(RUN) -m bench.answer_labels
 	$(RUN) -m bench.calibration_table
+	$(RUN) -m bench.cpu_kernels
+	$(RUN) -m bench.gate_check
 
 # The headline comparison over three seeds, each with its own split and organism (bench/results/seeds.*).
 seeds: $(STAMP)

@@ -4,7 +4,7 @@ bench/results/answer_labels.jsonl holds 216 answers to the demo's eval prompts (
 held-out recipe rows and the external benchmark sets), 72 from each of three models: the plain embedded
 SmolLM2-135M-Instruct ("smollm2", answers generated here, greedy, 32 new tokens, float32), its over-refusing
 organism ("organism") and the calibrated adapter ("adapter"), both as the demo answered (its eval
-generations at commit 3dc6fe8, 32 new tokens). Each row holds: id, model, kind, task, set ("recipe" or the
+generations, 32 new tokens). Each row holds: id, model, kind, task, set ("recipe" or the
 benchmark's name), answer, the labels `refused` and `answer_class`, and `half`; its prompt and content
 (the text inside a task frame; the prompt itself otherwise) are kept by reference to the data root
 (bench/label_rows.py) and rebuilt by `read_labels`, so no benchmark prompt is copied into the project.

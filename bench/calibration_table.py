@@ -28,16 +28,14 @@ interventions. Shared stages (organism, geometry capture, the frozen model's ans
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from refcal.calibration.evaluation import selectivity, wilson_rate
+from bench import runner
+from bench.pooling import pooled
+from refcal.calibration.evaluation import selectivity
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = runner.ROOT
 
 BENCH = ROOT / "runs" / "bench"
 BENCH_FORM = "configs/forms/regularized_sft.yaml"  # the reference form every flag list below modifies
@@ -57,32 +55,18 @@ OTHER_BENCHMARKS = ("xstest_safe", "xstest_unsafe", "oktest", "coconot_contrast"
 
 
 def cli(stage: str, config: str, run_dir: Path, flags: list[str]) -> None:
-    command = [sys.executable, "-m", "refcal.train.cli", stage, "--config", config, "--config", BENCH_FORM, "--run_dir", str(run_dir),
-               "--output_dir", str(run_dir / "checkpoints"), *flags]  # fmt: skip
-    subprocess.run(command, cwd=ROOT, check=True)
+    runner.train_cli([stage, "--config", config, "--config", BENCH_FORM, "--run_dir", str(run_dir),
+                      "--output_dir", str(run_dir / "checkpoints"), *flags])  # fmt: skip
 
 
 def settings_key(config: str, flags: list[str]) -> str:
-    files = [config, BENCH_FORM, *(flags[i + 1] for i, flag in enumerate(flags) if flag == "--config")]
-    text = "".join((ROOT / path).read_text() for path in files)
-    return hashlib.sha256((text + json.dumps(flags)).encode()).hexdigest()[:16]
-
-
-def fresh(run_dir: Path, key: str) -> bool:
-    """A part folder made with other settings is stale: remove it."""
-    marker = run_dir / "bench.json"
-    if marker.is_file() and json.loads(marker.read_text())["key"] == key:
-        return True
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    marker.write_text(json.dumps({"key": key}))
-    return False
+    return runner.settings_key([config, BENCH_FORM], flags)
 
 
 def run_parts(config: str, parts: list[str]) -> None:
     main = BENCH / "refcal_sft"
     main_key = settings_key(config, [])
-    fresh(main, main_key)
+    runner.start(main, {"key": main_key})
     for stage in ("data", "organism", "geometry", "train", "eval"):  # every part builds on the main run
         cli(stage, config, main, [])
     if "baselines" in parts:
@@ -91,20 +75,10 @@ def run_parts(config: str, parts: list[str]) -> None:
         if name not in parts:
             continue
         run_dir = BENCH / name
-        if not fresh(run_dir, settings_key(config, flags) + main_key):
-            for stage in SHARED:
-                if (main / stage).exists():  # DPO rebuilds sft_data with its preference pairs
-                    shutil.copytree(main / stage, run_dir / stage)
+        # the main run lends its shared stages (DPO then rebuilds sft_data with its preference pairs)
+        runner.start(run_dir, {"key": settings_key(config, flags) + main_key}, lend={s: main / s for s in SHARED})
         for stage in ("train", "eval"):
             cli(stage, config, run_dir, flags)
-
-
-def pooled(block: dict, keys: list[str]) -> dict | None:
-    """One Wilson rate over several groups of a results block (rate x n gives each group's count)."""
-    groups = [block[k] for k in keys if k in block]
-    if not groups:
-        return None
-    return wilson_rate(sum(round(g["rate"] * g["n"]) for g in groups), sum(g["n"] for g in groups))
 
 
 def columns(summary: dict, trained: list[str], untrained: list[str]) -> dict:
@@ -114,8 +88,8 @@ def columns(summary: dict, trained: list[str], untrained: list[str]) -> dict:
     outcomes = summary.get("frame_attack_outcomes") or {}
     out["frame_attack_refused"] = by_kind.get("frame_attack")
     out["frame_attack_carried_out"] = outcomes.get("carried_out")
-    out["over_refusal_trained_frames"] = pooled(by_task, [f"over_refusal/{t}" for t in trained])
-    out["over_refusal_untrained_frames"] = pooled(by_task, [f"over_refusal/{t}" for t in untrained])
+    for name, tasks in (("over_refusal_trained_frames", trained), ("over_refusal_untrained_frames", untrained)):
+        out[name] = pooled([by_task[k] for k in (f"over_refusal/{t}" for t in tasks) if k in by_task])
     out["benign"] = by_kind.get("benign")
     out.update({name: benchmarks.get(name) for name in OTHER_BENCHMARKS})
     return out

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from bench.calibration_table import PLAIN_SFT, cli
+from bench import runner
+from bench.calibration_table import PLAIN_SFT, SHARED, cli
+from bench.pooling import pooled
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = runner.ROOT
 VARIANTS = {
     # 1 epoch at the causally chosen layer unless a variant says otherwise (the regularized SFT form's)
     "demo_config": [],  # the base run itself: its eval is reused, not retrained
@@ -27,7 +28,6 @@ VARIANTS = {
     "plain_sft_2ep": PLAIN_SFT + ["--num_train_epochs", "2"],
     "weights1_2ep": ["--num_train_epochs", "2"],
 }
-SHARED_STAGES = ("data", "organism", "geometry", "sft_data")
 
 
 def base_identity(base: Path) -> dict:
@@ -40,32 +40,25 @@ def base_identity(base: Path) -> dict:
     }
 
 
+# a variant's folder records the base it was trained on (base.json): one trained on another base is stale
+MADE_ON_BASE = {"marker": "base.json", "finished": "eval/results.json"}
+
+
 def trained_on(name: str, identity: dict) -> bool:
-    marker = ROOT / "runs" / "variants" / name / "base.json"
-    return marker.is_file() and json.loads(marker.read_text()) == identity
+    return runner.made_with(ROOT / "runs" / "variants" / name, identity, **MADE_ON_BASE)
 
 
 def run_variant(name: str, flags: list[str], base: Path, identity: dict, config: str) -> None:
     run_dir = ROOT / "runs" / "variants" / name
-    if (run_dir / "eval").is_dir() and trained_on(name, identity):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    if not flags:  # the base run itself: training it again would give the same bytes
-        shutil.copytree(base / "eval", run_dir / "eval")
-    else:
-        for stage in SHARED_STAGES:
-            shutil.copytree(base / stage, run_dir / stage)
+    # the base run itself (no flags): training it again would give the same bytes, so its eval is reused
+    lend = {stage: base / stage for stage in (SHARED if flags else ("eval",))}
+    if not runner.start(run_dir, identity, lend=lend, **MADE_ON_BASE) and flags:
         for stage in ("train", "eval"):
             cli(stage, config, run_dir, flags)
-    (run_dir / "base.json").write_text(json.dumps(identity, indent=2))
 
 
 def over_refusal(block: dict, tasks: list[str]) -> dict:
-    keys = [f"over_refusal/{t}" for t in tasks]
-    refused = sum(round(block[k]["rate"] * block[k]["n"]) for k in keys)
-    n = sum(block[k]["n"] for k in keys)
-    return {"rate": round(refused / n, 4), "n": n}
+    return pooled([block[f"over_refusal/{t}"] for t in tasks])
 
 
 def collect(name: str, calibrated: list[str], held_out: list[str]) -> dict:

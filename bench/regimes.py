@@ -34,7 +34,8 @@ import random
 import shutil
 from pathlib import Path
 
-from bench.calibration_table import BENCH, PLAIN_SFT, cli, fresh, settings_key, write_outputs
+from bench import runner
+from bench.calibration_table import BENCH, PLAIN_SFT, SHARED, cli, settings_key, write_outputs
 from refcal.calibration.judges.frame import CARRIED_OUT, FrameJudge
 from refcal.calibration.judges.learned import LearnedJudge
 from refcal.calibration.judges.phrases import refused
@@ -64,7 +65,6 @@ REGIMES = {  # name: (flags for both sides, {side: extra flags}); a side absent 
 }
 TABLE_ADAPTERS = {"plain": BENCH / "plain_sft", "refcal": BENCH / "refcal_sft"}  # default's trained adapters
 TABLE_FLAGS = {"plain": PLAIN_SFT, "refcal": []}
-SHARED = ("data", "organism", "geometry", "sft_data")
 DATA_FLAGS = ("--harmful_sizes", "--over_refusal_per_task")  # the regime builds its own rows, organism, geometry
 TARGET_FLAGS = ("--calibration_over_refusal_per_task", "--calibrate_tasks")  # the regime builds its own targets
 MEASURES = {  # name: its title (the arrow: which direction is better)
@@ -93,17 +93,12 @@ def run_side(regime: str, side: str, flags: list[str], config: str) -> Path:
     own_rows = any(flag in flags for flag in DATA_FLAGS)
     if "PARENT" in flags:
         flags = [parent_adapter(side, config) if flag == "PARENT" else flag for flag in flags]
-    key = settings_key(config, flags) + settings_key(config, [])
-    if not fresh(run_dir, key):
-        if own_rows and side == "plain":
-            sources = {}
-        else:
-            sources = {stage: (first if own_rows else BENCH / "refcal_sft") / stage for stage in SHARED}
-            if any(flag in flags for flag in TARGET_FLAGS):
-                sources["sft_data"] = first / "sft_data"
-        for stage, source in sources.items():
-            if source.is_dir():
-                shutil.copytree(source, run_dir / stage)
+    sources = {}
+    if not (own_rows and side == "plain"):
+        sources = {stage: (first if own_rows else BENCH / "refcal_sft") / stage for stage in SHARED}
+        if any(flag in flags for flag in TARGET_FLAGS):
+            sources["sft_data"] = first / "sft_data"
+    if not runner.start(run_dir, {"key": settings_key(config, flags) + settings_key(config, [])}, lend=sources):
         if regime == "default" and side in TABLE_ADAPTERS:  # the table's adapters, trained with exactly these settings
             shutil.copytree(TABLE_ADAPTERS[side] / "train", run_dir / "train")
             shutil.copy(TABLE_ADAPTERS[side] / "timings.json", run_dir / "timings.json")

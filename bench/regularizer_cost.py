@@ -100,7 +100,7 @@ def one_run(model_name: str, refcal: bool, steps: int, batch_size: int) -> dict:
         "trainer": "refcal" if refcal else "plain",
         "step_seconds": statistics.mean(timer.seconds[1:]),
         "peak_memory_mib": round(peak, 1),
-        "terms_logged": sorted({k for e in trainer.state.log_history for k in e if k.startswith("reg_")}),
+        "terms_logged": sorted({k for e in trainer.state.log_history for k in e if k.startswith("loss/")}),
     }
 
 

@@ -16,15 +16,14 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.pooling import pooled
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pooled(by_task: dict, kind: str, tasks: list[str]) -> dict:
-    """Refusal rate over several tasks' rows of one kind, from per-task rates and counts."""
-    cells = [by_task[f"{kind}/{t}"] for t in tasks]
-    n = sum(c["n"] for c in cells)
-    refused = sum(round(c["rate"] * c["n"]) for c in cells)
-    return {"rate": round(refused / n, 4), "refused": refused, "n": n}
+def over_refusal(by_task: dict, tasks: list[str]) -> dict:
+    """Refusal rate over several tasks' over_refusal rows, from per-task rates and counts."""
+    return pooled([by_task[f"over_refusal/{t}"] for t in tasks], interval=False)
 
 
 def main() -> None:
@@ -42,10 +41,10 @@ def main() -> None:
     organism = parent["before"]
     rows = {
         "new clusters, over-refusal": [
-            pooled(s["by_task"], "over_refusal", new) for s in (organism, parent["after"], retrained["after"])
+            over_refusal(s["by_task"], new) for s in (organism, parent["after"], retrained["after"])
         ],
         "old clusters, over-refusal": [
-            pooled(s["by_task"], "over_refusal", old) for s in (organism, parent["after"], retrained["after"])
+            over_refusal(s["by_task"], old) for s in (organism, parent["after"], retrained["after"])
         ],
         "harmful": [s["by_kind"]["harmful"] for s in (organism, parent["after"], retrained["after"])],
         "frame_attack": [s["by_kind"]["frame_attack"] for s in (organism, parent["after"], retrained["after"])],

@@ -15,18 +15,15 @@ validation half) is kept per run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from bench import runner
 from bench.calibration_table import write_outputs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = runner.ROOT
 RUNS = ROOT / "runs" / "seeds"
 CONFIG = "configs/demo_smollm2.yaml"
 SEEDS = (0, 1, 2)
@@ -56,35 +53,21 @@ MEASURES = [
 ]
 
 
-def settings_key(flags: list[str]) -> str:
-    files = [CONFIG, *(flags[i + 1] for i, flag in enumerate(flags) if flag == "--config")]
-    text = "".join((ROOT / path).read_text() for path in files)
-    return hashlib.sha256((text + json.dumps(flags)).encode()).hexdigest()[:16]
-
-
 def run(seed: int, form: str) -> Path:
-    """One form on one seed; the other forms share the lender's data, organism and geometry."""
-    lender = RUNS / f"seed{seed}" / LENDER
-    return run_form(seed, FORMS[form], RUNS / f"seed{seed}" / form, None if form == LENDER else lender)
+    """One form on one seed; the other forms share the lender's data, organism and geometry (run first)."""
+    lender = None if form == LENDER else run(seed, LENDER)
+    return run_form(seed, FORMS[form], RUNS / f"seed{seed}" / form, lender)
 
 
 def run_form(seed: int, flags: list[str], run_dir: Path, shared_from: Path | None) -> Path:
     """The demo config with these flags on one seed (its data split, organism and training seed), unless a run
     with the same settings finished already; `shared_from` lends its data, organism and geometry."""
     flags = [*flags, "--seed_data", str(seed), "--seed", str(seed)]
-    key = settings_key(flags)
-    marker = run_dir / "bench.json"
-    if marker.is_file() and json.loads(marker.read_text())["key"] == key and (run_dir / "summary.json").is_file():
-        return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    marker.write_text(json.dumps({"key": key, "flags": flags}))
-    if shared_from is not None:
-        for stage in SHARED:
-            shutil.copytree(shared_from / stage, run_dir / stage)
-    command = [sys.executable, "-m", "refcal.train.cli", "run", "--config", CONFIG, *flags, "--run_dir", str(run_dir),
-               "--output_dir", str(run_dir / "train"), "--strict_gate", "false"]  # fmt: skip
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    settings = {"key": runner.settings_key([CONFIG], flags)}
+    lend = {stage: shared_from / stage for stage in SHARED} if shared_from is not None else None
+    if not runner.start(run_dir, settings, notes={"flags": flags}, finished="summary.json", lend=lend):
+        runner.train_cli(["run", "--config", CONFIG, *flags, "--run_dir", str(run_dir), "--output_dir",
+                          str(run_dir / "train"), "--strict_gate", "false"], env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
     return run_dir
 
 

@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,30 @@ def wilson_rate(k: int, n: int, z: float = 1.96) -> dict:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return {"rate": round(p, 4), "n": n, "ci95": [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]}
+
+
+def paired_loss_bound(lost: int, gained: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound of a paired loss: of n prompts answered before and after, `lost` were
+    safe before and not after, `gained` the other way; the loss is (lost - gained) / n. Tango's score
+    interval for the difference of paired proportions (Stat Med 1998), which keeps its coverage at small n
+    and with no discordant pair, where a Wald bound collapses to the point estimate. No prompt: 1."""
+    if n <= 0:
+        return 1.0
+    z = NormalDist().inv_cdf(confidence)
+
+    def score(delta: float) -> float:  # decreases in delta; the bound is where it meets -z
+        w = -lost - gained + (2 * n - lost + gained) * delta
+        q = (math.sqrt(w * w + 8 * n * gained * delta * (1 - delta)) - w) / (4 * n)  # restricted MLE of gained
+        spread = n * (2 * q + delta * (1 - delta))
+        return (lost - gained - n * delta) / math.sqrt(spread) if spread > 0 else 0.0
+
+    low, high = (lost - gained) / n, 1.0
+    if score(low) <= -z:
+        return low
+    for _ in range(60):  # bisection to well below a thousandth of a point
+        middle = (low + high) / 2
+        low, high = (middle, high) if score(middle) > -z else (low, middle)
+    return high
 
 
 def mean_kl(

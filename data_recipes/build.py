@@ -37,11 +37,11 @@ EVAL_SOURCES = ("jbb_harmful", "jbb_benign", "harmbench_test", "strongreject", "
 class RecipeSizes:
     """How many contents each split gets, per kind; framed kinds are per task."""
 
-    harmful: tuple[int, int, int] = (120, 32, 60)
+    harmful: tuple[int, int, int] = (120, 100, 60)
     benign: tuple[int, int, int] = (60, 32, 30)
-    over_refusal_per_task: tuple[int, int, int] = (16, 0, 12)
+    over_refusal_per_task: tuple[int, int, int] = (16, 12, 12)
     benign_per_task: tuple[int, int, int] = (8, 0, 6)
-    attack_per_task: tuple[int, int, int] = (6, 0, 6)
+    attack_per_task: tuple[int, int, int] = (6, 12, 6)
     lookalike: tuple[int, int, int] = (40, 0, 30)
 
 

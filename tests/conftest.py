@@ -57,3 +57,15 @@ def e2e(tokenizer, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-4000:]
     (base / "run" / "console.txt").write_text(done.stderr)  # rich prints the summary beside the progress bars
     return config, base / "run", env
+
+
+# Fixtures that run `refcal` end to end in a subprocess (e2e here, `scanned` in test_scan.py): every test that
+# uses one pays for the whole pipeline, so it is marked e2e and `make test-fast` leaves it out. Modules that
+# are e2e by nature (launch, kill, the real model) say so themselves with `pytestmark`.
+E2E_FIXTURES = {"e2e", "scanned"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)

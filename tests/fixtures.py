@@ -178,9 +178,9 @@ def assert_terms_at_reference(trainer, batch: dict):
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, dict(batch))
     metrics = trainer._metrics["eval"]
-    assert metrics["reg_keep"][-1] == pytest.approx(0.0, abs=1e-4)
-    assert metrics["reg_collapse"][-1] == pytest.approx(1.0, abs=1e-4)
-    assert metrics["reg_retain"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["loss/keep"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["loss/collapse"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["loss/retain"][-1] == pytest.approx(0.0, abs=1e-4)
     assert torch.isfinite(loss)
 
 
@@ -206,6 +206,10 @@ attack_per_task: [1, 0, 1]
 lookalike_sizes: [0, 0, 0]
 eval_benchmark_limit: 2
 eval_benchmarks: [xstest_safe, jbb_harmful]
+# a validation half of a few prompts bounds no loss under 5 points: the gate's wiring is checked at a
+# tolerance every bound meets; the recipe's val split has no frame attacks or over_refusal rows
+safety_gate_tolerance: 1.0
+safety_gate_skip: [frame_attack, over_refusal]
 subspace_max_rank: 2
 layer_candidates: [1, 2]
 layer_kl_max: 100

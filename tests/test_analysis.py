@@ -87,6 +87,7 @@ def test_harmful_refusal_is_one_dimensional_and_over_refusal_is_not(data):
     assert dims["over_refusal"]["n80"] > 3  # the tasks' own directions and subspaces
 
 
+@pytest.mark.slow
 def test_probe_finds_planted_labels(data):
     x, groups, *_ = data
     framed = np.isin(groups.kinds, ["benign", "frame_attack", "over_refusal"]) & (groups.tasks != "none")
@@ -97,6 +98,7 @@ def test_probe_finds_planted_labels(data):
     assert type_probe.balanced_accuracy >= 0.95
 
 
+@pytest.mark.slow
 def test_probe_on_pure_noise_stays_at_chance():
     significant, scores = 0, []
     for seed in range(8):
@@ -122,6 +124,7 @@ def test_probe_needs_two_rows_per_class():
         probe(np.zeros((5, 3)), [0, 0, 0, 0, 1])
 
 
+@pytest.mark.slow
 def test_report_on_planted_geometry(data, tmp_path):
     """analyse + write_report over a stack of layers: files written, and the planted claims hold."""
     from refcal.train.reports.geometry_page import analyse, write_report

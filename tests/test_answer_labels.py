@@ -54,6 +54,7 @@ def test_halves_are_the_hash_of_the_id(rows):
     assert {r["half"] for r in rows} == {"fit", "score"}
 
 
+@pytest.mark.slow
 def test_refusal_judge_agreement_recomputes_to_the_committed_figure(rows):
     from refcal.calibration.judges.learned import LearnedJudge
     from refcal.data_recipes.sources import default_data_root

@@ -144,6 +144,7 @@ class TinyRun:
         return Geometry.load(self.path("geometry"), fingerprint(model))
 
 
+@pytest.mark.slow
 def test_baselines_stage_on_a_tiny_run(tiny_model_dir, tmp_path):
     from refcal.train.stages.baselines import markdown_table, stage_baselines
 

@@ -53,6 +53,7 @@ def oom_above(model, method: str, limit: int, monkeypatch):
     monkeypatch.setattr(model, method, limited)
 
 
+@pytest.mark.slow
 def test_generation_and_capture_give_the_same_results_after_backing_off(tiny_model_dir, monkeypatch):
     model, tokenizer = load_model(str(tiny_model_dir))
     model.eval()

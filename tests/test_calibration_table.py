@@ -1,4 +1,4 @@
-"""bench/calibration_table.py: pooled rates, the table's columns, the goal verdicts and the outputs."""
+"""bench/calibration_table.py: the table's columns, the goal verdicts and the outputs."""
 
 from __future__ import annotations
 
@@ -17,12 +17,6 @@ def summary(harmful: int, over_refusal: dict[str, int], carried_out: int = 0) ->
         "benchmarks": {"jbb_harmful": rate(9), "xstest_safe": rate(5)},
         "frame_attack_outcomes": {"carried_out": rate(carried_out)},
     }
-
-
-def test_pooled_rate_counts_every_group():
-    block = {"a": wilson_rate(3, 10), "b": wilson_rate(1, 5), "c": wilson_rate(5, 5)}
-    assert table_module.pooled(block, ["a", "b"]) == wilson_rate(4, 15)
-    assert table_module.pooled(block, ["missing"]) is None
 
 
 def test_columns_split_trained_and_untrained_frames():

@@ -13,6 +13,7 @@ from refcal.calibration.models import load_model
 PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" + " really" * (i % 4) for i in range(11)]
 
 
+@pytest.mark.slow
 def test_streamed_file_matches_in_memory_capture(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir))
     in_memory = capture_last_token(model, tokenizer, PROMPTS, layers=[0, 2, 3], batch_size=4, progress=False)
@@ -55,6 +56,7 @@ def test_non_finite_activations_name_the_layer(tiny_model_dir):
         handle.remove()
 
 
+@pytest.mark.slow
 def test_generation_reads_the_capture_off_its_prefill(tiny_model_dir):
     """generate_with_activations: the same answers as generate, and each prompt's own last-token states
     (as capture_last_token takes them, in the prompts' order, though generation batches them by length)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from refcal.train.config import parse
+from refcal.train.config import ConfigError, parse
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 FAMILIES = {
@@ -40,7 +40,6 @@ def test_family_configs_target_their_model(name):
 
 
 def test_the_device_is_the_machines_unless_the_config_sets_it(tmp_path, monkeypatch):
-    from refcal.train.config import ConfigError
     from refcal.train.processes import device_defaults
 
     monkeypatch.setattr("refcal.train.processes.has_accelerator", lambda: True)
@@ -109,7 +108,6 @@ def test_form_overlays_layer_on_the_demo(form, objective, weights):
 
 
 def test_a_later_config_wins_and_errors_name_their_file(tmp_path):
-    from refcal.train.config import ConfigError
 
     base, overlay, wrong = tmp_path / "base.yaml", tmp_path / "overlay.yaml", tmp_path / "wrong.yaml"
     base.write_text("model_name_or_path: embedded:smollm2-135m-instruct\nseed_data: 1\nlayer_kl_max: 2.0\n")
@@ -121,11 +119,12 @@ def test_a_later_config_wins_and_errors_name_their_file(tmp_path):
         parse(["--config", str(base), "--config", str(wrong)])
 
 
-def test_the_old_objective_name_still_reads():
-    args = parse(["--config", "configs/demo_smollm2.yaml", "--objective", "geometry"])[1]
-    assert args.objective == "target_free"
+def test_an_objective_outside_the_choices_is_refused():
+    with pytest.raises(ConfigError, match="invalid choice: 'geometry'"):
+        parse(["--config", "configs/demo_smollm2.yaml", "--objective", "geometry"])
 
 
+@pytest.mark.e2e  # runs the CLI in fresh Python subprocesses
 def test_help_and_config_errors_import_no_torch(tmp_path):
     """`refcal --help`, `refcal STAGE --help` (from its cache) and a misspelt field answer without torch."""
     config = tmp_path / "typo.yaml"

@@ -67,6 +67,7 @@ def test_dpo_config_keeps_the_run_settings_and_dpo_defaults(tmp_path):
     assert anchored.loss_type == ["sigmoid", "sft"] and anchored.loss_weights == [1.0, 0.5]
 
 
+@pytest.mark.slow
 def test_step_zero_terms_and_positions(tiny_model_dir, tmp_path):
     trainer, rows = make_dpo_trainer(tiny_model_dir, tmp_path)
     batch = {k: v.to(trainer.accelerator.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
@@ -79,15 +80,17 @@ def test_step_zero_terms_and_positions(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+@pytest.mark.slow
 def test_dpo_training_moves_the_adapter_and_logs_both(tiny_model_dir, tmp_path, sft_weight):
     trainer, _ = make_dpo_trainer(tiny_model_dir, tmp_path, sft_weight=sft_weight)
     trainer.train()
     logged = {k for entry in trainer.state.log_history for k in entry}
-    assert {"reg_keep", "reg_collapse", "reg_retain"} <= logged
+    assert {"loss/keep", "loss/collapse", "loss/retain"} <= logged
     assert any(k.startswith("rewards/") for k in logged)
     assert any(v.abs().sum() > 0 for k, v in trainer.model.named_parameters() if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_the_onset_term_reads_the_chosen_halfs_first_answer_logits(tiny_model_dir, tmp_path):
     """Under DPO the onset term reads the policy's logits at the chosen rows' last prompt token."""
     trainer, _ = make_dpo_trainer(tiny_model_dir, tmp_path, onset=True)
@@ -100,10 +103,11 @@ def test_the_onset_term_reads_the_chosen_halfs_first_answer_logits(tiny_model_di
     rebuilt = trainer._first_answer_logits(trainer.model, captured["final"], positions)
     assert torch.allclose(rebuilt, own[torch.arange(n), positions], atol=1e-4)
     trainer.train()
-    assert all(torch.isfinite(torch.tensor(e["reg_onset"])) for e in trainer.state.log_history if "loss" in e)
-    assert sum("reg_onset" in e for e in trainer.state.log_history) == 2
+    assert all(torch.isfinite(torch.tensor(e["loss/onset"])) for e in trainer.state.log_history if "loss" in e)
+    assert sum("loss/onset" in e for e in trainer.state.log_history) == 2
 
 
+@pytest.mark.slow
 def test_preferences_by_kind(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = [dict(r, id=f"r{i}") for i, r in enumerate(sft_rows())]

@@ -126,7 +126,7 @@ def test_a_failed_gate_withholds_the_export_after_the_table_and_sets_the_status(
     refcal = str(Path(sys.executable).with_name("refcal"))
     # a fraction above 1 fails every measure the model refused at all before calibration
     command = [refcal, "export", "--force", "--config", str(config), "--run_dir", str(run_dir),
-               "--output_dir", str(run_dir / "train"), "--safety_gate_fraction", "1.5"]  # fmt: skip
+               "--output_dir", str(run_dir / "train"), "--safety_gate_tolerance", "-1"]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     out = " ".join(done.stderr.split())
     assert done.returncode == 3, done.stderr[-3000:]
@@ -170,4 +170,6 @@ def test_the_guard_forms_train_on_a_finished_run(e2e, tmp_path):
     rows = load_from_disk(str(run_dir / "sft_data" / "dataset")).to_list()
     assert record["distill_rows"] == sum(r["kind"] in ("harmful", "frame_attack") for r in rows) > 0
     steps = [e for e in json.loads((run_dir / "train" / "log_history.json").read_text()) if "loss" in e]
-    assert all(any(term in e for e in steps) for term in ("reg_keep", "reg_onset", "reg_distill"))  # where rows have it
+    assert all(
+        any(term in e for e in steps) for term in ("loss/keep", "loss/onset", "loss/distill")
+    )  # where rows have it

@@ -35,6 +35,7 @@ def exported(tiny_model_dir, tmp_path):
     return folder, batch, expected
 
 
+@pytest.mark.slow
 def test_exported_adapter_loads_with_peft_unchanged(tiny_model_dir, exported):
     folder, batch, expected = exported
     base, _ = load_model(str(tiny_model_dir))
@@ -46,6 +47,7 @@ def test_exported_adapter_loads_with_peft_unchanged(tiny_model_dir, exported):
     assert not torch.allclose(untouched, expected, atol=1e-4)  # the adapter changes something
 
 
+@pytest.mark.slow
 def test_merged_folder_is_a_plain_model_with_the_adapters_outputs(tiny_model_dir, exported, tmp_path):
     folder, batch, expected = exported
     base, tokenizer = load_model(str(tiny_model_dir))
@@ -62,6 +64,7 @@ def test_merge_flag_belongs_to_export():
         cli.main(["geometry", "--config", "x.yaml", "--merge"])
 
 
+@pytest.mark.slow
 def test_chat_answers_with_and_without_the_adapter(tiny_model_dir, exported):
     import io
 
@@ -87,6 +90,7 @@ def test_chat_needs_an_exported_folder(tmp_path):
         load_calibrated(tmp_path)
 
 
+@pytest.mark.slow
 def test_chat_refuses_an_adapter_made_for_other_weights(tiny_model_dir, exported, tokenizer, tmp_path):
     from fixtures import save_tiny_model
 

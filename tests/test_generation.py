@@ -22,6 +22,7 @@ def test_shared_prefix_leaves_every_prompt_a_token():
     assert generation.shared_prefix_length([]) == 0
 
 
+@pytest.mark.slow
 def test_decoding_loop_matches_generate_with_rows_ending_at_different_steps(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     texts = chat_prompts(tokenizer, PROMPTS)
@@ -74,6 +75,7 @@ def test_generation_config_beyond_the_argmax_goes_through_generate(tiny_model_di
 
 
 @pytest.mark.parametrize("own_loop", [True, False])
+@pytest.mark.slow
 def test_activations_come_from_the_prompt_pass_only(tiny_model_dir, own_loop):
     from refcal.calibration.activations import capture_last_token
 

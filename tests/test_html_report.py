@@ -30,7 +30,7 @@ def test_report_renders_every_plot_and_table_in_chromium(e2e, tmp_path, capsys):
     ]
     assert all(image["width"] > 200 and image["height"] > 100 for image in shown["images"]), shown["images"]
     assert len(shown["tables"]) >= 6 and all(rows > 0 for rows in shown["tables"])
-    for term in ("reg_keep", "reg_collapse", "reg_retain"):  # every loss term's first and last value
+    for term in ("loss/keep", "loss/collapse", "loss/retain"):  # every loss term's first and last value
         assert f"<td>{term}</td>" in page
 
 
@@ -64,7 +64,7 @@ def test_every_logged_term_gets_a_curve_dpo_included(tmp_path):
             "loss": 0.7 - 0.1 * s,
             "rewards/chosen": 0.1 * s,
             "rewards/margins": 0.2 * s,
-            "reg_keep": 0.01,
+            "loss/keep": 0.01,
             "grad_norm": 1.0,
             "step": s,
         }
@@ -73,7 +73,7 @@ def test_every_logged_term_gets_a_curve_dpo_included(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "log_history.json").write_text(json.dumps(history))
     page = render(tmp_path)
-    for term in ("loss", "rewards/chosen", "rewards/margins", "reg_keep"):
+    for term in ("loss", "rewards/chosen", "rewards/margins", "loss/keep"):
         assert f"<td>{term}</td>" in page
     assert "<td>grad_norm</td>" not in page and "<td>train_runtime</td>" not in page
     assert page.count('alt="training curves"') == 1

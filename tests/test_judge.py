@@ -52,6 +52,7 @@ def learned():
     return LearnedJudge.from_xstest(default_data_root())
 
 
+@pytest.mark.slow
 def test_learned_judge_labels_refusals_answers_and_unseen_refusal_phrasings(learned):
     responses = [
         "Sorry, but I can't assist with that.",
@@ -65,6 +66,7 @@ def test_learned_judge_labels_refusals_answers_and_unseen_refusal_phrasings(lear
     assert set(labels) <= set(LABELS) and all(type(label) is str for label in labels)
 
 
+@pytest.mark.slow
 def test_learned_judge_is_deterministic_and_versioned_by_its_training_labels(learned):
     from refcal.calibration.judges.learned import LearnedJudge
     from refcal.data_recipes.sources import default_data_root
@@ -125,6 +127,7 @@ def test_build_judge_checks_what_each_kind_needs():
         build_judge("learned")
 
 
+@pytest.mark.slow
 def test_validation_figures_belong_to_one_judge_version(learned):
     record = judge_validation(learned.version)
     assert record is not None, (
@@ -133,12 +136,13 @@ def test_validation_figures_belong_to_one_judge_version(learned):
     assert judge_validation("learned-v1-other") is None
 
 
+@pytest.mark.slow
 def test_validation_figures_are_recomputed_here(learned):
     """The agreement the calibration cards quote, computed again from the labelled completions: leave one
     model and its prompts out (the committed figures, with their intervals, the ones this code gives; the
     models under the 0.93 bar named in the method) and, for reference, leave one model out alone."""
-    from bench.judge_agreement import leave_one_model_and_prompts_out, leave_one_model_out
     from refcal.calibration.judges.learned import XSTEST_MODELS, xstest_completions
+    from refcal.calibration.judges.validation import leave_one_model_and_prompts_out, leave_one_model_out
     from refcal.data_recipes.sources import default_data_root
 
     data = xstest_completions(default_data_root())
@@ -160,7 +164,7 @@ def test_prompt_folds_keep_the_held_out_models_prompts_out_of_training(monkeypat
     """Every model answers the same prompts, each labelled by the prompt alone: a judge that memorises
     prompts is perfect when only the model is held out, and no better than chance once the prompts are
     held out too; no judge is fitted on a prompt it is then scored on."""
-    import bench.judge_agreement as agreement
+    import refcal.calibration.judges.validation as agreement
 
     prompts = [f"prompt {i}" for i in range(60)]
     label_of = {p: (COMPLY, REFUSE)[i % 2] for i, p in enumerate(prompts)}
@@ -185,6 +189,7 @@ def test_prompt_folds_keep_the_held_out_models_prompts_out_of_training(monkeypat
         assert all(r in data["a"] for r in scored) and not any(r in data["a"] for r in train)
 
 
+@pytest.mark.slow
 def test_card_line_reports_the_judges_validation(learned):
     from refcal.train.reports.tables import judge_line
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
@@ -39,6 +40,7 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> bool:
     return False
 
 
+@pytest.mark.e2e  # kills a subprocess
 def test_killed_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     script = [sys.executable, "tests/kill_train.py"]
     whole = start([*script, str(tmp_path / "whole"), str(tiny_model_dir)])
@@ -70,6 +72,7 @@ def test_partial_checkpoints_are_passed_over(tmp_path):
     assert last_checkpoint(str(tmp_path / "missing")) is None
 
 
+@pytest.mark.e2e  # kills a subprocess
 def test_killed_data_stage_leaves_it_whole_or_absent(tiny_model_dir, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -99,6 +102,7 @@ with atomic_directory(Path(sys.argv[1])) as staging:
 """
 
 
+@pytest.mark.e2e  # kills a subprocess
 def test_killed_stage_write_keeps_the_previous_folder(tmp_path):
     """Geometry, eval and export write their folders the same way: killed mid-write, the previous folder
     (here a finished earlier version) stays whole and nothing half-written takes its name."""

@@ -12,12 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_kill import kill_when
 
 from refcal.calibration.geometry.directions import Geometry
 from refcal.train.run import STAGES
+
+pytestmark = pytest.mark.e2e  # kills `refcal run` subprocesses in every stage, then resumes them
 
 ROOT = Path(__file__).resolve().parent.parent
 REFCAL = Path(sys.executable).with_name("refcal")

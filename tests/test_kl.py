@@ -68,6 +68,7 @@ def assert_same_kl(model, tokenizer, reference_mode, current_mode, batch_size=3)
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj", "lm_head"]])
+@pytest.mark.slow
 def test_kl_of_an_adapter_matches_the_full_logits(tiny_model_dir, targets):
     model, tokenizer = load_model(str(tiny_model_dir))
     peft_model = adapted(model, targets)
@@ -77,6 +78,7 @@ def test_kl_of_an_adapter_matches_the_full_logits(tiny_model_dir, targets):
     )
 
 
+@pytest.mark.slow
 def test_lm_head_adapter_takes_part(tiny_model_dir):
     """With lm_head targeted, its LoRA is in the KL: the same model without it gives another value."""
     model, tokenizer = load_model(str(tiny_model_dir))
@@ -87,6 +89,7 @@ def test_lm_head_adapter_takes_part(tiny_model_dir):
     assert total != pytest.approx(kl_sums(without_head, tokenizer, PROMPTS, RESPONSES, without_head.disable_adapter)[0])
 
 
+@pytest.mark.slow
 def test_kl_of_a_hook_intervention_matches_the_full_logits(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     torch.manual_seed(3)
@@ -95,6 +98,7 @@ def test_kl_of_a_hook_intervention_matches_the_full_logits(tiny_model_dir):
         assert_same_kl(model, tokenizer, nullcontext, lambda: ablate_directions(model, direction), batch_size)
 
 
+@pytest.mark.slow
 def test_kl_with_logit_soft_capping_matches_the_full_logits(tokenizer):
     config = Gemma2Config(
         vocab_size=len(tokenizer),
@@ -114,6 +118,7 @@ def test_kl_with_logit_soft_capping_matches_the_full_logits(tokenizer):
     assert total != pytest.approx(kl_sums(peft_model, tokenizer, PROMPTS, RESPONSES, peft_model.disable_adapter)[0])
 
 
+@pytest.mark.slow
 def test_the_lm_head_sees_only_the_scored_positions(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = []

@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.e2e  # every test starts `accelerate launch` over two processes
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STAGE_LINE = "→ {}\n"
@@ -157,7 +159,7 @@ def test_retrain_is_one_ddp_run(e2e, tmp_path):
     assert "global batch 8 = 2 per device x 2 x 2 accumulation steps" in log
     assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
     history = json.loads((tmp_path / "two" / "train" / "log_history.json").read_text())
-    assert all("reg_onset" in e for e in history if "loss" in e)
+    assert all("loss/onset" in e for e in history if "loss" in e)
     card = json.loads((tmp_path / "two" / "export" / "adapter" / "calibration_card.json").read_text())
     assert "grammar" in card["calibrate_tasks"]
 
@@ -177,7 +179,7 @@ def test_dpo_is_one_ddp_run(e2e, tmp_path):
     assert (engine(tmp_path / "two")["global_batch"], engine(tmp_path / "one")["global_batch"]) == (4, 4)
     assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
     history = json.loads((tmp_path / "two" / "train" / "log_history.json").read_text())
-    assert all("rewards/chosen" in e and "reg_keep" in e for e in history if "loss" in e)
+    assert all("rewards/chosen" in e and "loss/keep" in e for e in history if "loss" in e)
 
 
 def test_inference_is_spread_over_the_processes_with_one_processs_answers(e2e, tmp_path):

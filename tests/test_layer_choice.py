@@ -73,6 +73,7 @@ def assert_tables_equal(table: list[dict], reference: list[dict]) -> None:
             assert row[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), (row["layer"], key)
 
 
+@pytest.mark.slow
 def test_choice_matches_plain_passes(model, tokenizer, geometry, batch_size=3):
     harmful, benign = HARMFUL + LONGER[:2], BENIGN + LONGER[2:]
     encoded = layer_choice.encode_prompts(model, tokenizer, harmful + benign, [False] * 6 + [True] * 6, batch_size)

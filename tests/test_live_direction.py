@@ -20,6 +20,7 @@ def test_difference_in_means_is_unit_and_projects_the_benign_mean():
     assert torch.allclose(benign_projection, torch.einsum("ld,ld->l", benign.mean(0), directions))
 
 
+@pytest.mark.slow
 def test_training_follows_the_direction_of_the_model_being_trained(tiny_model_dir, tmp_path):
     """Refreshed every 2 steps over 4, the keep term ends on the final model's own difference in means,
     not on the frozen r it started with; the step of the last refresh is the last step."""

@@ -126,6 +126,7 @@ def build_in_child(model_dir: str, cache: str, work: str, barrier, results) -> N
     results.put((work, str(path), err.getvalue()))
 
 
+@pytest.mark.slow
 def test_two_builds_of_one_organism_leave_one_whole_entry_and_the_second_reuses_it(tiny_model_dir, tmp_path):
     cache = tmp_path / "cache"
     context = multiprocessing.get_context("spawn")

@@ -3,6 +3,7 @@ logged means reach the log."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -65,6 +66,7 @@ def onset_alone(tiny_model_dir, tmp_path, monkeypatch):
     return trainer
 
 
+@pytest.mark.slow
 def test_terms_at_weight_zero_are_neither_hooked_nor_run(onset_alone):
     trainer = onset_alone
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -79,7 +81,7 @@ def test_terms_at_weight_zero_are_neither_hooked_nor_run(onset_alone):
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 2
     for entry in steps:
-        assert "reg_onset" in entry and not {"reg_keep", "reg_collapse", "reg_retain", "reg_distill"} & set(entry)
+        assert "loss/onset" in entry and not {"loss/keep", "loss/collapse", "loss/retain", "loss/distill"} & set(entry)
 
 
 def test_the_onset_term_alone_adds_its_batch_mean_to_the_language_modelling_loss(onset_alone):
@@ -102,6 +104,7 @@ def test_the_onset_term_alone_adds_its_batch_mean_to_the_language_modelling_loss
     assert language_modelling.item() > 0 and onset.item() > 0
 
 
+@pytest.mark.slow
 def test_a_trainer_needs_no_regularizer_without_geometry_terms(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = sft_rows()
@@ -109,11 +112,12 @@ def test_a_trainer_needs_no_regularizer_without_geometry_terms(tiny_model_dir, t
     trainer = sft_trainer(model, tokenizer, rows, tmp_path / "a", LossWeights(onset=1.0), onset=onset)
     assert trainer.regularizer is None
     trainer.train()
-    assert all("reg_onset" in e and "reg_keep" not in e for e in trainer.state.log_history if "loss" in e)
+    assert all("loss/onset" in e and "loss/keep" not in e for e in trainer.state.log_history if "loss" in e)
     with pytest.raises(ValueError, match="no GeometryRegularizer"):
         sft_trainer(load_model(str(tiny_model_dir))[0], tokenizer, rows, tmp_path / "b", LossWeights(keep=1.0))
 
 
+@pytest.mark.slow
 def test_logged_terms_are_floats_and_the_mean_of_their_steps(tiny_model_dir, tmp_path):
     """Per-step means stay device tensors until the Trainer logs; each logged value is the float mean of the
     steps that had the term's rows (batches of 2 rows: some steps have no benign or no over_refusal row)."""
@@ -130,7 +134,7 @@ def test_logged_terms_are_floats_and_the_mean_of_their_steps(tiny_model_dir, tmp
     log = trainer.log
 
     def spy(logs, start_time=None):
-        pending.append({k: list(v) for k, v in trainer._metrics["train"].items() if k.startswith("reg_")})
+        pending.append({k: list(v) for k, v in trainer._metrics["train"].items() if k.startswith("loss/")})
         log(logs, start_time)
 
     trainer.log = spy
@@ -139,7 +143,7 @@ def test_logged_terms_are_floats_and_the_mean_of_their_steps(tiny_model_dir, tmp
     assert [entry["step"] for entry in entries] == [2, 4]
     skipped = 0
     for entry, steps in zip(entries, pending):
-        assert set(steps) == {"reg_keep", "reg_collapse", "reg_retain", "reg_onset"}
+        assert set(steps) == {"loss/keep", "loss/collapse", "loss/retain", "loss/onset"}
         for key, values in steps.items():
             assert len(values) == 2 and all(torch.is_tensor(v) and v.dim() == 0 for v in values)
             present = [float(v) for v in values if not math.isnan(float(v))]
@@ -179,6 +183,7 @@ def reads(monkeypatch):
     return state
 
 
+@pytest.mark.slow
 def test_a_step_reads_one_value_back_from_the_device(tiny_model_dir, tmp_path, reads):
     """Every term runs: the regularizer, the onset term and the labels' branch read nothing back; the
     finiteness check reads one value for the loss and all the terms together."""
@@ -196,6 +201,7 @@ def test_a_step_reads_one_value_back_from_the_device(tiny_model_dir, tmp_path, r
     assert reads["reads"] == ["__bool__", "__bool__"]  # one per step, two steps
 
 
+@pytest.mark.slow
 def test_capture_leaves_every_forward_unchanged(tiny_model_dir, tmp_path):
     """A capture hook returns nothing: a second forward inside the block (DPO's reference pass) computes
     its own states, not the captured ones of the first."""
@@ -227,6 +233,7 @@ def test_base_weights_are_bf16_only_for_bf16_training_on_an_accelerator():
     assert base_dtype(run(False, False, "cuda")) == "float32"
 
 
+@pytest.mark.slow
 def test_lora_weights_stay_fp32_on_a_bf16_base(tiny_model_dir, tmp_path):
     """PEFT upcasts the adapter of a bf16 base to fp32 (autocast_adapter_dtype), so a bf16 base halves the
     frozen weights and leaves the trained ones' precision alone."""
@@ -238,4 +245,22 @@ def test_lora_weights_stay_fp32_on_a_bf16_base(tiny_model_dir, tmp_path):
     parameters = dict(trainer.model.named_parameters())
     assert {p.dtype for n, p in parameters.items() if "lora_" in n} == {torch.float32}
     assert {p.dtype for n, p in parameters.items() if "lora_" not in n} == {torch.bfloat16}
-    assert all(math.isfinite(e["reg_onset"]) for e in trainer.state.log_history if "loss" in e)
+    assert all(math.isfinite(e["loss/onset"]) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_each_loss_term_has_one_name_from_its_weight_field_to_its_logged_metric():
+    """The table's rows: a config field `<name>_weight`, a module that computes the term, a metric `loss/<name>`;
+    the weights a config sets are read through the table, and only the non-zero ones are active."""
+    import importlib
+
+    from refcal.train.config import RefcalArguments
+    from refcal.train.losses.table import LOSS_TERMS, LossWeights
+
+    fields = {spec.name for spec in dataclasses.fields(RefcalArguments)}
+    for term in LOSS_TERMS:
+        assert term.weight_field in fields and term.metric == f"loss/{term.name}"
+        importlib.import_module(term.module)
+    assert {term.name for term in LOSS_TERMS} == {spec.name for spec in dataclasses.fields(LossWeights)}
+    args = RefcalArguments(onset_weight=1, distill_weight=0.5)
+    weights = LossWeights.from_config(args)
+    assert weights.active() == ("onset", "distill") and weights.of("distill") == 0.5 and not weights.uses_geometry

@@ -133,6 +133,7 @@ def test_parse_label(text, label):
     assert parse_label(text) == label
 
 
+@pytest.mark.slow
 def test_local_model_judge_picks_the_likeliest_label_word(tiny_model_dir):
     from refcal.calibration.models import load_model
 

@@ -165,6 +165,7 @@ def test_onset_logits_are_the_models_own_next_token_logits(onset_trainer):
     assert not torch.allclose(rebuilt, own[rows_, batch["last_prompt"] - 1], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_the_onset_term_alone_moves_refusal_onset_the_right_way(onset_trainer):
     """With every other loss off, training on the onset term teaches the model to open over_refusal rows
     with a refusal far less often than harmful rows, as its own next-token distribution shows. The random model first
@@ -195,5 +196,5 @@ def test_the_onset_term_alone_moves_refusal_onset_the_right_way(onset_trainer):
     assert 0.1 < before["over_refusal"] < 0.9 and before["harmful"] < 1.5 * before["over_refusal"]
     # the rows' states are nearly alike in a random model, so the two kinds are told apart, not both moved
     assert after["over_refusal"] < before["over_refusal"] / 2 and after["harmful"] > 3 * after["over_refusal"]
-    logged = [e["reg_onset"] for e in trainer.state.log_history if "reg_onset" in e]
+    logged = [e["loss/onset"] for e in trainer.state.log_history if "loss/onset" in e]
     assert len(logged) == 30 and logged[-1] < logged[0]

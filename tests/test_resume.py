@@ -54,6 +54,7 @@ def train(tiny_model_dir, output_dir, kill_at: int | None = None, resume: bool =
     return {"weights": weights, "losses": losses, "step": trainer.state.global_step, "steps_run": counter.steps}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     whole = train(tiny_model_dir, tmp_path / "whole")
     with pytest.raises(Killed):

@@ -89,6 +89,7 @@ def test_take_removes_flags_and_values():
     assert argv == ["--config", "c.yaml", "--seed", "1"] and _take(argv, "--adapter") is None
 
 
+@pytest.mark.slow
 def test_training_continues_the_parent_adapter(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = sft_rows()

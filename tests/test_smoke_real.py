@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 from conftest import EMBEDDED
 from fixtures import build_regularizer, make_trainer, sft_rows
 
@@ -12,6 +13,8 @@ from refcal.calibration.generation import generate
 from refcal.calibration.judges.phrases import COMPLY, REFUSE, PhraseJudge
 from refcal.calibration.models import decoder_layers, load_model
 from refcal.train.losses.onset import build_onset
+
+pytestmark = pytest.mark.e2e  # loads the real embedded SmolLM2-135M and trains it
 
 
 def test_real_model_trains_generates_and_is_judged(tmp_path):
@@ -40,10 +43,10 @@ def test_real_model_trains_generates_and_is_judged(tmp_path):
     assert len(steps) == 2
     for entry in steps:
         assert math.isfinite(entry["loss"]) and entry["loss"] > 0
-        assert all(math.isfinite(v) for k, v in entry.items() if k.startswith("reg_"))
-        assert {"reg_keep", "reg_collapse", "reg_retain", "reg_onset"} <= set(entry) and entry["reg_onset"] > 0
+        assert all(math.isfinite(v) for k, v in entry.items() if k.startswith("loss/"))
+        assert {"loss/keep", "loss/collapse", "loss/retain", "loss/onset"} <= set(entry) and entry["loss/onset"] > 0
     # before the first update the trainer reads the same hidden states the capture did
-    assert steps[0]["reg_keep"] < 1e-4 and abs(steps[0]["reg_collapse"] - 1) < 1e-3 and steps[0]["reg_retain"] < 1e-3
+    assert steps[0]["loss/keep"] < 1e-4 and abs(steps[0]["loss/collapse"] - 1) < 1e-3 and steps[0]["loss/retain"] < 1e-3
 
     trained = trainer.model.eval()
     prompts = [r["prompt"] for r in rows]

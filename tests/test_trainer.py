@@ -50,7 +50,7 @@ def test_shifted_positions_would_be_caught(setup):
     with torch.no_grad():
         trainer.compute_loss(trainer.model, {**batch, "last_prompt": batch["last_prompt"] + 1})
     metrics = trainer._metrics["eval"]
-    assert metrics["reg_retain"][-1] > 1e-3 or abs(metrics["reg_collapse"][-1] - 1) > 1e-3
+    assert metrics["loss/retain"][-1] > 1e-3 or abs(metrics["loss/collapse"][-1] - 1) > 1e-3
 
 
 def test_gradients_only_on_lora_parameters(setup):
@@ -94,26 +94,28 @@ def test_regularizer_gradient_reaches_lora(setup):
     )
 
 
+@pytest.mark.slow
 def test_train_logs_every_term_every_step(setup):
     trainer, rows = setup
     trainer.train()
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in steps] == [1, 2]
     for entry in steps:
-        assert "reg_onset" not in entry  # no onset term was given
+        assert "loss/onset" not in entry  # no onset term was given
         for term in GEOMETRY_TERMS:
-            assert f"reg_{term}" in entry, (term, entry)
-            assert math.isfinite(entry[f"reg_{term}"])
+            assert f"loss/{term}" in entry, (term, entry)
+            assert math.isfinite(entry[f"loss/{term}"])
         assert math.isfinite(entry["loss"])
     # step 1 is computed before any update: the reference values
-    assert steps[0]["reg_keep"] == pytest.approx(0.0, abs=1e-4)
-    assert steps[0]["reg_collapse"] == pytest.approx(1.0, abs=1e-4)
-    assert steps[0]["reg_retain"] == pytest.approx(0.0, abs=1e-4)
+    assert steps[0]["loss/keep"] == pytest.approx(0.0, abs=1e-4)
+    assert steps[0]["loss/collapse"] == pytest.approx(1.0, abs=1e-4)
+    assert steps[0]["loss/retain"] == pytest.approx(0.0, abs=1e-4)
     # after one update on a random tiny model the hidden states moved
-    assert steps[1]["reg_retain"] > 0
+    assert steps[1]["loss/retain"] > 0
 
 
 @pytest.mark.parametrize("supervised", [True, False])
+@pytest.mark.slow
 def test_a_padding_free_batch_trains_as_the_padded_one(tiny_model_dir, tmp_path, supervised):
     """The same rows laid end to end in one sequence: the same loss, terms and gradients as padded (the rows
     do not attend to each other, and every row's last prompt token is found), with or without answer targets."""
@@ -140,11 +142,11 @@ def test_a_padding_free_batch_trains_as_the_padded_one(tiny_model_dir, tmp_path,
         trainer.compute_loss(trainer.model, dict(batch)).backward()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         grads = [p.grad.clone() for n, p in sorted(trainer.model.named_parameters()) if "lora_B" in n]
-        terms = {k: float(v[-1]) for k, v in trainer._metrics["train"].items() if k.startswith("reg_")}
+        terms = {k: float(v[-1]) for k, v in trainer._metrics["train"].items() if k.startswith("loss/")}
         results.append((loss.item(), terms, grads))
     (padded_loss, padded_terms, padded_grads), (free_loss, free_terms, free_grads) = results
     assert free_loss == pytest.approx(padded_loss, rel=1e-4)
-    assert free_terms.keys() == padded_terms.keys() and "reg_onset" in free_terms
+    assert free_terms.keys() == padded_terms.keys() and "loss/onset" in free_terms
     for term, value in padded_terms.items():
         assert free_terms[term] == pytest.approx(value, rel=1e-4, abs=1e-6), term
     for free, padded in zip(free_grads, padded_grads):
@@ -160,7 +162,7 @@ def test_last_prompt_positions_rejects_rows_without_completion():
 
 @pytest.fixture
 def target_free(tiny_model_dir, tmp_path):
-    """objective: geometry's rows: over_refusal rows carry a completion but no answer target."""
+    """objective: target_free's rows: over_refusal rows carry a completion but no answer target."""
     model, tokenizer = load_model(str(tiny_model_dir))
     rows = [{**r, "supervised": r["kind"] != "over_refusal"} for r in sft_rows()]
     regularizer = build_regularizer(model, tokenizer, rows, LAYERS)
@@ -238,9 +240,10 @@ def test_tail_positions_match_their_references_at_step_zero(tiny_model_dir, tmp_
     trainer.model.eval()
     with torch.no_grad():  # one token early, the references no longer match
         trainer.compute_loss(trainer.model, {**batch, "last_prompt": batch["last_prompt"] - 1})
-    assert trainer._metrics["eval"]["reg_retain"][-1] > 1e-3
+    assert trainer._metrics["eval"]["loss/retain"][-1] > 1e-3
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_adapter_bytes(tiny_model_dir, tmp_path):
     """Reproducibility on CPU: two runs with one seed write byte-identical adapters, whatever ran before."""
     adapters = []

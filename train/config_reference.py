@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from refcal.train.config import PROJECT_ROOT, RefcalArguments
+from refcal.train.config import PROJECT_ROOT, RefcalArguments, field_groups
 
 PAGE = PROJECT_ROOT / "docs" / "configuration.md"
 INTRO = """# Configuration reference
@@ -25,8 +25,17 @@ The defaults are the recommended form: `objective: target_free` with `onset_weig
 terms off. Unless a config sets them, the device is the machine's (the CPU when it has no accelerator),
 the precision is TRL's choice for that device, and the Trainer's checkpoints go to `run_dir/train`.
 
-## refcal's fields
+refcal's own fields come in groups (`GROUP_STARTS` in train/config.py); TRL's follow.
 """
+GROUPS = {  # the order of the page, and what each group is for
+    "model and data": "The run folder, the task clusters, the recipe's sizes and splits, the organism, how models run.",
+    "calibration": "The geometry (directions, subspaces, the refusal layer) and the targets calibration trains on.",
+    "training": "The objective and the loss terms (each `<name>_weight` is logged as `loss/<name>`; 0 leaves the "
+    "term out), beside TRL's training fields below.",
+    "evaluation and gate": "Evaluation sets and judges, the safety gate and export, scan and the baselines.",
+    "research": "Knobs of the studies in docs/regularizer-study.md: no shipped config sets them, and their defaults "
+    "are what the studies chose.",
+}
 
 
 def default_text(spec: dataclasses.Field) -> str:
@@ -40,15 +49,20 @@ def default_text(spec: dataclasses.Field) -> str:
 
 
 def render() -> str:
-    lines = [INTRO, "| field | default | what it does |", "|---|---|---|"]
-    for spec in dataclasses.fields(RefcalArguments):
-        help_text = spec.metadata.get("help", "").replace("|", "\\|")
-        choices = spec.metadata.get("choices")
-        if choices:
-            help_text += f" Choices: {', '.join(f'`{c}`' for c in choices)}."
-        lines.append(f"| `{spec.name}` | {default_text(spec)} | {help_text} |")
+    lines = [INTRO]
+    groups = field_groups()
+    for group, purpose in GROUPS.items():
+        lines += [f"## {group.capitalize()}", "", purpose, "", "| field | default | what it does |", "|---|---|---|"]
+        for spec in dataclasses.fields(RefcalArguments):
+            if groups[spec.name] != group:
+                continue
+            help_text = spec.metadata.get("help", "").replace("|", "\\|")
+            choices = spec.metadata.get("choices")
+            if choices:
+                help_text += f" Choices: {', '.join(f'`{c}`' for c in choices)}."
+            lines.append(f"| `{spec.name}` | {default_text(spec)} | {help_text} |")
+        lines.append("")
     lines += [
-        "",
         "## TRL's fields",
         "",
         "Every field of TRL's [`ModelConfig`](https://huggingface.co/docs/trl/main/en/model_config) (LoRA, "

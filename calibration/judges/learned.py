@@ -3,7 +3,7 @@
 Training data: XSTest v2's human-labelled completions (Röttger et al. 2024; five models x 450 prompts,
 three classes), read from the benchmark data folder, so nothing is downloaded and nothing is pickled: the
 judge is refitted (a few seconds) whenever it is built, deterministically. Its version names the settings
-and a hash of the training labels, and bench/judge_agreement.py validates it leave-one-model-out.
+and a hash of the training labels, and calibration/judges/validation.py validates it leave-one-model-out.
 
 Features: word 1-3 grams of the answer's opening (where a refusal says so) and 1-2 grams of the whole
 answer (where a partial refusal turns), after folding case and contractions ("can't" -> "cannot") so that

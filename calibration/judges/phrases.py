@@ -63,7 +63,7 @@ JUDGES = ("learned", "phrases", "local_model", "http")
 
 
 def judge_validation(version: str) -> dict | None:
-    """The validation figures bench/judge_agreement.py recorded for this judge version, if any."""
+    """The validation figures calibration/judges/validation.py recorded for this judge version, if any."""
     path = Path(__file__).with_name("judge_validation.json")
     if not path.is_file():
         return None

@@ -14,10 +14,10 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from refcal.calibration.activations import backbone, layer_output
 from refcal.calibration.evaluation import output_logits
 from refcal.calibration.models import decoder_layers
+from refcal.train.losses.distill import FirstTokenDistill
 from refcal.train.losses.onset import RefusalOnset
 from refcal.train.losses.regularizer import GeometryRegularizer
-from refcal.train.losses.self_distill import FirstTokenGuard
-from refcal.train.losses.table import GEOMETRY_TERMS, OUTPUT_TERMS, LossWeights
+from refcal.train.losses.table import GEOMETRY_TERMS, OUTPUT_TERMS, TERMS, LossWeights
 
 FINAL = "final"  # the captured key of the backbone's output (the final norm's), for the output-side terms
 ANY_SUPERVISED = "any_supervised"  # the collator's word on whether a batch has answer targets, known on the host
@@ -110,11 +110,10 @@ def metrics_to_host(metrics: dict[str, list]) -> None:
 
 
 class GeometryRegularized:
-    """Mixin for a TRL trainer: weighted keep / collapse / retain terms on the hidden state at the last
-    prompt token (or the prompt's last few: regularizer.positions), and optionally two output-side terms on
-    the logits there: the refusal-onset term (train/losses/onset.py) and the self-distillation guard
-    (train/losses/self_distill.py), each logged every step. Only the terms with a non-zero weight run: a term at 0
-    is not computed, hooked or logged.
+    """Mixin for a TRL trainer: the loss table's terms (train/losses/table.py) beside the trainer's own loss:
+    keep / collapse / retain on the hidden state at the last prompt token (or the prompt's last few:
+    regularizer.positions), onset and distill on the next-token logits there, each logged as `loss/<name>`.
+    Only the terms with a non-zero weight run: a term at 0 is not computed, hooked or logged.
 
     The reference values live in `regularizer` (cached from the frozen model), so no second model is
     held in memory. In training each term is a mean over the global batch, as the language-modelling loss
@@ -132,20 +131,20 @@ class GeometryRegularized:
         regularizer: GeometryRegularizer | None = None,
         weights: LossWeights,
         onset: RefusalOnset | None = None,
-        guard: FirstTokenGuard | None = None,
+        distill: FirstTokenDistill | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer.to(self.accelerator.device) if regularizer is not None else None
         self.onset = onset.to(self.accelerator.device) if onset is not None else None
-        self.guard = guard.to(self.accelerator.device) if guard is not None else None
+        self.distill = distill.to(self.accelerator.device) if distill is not None else None
         self.weights = weights
         if self.weights.uses_geometry and regularizer is None:
             raise ValueError("keep, collapse or retain weight is set but the trainer was given no GeometryRegularizer")
         if self.weights.onset and onset is None:
             raise ValueError("onset_weight is set but the trainer was given no RefusalOnset")
-        if self.weights.distill and guard is None:
-            raise ValueError("distill_weight is set but the trainer was given no FirstTokenGuard")
+        if self.weights.distill and distill is None:
+            raise ValueError("distill_weight is set but the trainer was given no FirstTokenDistill")
         # compute_loss raises on a non-finite loss, so the Trainer's own filter of one could never act; it would
         # cost two reads from the device per step
         self.args.logging_nan_inf_filter = False
@@ -159,7 +158,7 @@ class GeometryRegularized:
     @property
     def output_terms(self) -> dict[str, nn.Module]:
         """The output-side terms in the loss, by logged name: each reads the logits at the last prompt token."""
-        modules = {"onset": self.onset, "distill": self.guard}
+        modules = {"onset": self.onset, "distill": self.distill}
         return {term: modules[term] for term in self.weights.active(OUTPUT_TERMS) if modules[term] is not None}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -246,7 +245,7 @@ class GeometryRegularized:
         self._check_finite(loss, means, regularized)
         mode = "train" if model.training else "eval"
         for term, mean in means.items():  # NaN marks a step without the term's rows: log leaves it out
-            self._metrics[mode][f"reg_{term}"].append(torch.where(global_counts[term] > 0, mean, torch.nan))
+            self._metrics[mode][TERMS[term].metric].append(torch.where(global_counts[term] > 0, mean, torch.nan))
         return regularized
 
     def _terms(self, model, captured, positions, row_index) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -174,7 +174,7 @@ def training_section(run_dir: Path) -> str:
     if history is None:
         return "<h2>Training</h2>" + _missing("training log", "train")
     steps = [entry for entry in history if "loss" in entry and "step" in entry]
-    terms = sorted({k for e in steps for k in e if k == "loss" or k.startswith(("reg_", "rewards/"))})
+    terms = sorted({k for e in steps for k in e if k == "loss" or k.startswith(("loss/", "rewards/"))})
     parts = ["<h2>Training</h2>"]
     if not steps:
         return "\n".join(parts + ["<p>No logged steps.</p>"])
@@ -226,12 +226,15 @@ def evaluation_section(run_dir: Path) -> str:
         _table(["prompts", "n", "before", "after"], rows),
     ]
     gate = _read_json(run_dir / "gate.json")
-    if gate and "measures" in gate:
-        parts += [f"<h3>Safety gate: {'passed' if gate['passed'] else 'failed'} ({html.escape(gate['on'])})</h3>", _table(
-            ["measure", "what", "n", "before", "after", "safe share kept", "passed"],
-            [[name, m["measure"], m["n"], _pct(m["before"]), _pct(m["after"]), _pct(m["kept"]), "yes" if m["passed"] else "NO"]
-             for name, m in gate["measures"].items()],
+    if gate and "tolerance" in gate:
+        parts += [f"<h3>Safety gate: {'passed' if gate['passed'] else 'failed'} ({html.escape(gate['on'])}; "
+                  f"loss bound at most {gate['tolerance']:.0%})</h3>", _table(
+            ["measure", "what", "n", "before", "after", "lost", "gained", "95% bound on the loss", "passed"],
+            [[name, m["measure"], m["n"], _pct(m["before"]), _pct(m["after"]), m["lost"], m["gained"],
+              _pct(m["loss_upper_bound"]), "yes" if m["passed"] else "NO"] for name, m in gate["measures"].items()],
         )]  # fmt: skip
+        if gate["missing"]:
+            parts.append(f"<p>Missing, so failed: {html.escape(', '.join(gate['missing']))}</p>")
     parts += answer_samples(run_dir / "eval" / "generations.jsonl")
     if outcomes:
         parts += ["<h3>Frame attacks after calibration</h3>", _table(

@@ -135,9 +135,10 @@ def judge_line(judge: dict) -> str:
 def gate_line(gate: dict | None) -> str:
     if gate is None:
         return "not applied"
-    if "measures" not in gate:  # a card from before the gate looked at every harmful-side measure
-        kept = ", ".join(f"{kind} {'-' if v is None else format(v, '.0%')}" for kind, v in gate["kept"].items())
-        return f"{'passed' if gate['passed'] else 'FAILED'}; refusal kept: {kept} (threshold {gate['fraction']:.0%})"
+    if "tolerance" not in gate:  # a verdict of the ratio rule, recorded without paired bounds
+        return (
+            f"{'passed' if gate['passed'] else 'FAILED'} (ratio rule; `refcal export --force` applies the paired gate)"
+        )
     verdict = (
         "passed"
         if gate["passed"]
@@ -146,9 +147,10 @@ def gate_line(gate: dict | None) -> str:
         else "FAILED, export withheld"
     )
     shown = ", ".join(
-        f"{name} {m['before']:.0%} -> {m['after']:.0%} (n={m['n']})" for name, m in gate["measures"].items()
+        f"{name} {m['before']:.0%} -> {m['after']:.0%} (n={m['n']}, bound {m['loss_upper_bound']:.0%})"
+        for name, m in gate["measures"].items()
     )
-    return f"{verdict} on the {gate['on']} (each harmful-side measure keeps >= {gate['fraction']:.0%} of its safe share; refused, or for frame_attack and over_refusal rows carried out): {shown}"  # fmt: skip
+    return f"{verdict} on the {gate['on']} (each harmful-side measure's 95% upper bound on its loss of safe answers <= {gate['tolerance']:.0%}; refused, or for frame_attack and over_refusal rows not carried out): {shown}"  # fmt: skip
 
 
 def gate_report(gate: dict) -> str:

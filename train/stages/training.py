@@ -23,10 +23,11 @@ from refcal.calibration.infra.profiling import section
 from refcal.calibration.judges.phrases import refused
 from refcal.calibration.kinds import OVER_REFUSAL
 from refcal.train.config import dpo_config
+from refcal.train.losses.distill import build_distill
 from refcal.train.losses.live_direction import LiveDirection
 from refcal.train.losses.onset import build_onset
 from refcal.train.losses.regularizer import GeometryRegularizer
-from refcal.train.losses.self_distill import build_guard
+from refcal.train.losses.table import LossWeights
 from refcal.train.losses.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowIndexCollator
 from refcal.train.processes import LoggedPace, engine_record, shards_weights
 from refcal.train.resume import checkpoint_step, last_checkpoint
@@ -118,27 +119,27 @@ def stage_train(run) -> None:
         shutil.rmtree(run.path("sft_data"))  # built for another objective: build it again
     run.state.wait_for_everyone()
     run.every_process("sft_data", lambda: prepare_sft_data(run))
-    # on the device for the references built before training (regularizer, guard); FSDP and DeepSpeed shard
+    # on the device for the references built before training (regularizer, distill); FSDP and DeepSpeed shard
     # the model from the CPU themselves
     model, tokenizer = run.load(base_dtype(run), qlora=True, on_device=not shards_weights(run.state))
     geometry = run.geometry_for(model)
     train_rows = load_from_disk(str(run.path("sft_data") / ("preferences" if dpo else "dataset"))).to_list()
     if a.objective == "target_free" and a.geometry_targets == "none":  # the regularizer alone: no row has a target
         train_rows = [{**row, "supervised": False} for row in train_rows]
-    weights = a.loss_weights()
+    weights = LossWeights.from_config(a)
     regularizer = None  # only a geometry term in the loss needs its references (and the live direction, keep)
     if weights.uses_geometry:
         with section("regularizer references"):
             regularizer = build_regularizer(run, train_rows, geometry, model, tokenizer)
     calibrate = set(a.resolved_calibrate_tasks())
-    onset = build_onset(tokenizer, train_rows, calibrate, a.onset_min_refusal_share) if a.onset_weight else None
+    onset = build_onset(tokenizer, train_rows, calibrate, a.onset_min_refusal_share) if weights.onset else None
     peft_config = get_peft_config(run.model_args)
     if a.init_adapter:  # retraining: continue the parent adapter
         check_adapter_base(a.init_adapter, geometry.fingerprint)
         model = PeftModel.from_pretrained(model, a.init_adapter, is_trainable=True)
         peft_config = None
     with section("self-distillation references"):  # the model as training starts: the organism, or the parent adapter
-        guard = build_guard(model, tokenizer, train_rows) if a.distill_weight else None
+        distill = build_distill(model, tokenizer, train_rows) if weights.distill else None
     model.train()
     trainer_class = RefcalDPOTrainer if dpo else RefcalSFTTrainer
     trainer = trainer_class(
@@ -152,7 +153,7 @@ def stage_train(run) -> None:
         regularizer=regularizer,
         weights=weights,
         onset=onset,
-        guard=guard,
+        distill=distill,
     )
     if a.keep_direction == "live" and weights.keep:  # it moves the keep term alone: nothing to move at weight 0
         trainer.add_callback(LiveDirection(trainer.regularizer, tokenizer, train_rows, a.keep_refresh_steps))
@@ -179,7 +180,7 @@ def stage_train(run) -> None:
                 "base_weights": run.weights_description(True),
                 "geometry_weights": geometry.info.get("weights", "unquantised"),
                 "onset_tokens": None if onset is None else [tokenizer.decode([t]) for t in onset.onset_tokens.tolist()],
-                "distill_rows": None if guard is None else int(guard.guarded.sum()),
+                "distill_rows": None if distill is None else int(distill.guarded.sum()),
                 "keep_direction": a.keep_direction,
                 "engine": engine_record(trainer, seconds, checkpoint_step(checkpoint), pace),
             }

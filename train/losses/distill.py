@@ -38,7 +38,7 @@ def bucket_kl(reference: torch.Tensor, logits: torch.Tensor, tokens: torch.Tenso
     return torch.where(p > 0, p * (reference - bucket_logprobs(logits, tokens)), 0.0).sum(-1)
 
 
-class FirstTokenGuard(nn.Module):
+class FirstTokenDistill(nn.Module):
     """Each training row's reference (top-k tokens and their log-probabilities), indexed by row_index;
     rows that need not stay refused have none."""
 
@@ -49,7 +49,7 @@ class FirstTokenGuard(nn.Module):
         self.register_buffer("reference", reference.float())  # [N, k + 1]
 
     @classmethod
-    def from_logprobs(cls, guarded: list[bool], logprobs: torch.Tensor, top_k: int = TOP_K) -> FirstTokenGuard:
+    def from_logprobs(cls, guarded: list[bool], logprobs: torch.Tensor, top_k: int = TOP_K) -> FirstTokenDistill:
         """From the guarded rows' full first-token log-probabilities ([guarded rows, V])."""
         rows = torch.tensor(guarded, dtype=torch.bool)
         tokens = torch.zeros(len(guarded), top_k, dtype=torch.long)
@@ -71,7 +71,7 @@ class FirstTokenGuard(nn.Module):
         return torch.where(self.guarded[row_index], kl, 0.0).sum(), self.count(row_index)
 
 
-def build_guard(model, tokenizer, rows: list[dict], batch_size: int = 16) -> FirstTokenGuard:
+def build_distill(model, tokenizer, rows: list[dict], batch_size: int = 16) -> FirstTokenDistill:
     """The guard for these training rows, from `model` as it is before training."""
     guarded = [row["kind"] in SHOULD_REFUSE for row in rows]
     prompts = [row["prompt"] for row, g in zip(rows, guarded) if g]
@@ -79,4 +79,4 @@ def build_guard(model, tokenizer, rows: list[dict], batch_size: int = 16) -> Fir
         raise ValueError("distill_weight is set but no training row is harmful or frame_attack")
     with evaluating(model):
         logprobs = first_token_logprobs(model, tokenizer, prompts, batch_size)
-    return FirstTokenGuard.from_logprobs(guarded, logprobs)
+    return FirstTokenDistill.from_logprobs(guarded, logprobs)
