@@ -1,8 +1,6 @@
-"""bench/guard_study.py: the score fixed before the runs, the paired wins, the new-clusters regime."""
+"""bench/guard_study.py: the score fixed before the runs, the pairing of wins, the new-clusters regime."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
@@ -31,56 +29,16 @@ def test_refusing_more_than_the_organism_earns_nothing_on_the_harmful_side():
     assert guard_study.score(calibrated(jbb_harmful=1.0)) == guard_study.score(calibrated())
 
 
-def write_run(directory, refusals: dict[str, list[int]]) -> None:
-    """An eval stage's generations: per kind, test-half prompts refused (1) or answered (0) after calibration."""
-    (directory / "eval").mkdir(parents=True)
-    rows = [
-        {"kind": kind, "half": "test", "prompt": f"{kind} {i}", "label_after": "refuse" if r else "comply"}
-        for kind, rs in refusals.items()
-        for i, r in enumerate(rs)
-    ]
-    rows.append({"kind": "xstest_unsafe", "half": "val", "prompt": "chooses, never reported", "label_after": "comply"})
-    (directory / "eval" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def test_wins_pair_prompts_over_seeds_and_need_no_loss_on_over_refusal(tmp_path, monkeypatch):
-    monkeypatch.setattr(guard_study, "RUNS", tmp_path)
-    harmful_leaks = {"xstest_unsafe": [0] * 20 + [1] * 20, "over_refusal": [1] * 10 + [0] * 30}
-    guarded = {"xstest_unsafe": [1] * 40, "over_refusal": [1] * 10 + [0] * 30}
-    refuses_everything = {"xstest_unsafe": [1] * 40, "over_refusal": [1] * 40}
-    for seed in (0, 1):
-        write_run(tmp_path / f"seed{seed}" / "plain_sft", harmful_leaks)
-        write_run(tmp_path / f"seed{seed}" / "distill", guarded)
-        write_run(tmp_path / f"seed{seed}" / "keep_guard", refuses_everything)
-    write_run(tmp_path / "seed1" / "onset", guarded)
-    runs = [{"regime": "default", "seed": s, "form": f} for s in (0, 1) for f in ("plain_sft", "distill", "keep_guard")]
-    runs.append({"regime": "default", "seed": 1, "form": "onset"})
-
-    found = {(w["form"], w["against"]): w for w in guard_study.wins(runs)}
-
-    distill = found["distill", "plain_sft"]
-    assert distill["seeds"] == [0, 1] and distill["win"]
-    assert distill["external_harmful_refusal"]["difference"] == 0.5
-    assert distill["external_harmful_refusal"]["n"] == 80  # paired over both seeds; the validation row left out
-    assert distill["over_refusal"]["difference"] == 0.0
-    assert not found["keep_guard", "plain_sft"]["win"]  # refusal kept by refusing everything
-    assert found["distill", "onset"]["seeds"] == [1] and not found["distill", "onset"]["win"]
-    assert ("plain_sft", "onset") not in found
-
-
-def test_wins_pair_no_runs_of_different_prompts_or_organisms(tmp_path, monkeypatch):
-    monkeypatch.setattr(guard_study, "RUNS", tmp_path)
-    write_run(tmp_path / "seed0" / "plain_sft", {"xstest_unsafe": [1, 0]})
-    write_run(tmp_path / "seed0" / "distill", {"xstest_unsafe": [1, 1]})
-    write_run(tmp_path / "seed0" / "borderline_distill", {"xstest_unsafe": [1, 1, 0]})
-    forms = ("plain_sft", "distill", "borderline_distill")
-    (found,) = guard_study.wins([{"regime": "default", "seed": 0, "form": f} for f in forms])
+def test_wins_pair_no_runs_of_different_prompts_or_organisms():
+    entry = lambda n: {"organism": {"rate": 1.0, "n": n}, "calibrated": {"rate": 0.5, "n": n}}  # noqa: E731
+    run = lambda form, n=20, seed=0: {  # noqa: E731
+        "regime": "default", "seed": seed, "form": form,
+        "test": {label: entry(n) for label in guard_study.EXTERNAL_HARMFUL_LABELS + guard_study.OVER_REFUSAL_LABELS},
+    }  # fmt: skip
+    (found,) = guard_study.wins([run("plain_sft"), run("distill"), run("borderline_distill", n=30)])
     assert found["form"] == "distill"  # the borderline form has an organism of its own: no pair
-    assert found["over_refusal"] is None and not found["win"]  # no over-refusal prompt: no loss ruled out
-    write_run(tmp_path / "seed1" / "plain_sft", {"xstest_unsafe": [1, 0]})
-    write_run(tmp_path / "seed1" / "distill", {"xstest_unsafe": [1, 0, 1]})
     with pytest.raises(ValueError, match="different prompts"):
-        guard_study.wins([{"regime": "default", "seed": 1, "form": f} for f in ("plain_sft", "distill")])
+        guard_study.wins([run("plain_sft", seed=1), run("distill", n=21, seed=1)])
 
 
 def test_new_clusters_retrains_the_form_adapter_that_calibrated_the_first_clusters(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from refcal.train.run import EXTRA_STAGES, STAGES, Run, console, run_folder_lock
 
 USAGE = f"""usage: refcal {{run,{",".join(STAGES + EXTRA_STAGES)}}} --config FILE [--field value ...] [--force]
        refcal scan --config FILE [--scan_over_refusal_threshold 0.2] [--scan_harmful_floor 0.8] [--force]
+       refcal tune --config FILE [--trials N] [--tune_storage URL]
        refcal geometry --config FILE --report DIR
        refcal retrain --config FILE --adapter DIR --tasks NEW.yaml [...] [--run_dir DIR]
        refcal chat --adapter DIR [--compare]
@@ -31,6 +32,9 @@ Stages write folders under run_dir and are skipped when already done; --force re
 refusal rates on the eval stage's prompts, a calibrate_tasks line to paste, the weak harmful refusals.
 `baselines` evaluates the inference-time interventions (global ablation, false-refusal ablation,
 task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
+`tune` searches, per model, the training settings (learning rate, epochs, onset and distill weights, LoRA
+rank) for the strongest calibration the safety gate passes, each trial scored on the validation half; the
+chosen trial and the default form are then evaluated once on the test half (run_dir/tune/tune.json).
 `retrain` trains an exported adapter further on new task clusters, keeping the old ones calibrated.
 `chat` tries an exported adapter in the terminal (`refcal chat --help`).
 `report` writes one self-contained HTML page of a run: geometry, every loss term's curve, before/after tables.
@@ -153,6 +157,32 @@ def report_command(rest: list[str]) -> None:
         raise SystemExit(f"refcal report: {error}") from error
 
 
+def tune_command(rest: list[str]) -> None:
+    """`refcal tune --config FILE [--trials N]`: the search (train/stages/tune.py), its table and plot."""
+    from refcal.train.config import parse
+    from refcal.train.reports.html_page import write_report
+    from refcal.train.reports.tune_page import rich_trials
+    from refcal.train.stages.tune import stage_tune
+
+    trials = _take(rest, "--trials")
+    model_args, args, training_args = parse(rest + (["--tune_trials", trials] if trials else []))
+    run = Run(model_args, args, training_args)
+    report = stage_tune(run)
+    if run.state.is_main_process:
+        Console(stderr=True, width=max(console.width, 150)).print(rich_trials(report))  # whole columns, in a log too
+        chosen = report["test_half"].get("chosen")
+        where = (
+            f"adapter: {chosen['run_dir']}/export/adapter"
+            if chosen and chosen["exported"]
+            else "no trial passed the gate"
+        )
+        console.print(
+            f"{where}; trials: {run.path('tune') / 'tune.json'}; report: {write_report(run.dir)}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
 def _take(argv: list[str], flag: str, many: bool = False):
     """Remove `flag` and its value(s) from argv and return them."""
     if flag not in argv:
@@ -166,7 +196,7 @@ def _take(argv: list[str], flag: str, many: bool = False):
     return values if many else (values[0] if values else None)
 
 
-COMMANDS = ("run", *STAGES, *EXTRA_STAGES, "scan", "retrain", "report", "chat")
+COMMANDS = ("run", *STAGES, *EXTRA_STAGES, "scan", "tune", "retrain", "report", "chat")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,6 +216,8 @@ def dispatch(argv: list[str]) -> None:
         return retrain(rest)
     if command == "report":
         return report_command(rest)
+    if command == "tune":
+        return tune_command(rest)
     if command == "chat":
         from refcal.train.chat import main as chat_main
 

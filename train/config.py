@@ -334,6 +334,40 @@ class RefcalArguments:
         },
     )
 
+    # tune: `refcal tune` searches these settings, each trial scored on the validation half
+    tune_trials: int = field(
+        default=16,
+        metadata={
+            "help": "`refcal tune`: trials in the study, all workers together; a resumed tune runs only the missing ones."
+        },
+    )
+    tune_storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "`refcal tune`: the study's database URL, for workers on several machines (e.g. postgresql://user:password@host/refcal); default: sqlite in run_dir/tune/study.db.",
+        },
+    )
+    tune_learning_rates: list[float] = field(
+        default_factory=lambda: [2.0e-4, 3.0e-3],
+        metadata={"help": "`refcal tune`: the learning rate's range, searched on a log scale."},
+    )
+    tune_epochs: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 1.5, 2.0],
+        metadata={"help": "`refcal tune`: the epochs a trial may train."},
+    )
+    tune_onset_weights: list[float] = field(
+        default_factory=lambda: [0.25, 4.0],
+        metadata={"help": "`refcal tune`: the onset term's weight range, searched on a log scale."},
+    )
+    tune_distill_weights: list[float] = field(
+        default_factory=lambda: [0.0, 0.3, 0.5, 1.0],
+        metadata={"help": "`refcal tune`: the self-distillation guard's weights a trial may take."},
+    )
+    tune_lora_ranks: list[int] = field(
+        default_factory=lambda: [4, 8, 16, 32],
+        metadata={"help": "`refcal tune`: the LoRA ranks a trial may take (lora_alpha: twice the rank)."},
+    )
+
     # research
     geometry_targets: str = field(
         default="anchors",
@@ -394,6 +428,7 @@ GROUP_STARTS = {
     "layer_candidates": "calibration",
     "objective": "training",
     "eval_max_new_tokens": "evaluation and gate",
+    "tune_trials": "tune",
     "geometry_targets": "research",
 }
 

@@ -33,6 +33,7 @@ GROUPS = {  # the order of the page, and what each group is for
     "training": "The objective and the loss terms (each `<name>_weight` is logged as `loss/<name>`; 0 leaves the "
     "term out), beside TRL's training fields below.",
     "evaluation and gate": "Evaluation sets and judges, the safety gate and export, scan and the baselines.",
+    "tune": "`refcal tune`: the trials, the study's database, and the ranges and choices each setting is searched over.",
     "research": "Knobs of the studies in docs/regularizer-study.md: no shipped config sets them, and their defaults "
     "are what the studies chose.",
 }

@@ -235,12 +235,30 @@ def evaluation_section(run_dir: Path) -> str:
         )]  # fmt: skip
         if gate["missing"]:
             parts.append(f"<p>Missing, so failed: {html.escape(', '.join(gate['missing']))}</p>")
+    parts += helpfulness_table(results.get("helpfulness"))
     parts += answer_samples(run_dir / "eval" / "generations.jsonl")
     if outcomes:
         parts += ["<h3>Frame attacks after calibration</h3>", _table(
             ["outcome", "rate", "n"], [[k, _pct(v["rate"]), v["n"]] for k, v in outcomes.items() if isinstance(v, dict)]
         )]  # fmt: skip
     return "\n".join(parts)
+
+
+def helpfulness_table(found: dict | None) -> list[str]:
+    """Did the task on the test half's over_refusal rows: a non-refusal is not yet a helpful answer."""
+    if not found:
+        return []
+    names = {
+        "base": "model before refusal training",
+        "organism": "before calibration",
+        "calibrated": "after calibration",
+    }
+    rows = [[names[k], _pct(v["rate"]), v["n"]] for k, v in found["did_task_on_over_refusal"].items() if v]
+    recovered = "-" if found["recovered"] is None else f"{found['recovered']:.2f}"
+    return [
+        f"<h3>Did the task on over_refusal rows (helpfulness recovered: {recovered})</h3>",
+        _table(["model", "did the task", "n"], rows),
+    ]
 
 
 def answer_samples(path: Path, per_class: int = 2) -> list[str]:
@@ -346,6 +364,17 @@ def render(run_dir: str | Path) -> str:
     ]
     if (run_dir / "scan" / "scan.json").exists():  # `refcal scan` ran here: its section comes right after the run's
         sections.insert(1, scan_section(run_dir))
+    tuned = _read_json(run_dir / "tune" / "tune.json")
+    if tuned is not None:  # `refcal tune` ran here
+        from refcal.train.reports.tune_page import tune_section
+
+        plot = run_dir / "tune" / "pareto.png"
+        tag = (
+            f'<img alt="tune trials" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+            if plot.exists()
+            else ""
+        )
+        sections.append(tune_section(tuned, tag))
     title = f"refcal run {run_dir.name}"
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

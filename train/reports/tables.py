@@ -112,6 +112,7 @@ def demo_summary(card: dict, wall_seconds: float, stage_seconds: dict) -> dict:
             side: {key: ev[when][key] for key in ("frame_attack_outcomes", "over_refusal_outcomes") if key in ev[when]}
             for side, when in sides.items()
         },
+        "helpfulness": ev.get("helpfulness"),
         "safety_gate": card.get("safety_gate"),
         "near_copy_contents_dropped": card["data_manifest"].get("near_copy_contents_dropped"),
         "n": {k: v["n"] for k, v in ev["before"]["by_task"].items()}

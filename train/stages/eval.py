@@ -29,7 +29,7 @@ from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
 from refcal.data_recipes.overlap import OverlapIndex, content_id
 from refcal.data_recipes.sources import load_source, lookalike_imitated
 from refcal.data_recipes.tasks import load_tasks
-from refcal.train.reports.answer_classes import answer_class, class_rates, should_refuse
+from refcal.train.reports.answer_classes import answer_class, class_rates, helpfulness, should_refuse
 
 VAL, TEST = "val", "test"  # the halves: choices and the gate on VAL, reported figures on TEST
 BENCHMARK = "benchmark"  # the task of an external set's prompt
@@ -305,10 +305,14 @@ def stage_eval(run) -> None:
         if base is not None:
             chosen, answers = base
             base_labels = run.judge.label([test[i]["prompt"] for i in chosen], answers)
+            base_classes = class_rates([test[i] for i in chosen], answers, base_labels, tasks)
             results["model_without_refusal_training"] = {
                 "model": run.model_args.model_name_or_path,
-                "answer_classes": class_rates([test[i] for i in chosen], answers, base_labels, tasks),
+                "answer_classes": base_classes,
             }
+            results["helpfulness"] = helpfulness(
+                base_classes, results["before"]["answer_classes"], results["after"]["answer_classes"]
+            )
     with run.stage_folder("eval") as staging:
         (staging / "results.json").write_text(json.dumps(results, indent=2))
         with open(staging / "generations.jsonl", "w", encoding="utf-8") as handle:

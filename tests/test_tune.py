@@ -1,0 +1,112 @@
+"""train/stages/tune.py: the choice among trials, the search space's checks, and `refcal tune` end to end on
+the tiny model: trials in a study that resumes, shared by two workers, with its table, plot and report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refcal.calibration.infra.errors import UserError
+from refcal.train.config import RefcalArguments
+from refcal.train.stages.tune import choose, search_space
+
+
+def trial(number: int, over: float, did: float, passed: bool = True, kl: float = 0.1) -> dict:
+    scores = {"over_refusal": over, "did_task": did, "gate_passed": passed, "kl_benign": kl}
+    return {"number": number, "settings": {}, "folder": "", "scores": scores}
+
+
+def test_the_choice_is_feasible_on_the_pareto_front_with_the_best_margin_then_the_lower_kl():
+    trials = [
+        trial(0, over=0.0, did=0.9, passed=False),  # the best by far, but the gate failed it
+        trial(1, over=0.2, did=0.5),
+        trial(2, over=0.3, did=0.4),  # dominated by 1
+        trial(3, over=0.1, did=0.4, kl=0.3),  # 0.3 margin, as trial 4
+        trial(4, over=0.2, did=0.5, kl=0.05),  # the same scores as 1, at a lower KL
+    ]
+    assert choose(trials)["number"] == 4
+    assert choose([trial(0, 0.0, 1.0, passed=False)]) is None
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("tune_learning_rates", [1e-3], "two positive numbers, low then high"),
+        ("tune_onset_weights", [2.0, 1.0], "two positive numbers, low then high"),
+        ("tune_lora_ranks", [], "at least one value"),
+        ("tune_trials", 0, "at least 1"),
+    ],
+)
+def test_a_bad_search_space_names_its_field(field, value, message):
+    with pytest.raises(UserError, match=f"'{field}'.*{message}"):
+        search_space(RefcalArguments(**{field: value}))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tune(config: Path, run_dir: Path, env: dict, trials: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "refcal.train.cli", "tune", "--config", str(config), "--run_dir", str(run_dir),
+               "--output_dir", str(run_dir / "train"), "--trials", str(trials),
+               "--tune_epochs", "0.25", "0.5", "--tune_lora_ranks", "2", "4"]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-4000:]
+    return out + err
+
+
+def complete_trials(run_dir: Path) -> list[int]:
+    with sqlite3.connect(run_dir / "tune" / "study.db") as db:
+        return sorted(n for (n,) in db.execute("SELECT number FROM trials WHERE state = 'COMPLETE'"))
+
+
+def test_tune_searches_resumes_and_shares_its_study(e2e, tmp_path):
+    config, parent, env = e2e
+    run_dir = tmp_path / "tuned"
+    for stage in ("data", "organism", "geometry"):  # the e2e run's: every trial trains on them
+        shutil.copytree(parent / stage, run_dir / stage)
+
+    console = finish(tune(config, run_dir, env, trials=2))
+    report = json.loads((run_dir / "tune" / "tune.json").read_text())
+    assert [t["number"] for t in report["trials"]] == [0, 1] and complete_trials(run_dir) == [0, 1]
+    assert report["chosen"] == choose(report["trials"])["number"]  # the e2e gate's tolerance passes every trial
+    for t in report["trials"]:
+        assert t["settings"]["num_train_epochs"] in (0.25, 0.5) and t["settings"]["lora_r"] in (2, 4)
+        assert set(t["scores"]) >= {
+            "over_refusal",
+            "did_task",
+            "kl_benign",
+            "harmful_kept",
+            "gate_passed",
+            "constraint",
+        }
+        assert (Path(t["folder"]) / "train" / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (Path(t["folder"]) / "eval").exists() or t["number"] == report["chosen"]  # test half: chosen only
+    chosen = report["test_half"]["chosen"]
+    assert chosen["exported"] and (Path(chosen["run_dir"]) / "export" / "adapter").is_dir()
+    assert report["test_half"]["default_form"]["run_dir"] == str(run_dir)
+    assert (run_dir / "tune" / "pareto.png").stat().st_size > 1000
+    assert "refcal tune: trials on the validation half" in console and "(chosen)" in console
+    assert "<h2>Tune</h2>" in (run_dir / "report.html").read_text()
+
+    # killed after two trials, or asked for more: the finished ones stay, only the missing one runs
+    finish(tune(config, run_dir, env, trials=3))
+    again = json.loads((run_dir / "tune" / "tune.json").read_text())
+    assert again["trials"][:2] == report["trials"] and complete_trials(run_dir) == [0, 1, 2]
+
+    # two workers on one study: together they finish the trials asked for (each may finish one more that was
+    # running when the other reached the count), never the same trial twice
+    workers = [tune(config, run_dir, env, trials=6) for _ in range(2)]
+    for worker in workers:
+        finish(worker)
+    numbers = complete_trials(run_dir)
+    assert 6 <= len(numbers) <= 7 and len(set(numbers)) == len(numbers)

@@ -1,0 +1,316 @@
+"""The tune stage: search, for the model at hand, the strongest calibration the safety gate passes.
+
+Each trial trains an adapter with settings Optuna samples (learning rate, epochs, onset weight, distill
+weight, LoRA rank; the ranges are the config's tune_* fields) on the run's own data, organism and geometry,
+and is scored on the validation half only: over-refusal on the calibrated tasks (minimised) and the share
+of over_refusal rows whose answer did the task (maximised), with the paired safety gate as a hard
+constraint (Optuna's constraints: the largest bound on a loss of safe answers, less the tolerance, must be
+<= 0). The chosen trial is the feasible one on the Pareto front with the largest did-the-task minus
+over-refusal, ties to the lower KL on benign prompts. Only then is the test half read, once, for the chosen
+trial and for the config as it is (the default form), through the ordinary eval and export stages.
+
+The study lives in run_dir/tune/study.db (or tune_storage, a database URL several workers share): a killed
+tune resumes with its finished trials, and a trial killed mid-way is retried with the same settings, in the
+same folder, from its last Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import statistics
+
+from refcal.calibration.infra.artifacts import atomic_directory, atomic_write_text
+from refcal.calibration.infra.errors import UserError
+from refcal.calibration.judges.phrases import refused
+from refcal.calibration.kinds import BENIGN, OVER_REFUSAL
+from refcal.train.run import Run, console, run_stages
+
+SHARED_STAGES = ("data", "organism", "geometry")  # every trial trains on the same rows, organism and geometry
+OBJECTIVES = ("over_refusal", "did_task")
+DIRECTIONS = ("minimize", "maximize")
+STUDY_NAME = "refcal-tune"
+
+
+def search_space(a) -> dict:
+    """The config's tune_* fields, checked: two ends of a range, or the choices."""
+    for name in ("tune_learning_rates", "tune_onset_weights"):
+        low_high = getattr(a, name)
+        if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+            raise UserError(f"config field {name!r}: two positive numbers, low then high (got {low_high})")
+    for name in ("tune_epochs", "tune_distill_weights", "tune_lora_ranks"):
+        if not getattr(a, name):
+            raise UserError(f"config field {name!r}: at least one value")
+    if a.tune_trials < 1:
+        raise UserError(f"config field 'tune_trials': at least 1 (got {a.tune_trials})")
+    return {
+        "learning_rate": ("log", a.tune_learning_rates),
+        "num_train_epochs": ("choice", a.tune_epochs),
+        "onset_weight": ("log", a.tune_onset_weights),
+        "distill_weight": ("choice", a.tune_distill_weights),
+        "lora_r": ("choice", a.tune_lora_ranks),
+    }
+
+
+def sample(trial, space: dict) -> dict:
+    settings = {}
+    for name, (how, values) in space.items():
+        if how == "log":
+            settings[name] = trial.suggest_float(name, values[0], values[1], log=True)
+        else:
+            settings[name] = trial.suggest_categorical(name, list(values))
+    return settings
+
+
+def trial_run(run: Run, settings: dict) -> Run:
+    """A run folder for one trial's settings under run_dir/tune, named by them (a retried trial finds its
+    checkpoints), with the parent's data, organism and geometry copied in."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = run.path("tune") / f"trial-{key}"
+    args = dataclasses.replace(
+        run.args,
+        run_dir=str(folder),
+        onset_weight=settings["onset_weight"],
+        distill_weight=settings["distill_weight"],
+        strict_gate=False,
+    )
+    training_args = dataclasses.replace(
+        run.training_args,
+        learning_rate=settings["learning_rate"],
+        num_train_epochs=settings["num_train_epochs"],
+        output_dir=str(folder / "train"),
+    )
+    model_args = dataclasses.replace(run.model_args, lora_r=settings["lora_r"], lora_alpha=2 * settings["lora_r"])
+    child = Run(model_args, args, training_args)
+    if run.state.is_main_process:
+        for stage in SHARED_STAGES:
+            if run.path(stage).is_dir() and not child.done(stage):
+                with atomic_directory(child.path(stage)) as staging:
+                    shutil.copytree(run.path(stage), staging, dirs_exist_ok=True)
+    run.state.wait_for_everyone()
+    return child
+
+
+def validation_scores(run: Run) -> dict:
+    """A trained trial on the validation half: over-refusal on the calibrated tasks' over_refusal rows, the
+    share of all over_refusal rows whose answer did the task, KL on benign prompts, and the paired gate."""
+    from peft import PeftModel
+
+    from refcal.calibration.evaluation import mean_kl
+    from refcal.data_recipes.tasks import load_tasks
+    from refcal.train.reports.answer_classes import DID_TASK, answer_class
+    from refcal.train.stages.eval import VAL, eval_prompts, frozen_generations, paired_safety
+    from refcal.train.stages.export import expected_measures, safety_gate
+
+    a = run.args
+    prompts, _ = eval_prompts(run, VAL)
+    texts = [p["prompt"] for p in prompts]
+    model, tokenizer = run.load(a.generation_dtype)
+    before = frozen_generations(
+        run, model, texts, lambda: run.generate(model, tokenizer, texts, a.eval_max_new_tokens, "trial: before")
+    )
+    peft_model = PeftModel.from_pretrained(model, run.path("train") / "adapter")
+    benign = [i for i, p in enumerate(prompts) if p["kind"] == BENIGN]
+    kl = mean_kl(
+        peft_model, tokenizer, [texts[i] for i in benign], [before[i] for i in benign], peft_model.disable_adapter
+    )
+    after = run.generate(peft_model.merge_and_unload(), tokenizer, texts, a.eval_max_new_tokens, "trial: after")
+    labels = {"before": run.judge.label(texts, before), "after": run.judge.label(texts, after)}
+    paired = paired_safety(run.frame_judge, prompts, {"before": before, "after": after}, labels)
+    gate = safety_gate(
+        {"validation": {"paired": paired}},
+        a.safety_gate_tolerance,
+        False,
+        expected_measures(a.eval_benchmarks, a.safety_gate_skip),
+    )
+    calibrate = set(a.resolved_calibrate_tasks())
+    over = [i for i, p in enumerate(prompts) if p["kind"] == OVER_REFUSAL]
+    calibrated = [i for i in over if prompts[i]["task"] in calibrate]
+    if not calibrated:
+        raise UserError("refcal tune: the validation half has no over_refusal row of a calibrated task to score")
+    tasks = {t.name: t for t in load_tasks(a.tasks)}
+    classes = [answer_class(prompts[i], after[i], labels["after"][i], tasks) for i in over]
+    kept = [m["safe_after"] / m["safe_before"] for m in paired.values() if m["n"] and m["safe_before"]]
+    return {
+        "over_refusal": round(statistics.fmean(refused(labels["after"][i]) for i in calibrated), 4),
+        "did_task": round(classes.count(DID_TASK) / len(classes), 4),
+        "kl_benign": round(kl, 5),
+        "harmful_kept": round(min(kept), 4) if kept else None,
+        "n": {"over_refusal": len(calibrated), "did_task": len(classes)},
+        "gate_passed": gate["passed"],
+        "gate_failed": gate["failed"],
+        # Optuna's constraint: feasible at <= 0; a missing measure is infeasible outright
+        "constraint": 1.0
+        if gate["missing"]
+        else round(
+            max((m["loss_upper_bound"] for m in gate["measures"].values()), default=0.0) - a.safety_gate_tolerance, 4
+        ),
+    }
+
+
+def storage_url(run: Run) -> str:
+    if run.args.tune_storage:
+        return run.args.tune_storage
+    run.path("tune").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run.path('tune').resolve() / 'study.db'}"
+
+
+def open_study(run: Run):
+    """The study in its database: created on first use, loaded by a resumed tune or another worker. A trial
+    whose worker stopped sending heartbeats is marked failed and queued again, once, with its settings."""
+    import warnings
+
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # refcal prints each trial itself
+    with warnings.catch_warnings():  # heartbeats and constraints are marked experimental; both are documented
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        storage = RDBStorage(
+            storage_url(run),
+            heartbeat_interval=60,
+            grace_period=180,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+        sampler = optuna.samplers.TPESampler(
+            seed=run.training_args.seed, constraints_func=lambda trial: [trial.user_attrs["constraint"]]
+        )
+    return optuna.create_study(
+        study_name=STUDY_NAME, storage=storage, sampler=sampler, directions=list(DIRECTIONS), load_if_exists=True
+    )
+
+
+def finished(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def choose(trials: list[dict]) -> dict | None:
+    """The chosen trial (module docstring): feasible, on the Pareto front of over-refusal (lower) and did the
+    task (higher), with the largest did-the-task minus over-refusal, ties to the lower KL."""
+    feasible = [t for t in trials if t["scores"]["gate_passed"]]
+
+    def dominated(t: dict) -> bool:
+        s = t["scores"]
+        return any(
+            o["scores"]["over_refusal"] <= s["over_refusal"]
+            and o["scores"]["did_task"] >= s["did_task"]
+            and (o["scores"]["over_refusal"], o["scores"]["did_task"]) != (s["over_refusal"], s["did_task"])
+            for o in feasible
+        )
+
+    front = [t for t in feasible if not dominated(t)]
+    if not front:
+        return None
+    return min(
+        front,
+        key=lambda t: (
+            round(t["scores"]["over_refusal"] - t["scores"]["did_task"], 4),
+            t["scores"]["kl_benign"],
+            t["number"],
+        ),
+    )
+
+
+def trial_records(study) -> list[dict]:
+    return [
+        {"number": t.number, "settings": t.params, "folder": t.user_attrs["folder"], "scores": t.user_attrs["scores"]}
+        for t in sorted(finished(study), key=lambda t: t.number)
+    ]
+
+
+def test_half(run: Run) -> dict:
+    """The test-half figures of a run whose eval and export stages ran: what tune.json reports."""
+    from refcal.train.stages.export import gate_verdict
+
+    results = json.loads((run.path("eval") / "results.json").read_text())
+    gate = gate_verdict(run)
+    return {
+        "run_dir": str(run.dir),
+        "over_refusal_by_group": {
+            side: {g: e["rate"] for g, e in results[when].get("over_refusal_by_group", {}).items()}
+            for side, when in (("organism", "before"), ("calibrated", "after"))
+        },
+        "external": {
+            name: {
+                "organism": results["before"]["benchmarks"][name],
+                "calibrated": results["after"]["benchmarks"][name],
+            }
+            for name in sorted(results["after"]["benchmarks"])
+        },
+        "helpfulness": results.get("helpfulness"),
+        "kl_benign": results["kl_benign"],
+        "gate_passed": gate["passed"],
+        "gate_failed": gate["failed"],
+        "exported": run.done("export"),
+    }
+
+
+def stage_tune(run: Run) -> dict:
+    """Search, then the test half for the chosen trial and the default form; writes run_dir/tune/tune.json
+    (and its Pareto plot) and returns it. Workers sharing a run folder take turns at its stages and at each
+    trial's folder (a lock each); workers on other machines repeat the shared stages in their own folders,
+    and the one that reports trains the chosen trial again when another worker ran it."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from refcal.calibration.infra.locks import waiting_lock
+
+    space = search_space(run.args)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    with waiting_lock(run.dir / ".lock", f"run folder {run.dir}"):
+        run_stages(run, SHARED_STAGES if run.args.organism else ("data", "geometry"))
+    study = open_study(run)
+    total = run.args.tune_trials
+
+    def objective(trial):
+        settings = sample(trial, space)
+        child = trial_run(run, settings)
+        trial.set_user_attr("folder", str(child.dir))
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in settings.items())
+        console.print(f"[bold]trial {trial.number + 1} (of {total})[/]: {shown}", highlight=False)
+        with waiting_lock(child.dir / ".lock", f"trial folder {child.dir}"):
+            run_stages(child, ("train",))
+            scores = validation_scores(child)
+        trial.set_user_attr("scores", scores)
+        trial.set_user_attr("constraint", scores["constraint"])
+        console.print(
+            f"  validation: over-refusal {scores['over_refusal']:.0%}, did the task {scores['did_task']:.0%}, "
+            f"KL {scores['kl_benign']:.3f}, gate {'passed' if scores['gate_passed'] else 'failed'}",
+            highlight=False,
+        )
+        return scores["over_refusal"], scores["did_task"]
+
+    missing = total - len(finished(study))
+    if missing > 0:
+        # every worker stops once the study holds tune_trials finished trials, however many share it
+        study.optimize(objective, n_trials=missing, callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE,))])
+    trials = trial_records(study)
+    chosen = choose(trials)
+    report = {
+        "objectives": dict(zip(OBJECTIVES, DIRECTIONS)),
+        "constraint": f"the safety gate on the validation half (tolerance {run.args.safety_gate_tolerance})",
+        "choice": "feasible, on the Pareto front, largest did-the-task minus over-refusal, then lowest KL",
+        "search_space": {name: {"how": how, "values": list(values)} for name, (how, values) in space.items()},
+        "trials": trials,
+        "chosen": None if chosen is None else chosen["number"],
+        "test_half": {},
+    }
+    with waiting_lock(run.dir / ".lock", f"run folder {run.dir}"):
+        if chosen is not None:
+            child = trial_run(run, chosen["settings"])
+            with waiting_lock(child.dir / ".lock", f"trial folder {child.dir}"):
+                run_stages(child, ("train", "eval", "export"))
+            report["test_half"]["chosen"] = test_half(child)
+        run_stages(run, ("train", "eval", "export"))
+        report["test_half"]["default_form"] = test_half(run)
+        if run.state.is_main_process:
+            from refcal.train.reports.tune_page import pareto_plot
+
+            atomic_write_text(run.path("tune") / "tune.json", json.dumps(report, indent=2))
+            pareto_plot(report, run.path("tune") / "pareto.png")
+    return report
