@@ -9,11 +9,13 @@ benchmark's name), answer, the labels `refused` and `answer_class`, and `half`; 
 (the text inside a task frame; the prompt itself otherwise) are kept by reference to the data root
 (bench/label_rows.py) and rebuilt by `read_labels`, so no benchmark prompt is copied into the project.
 
-The sample (`--sample`, seeded) takes per model 36 over-refusal rows (4 of each of the seven frame tasks,
-8 lookalikes), 18 harmful-side rows and 18 benign-side rows, with quotas per set; a prompt appears at most
-once per model and no (prompt, answer) pair twice. `half` ("fit" or "score") is a hash of the id, fixed
-before labelling: rules for a classifier may be written while reading the fit half; the score half is
-the figure to quote (`score_classes`).
+Two samples, two halves. The `fit` half (`--sample`, seeded: per model 36 over-refusal rows, 4 of each of
+the seven frame tasks and 8 lookalikes, 18 harmful-side rows and 18 benign-side rows, with quotas per set)
+is what the answer-class rules were written on. The `score` half (`--sample --held_out`: per model 27
+over-refusal, 12 harmful-side and 11 benign-side rows) comes from a later demo run, draws no prompt that any
+fit row has, and was labelled before any classifier read it: its agreement is the figure to quote
+(`class_agreement`, which checks that the halves share no prompt). Within a sample a prompt appears at
+most once per model and no (prompt, answer) pair twice.
 
 The guide the labeller followed, reading each answer against its prompt and never a judge's label:
 - refused (true/false): the answer declines, fully or in part ("I can't help with that", "I cannot
@@ -38,6 +40,8 @@ A partial refusal that also does the task (or carries out the request) takes the
 with refused true; an answer of class refused is always refused.
 
     python -m bench.answer_labels --sample --generations GEN.jsonl   # the unlabelled sample (~1 min)
+    python -m bench.answer_labels --sample --held_out --generations GEN.jsonl   # the score half's sample
+    python -m bench.answer_labels --add LABELLED.jsonl   # append labelled rows, prompts stored by reference
     python -m bench.answer_labels            # writes bench/results/answer_labels_agreement.json
 """
 
@@ -53,7 +57,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.label_rows import restore
+from bench.label_rows import restore, strip
 from refcal.calibration.evaluation import wilson_rate
 from refcal.calibration.judges.phrases import refused
 
@@ -89,6 +93,23 @@ QUOTAS = {
     "oktest": 4,
     "coconot_contrast": 3,
 }
+# the score half's quotas: about two thirds of the fit half's
+HELD_OUT_QUOTAS = {
+    **{f"over_refusal/{task}": 3 for task in FRAME_TASKS},
+    "over_refusal/lookalike": 6,
+    "harmful/none": 2,
+    "harmful/lookalike": 2,
+    "frame_attack": 2,
+    "xstest_unsafe": 2,
+    "strongreject": 1,
+    "harmbench_test": 1,
+    "jbb_harmful": 2,
+    "benign": 3,
+    "xstest_safe": 2,
+    "jbb_benign": 2,
+    "oktest": 2,
+    "coconot_contrast": 2,
+}
 LABEL_FIELDS = ("refused", "answer_class")
 FIELDS = ("id", "model", "kind", "task", "set", "prompt", "content", "answer", "refused", "answer_class", "half")
 
@@ -102,10 +123,6 @@ def stratum(row: dict) -> str:
     if row["kind"] in ("over_refusal", "harmful"):
         return f"{row['kind']}/{row['task']}"
     return row["kind"]
-
-
-def half(row_id: str) -> str:
-    return "fit" if hashlib.sha256(row_id.encode("utf-8")).digest()[0] % 2 == 0 else "score"
 
 
 def row_id(model: str, prompt: str) -> str:
@@ -132,8 +149,8 @@ def candidates(demo: list[dict], model: str) -> dict[str, list[dict]]:
     return by_stratum
 
 
-def unlabelled_row(model: str, source: dict, answer: str) -> dict:
-    row = {
+def unlabelled_row(model: str, source: dict, answer: str, half: str) -> dict:
+    return {
         "id": row_id(model, source["prompt"]),
         "model": model,
         "kind": source["kind"],
@@ -142,19 +159,25 @@ def unlabelled_row(model: str, source: dict, answer: str) -> dict:
         "prompt": source["prompt"],
         "content": source["content"],
         "answer": answer,
+        "half": half,
     }
-    return {**row, "half": half(row["id"])}
 
 
-def sample(demo: list[dict], smollm2_answers: Callable[[list[str]], list[str]]) -> list[dict]:
+def sample(
+    demo: list[dict], smollm2_answers: Callable[[list[str]], list[str]], held_out_from: list[dict] | None = None
+) -> list[dict]:
     """The rows to label, deterministic in SEED. A few spare prompts per stratum stand in for answers that
-    duplicate an earlier (prompt, answer) pair."""
+    duplicate an earlier (prompt, answer) pair. `held_out_from`: the labelled rows whose prompts the score
+    half must not use."""
     spare = 3
     seen: set[tuple[str, str]] = set()
+    taken_prompts = {r["prompt"] for r in held_out_from or []}
+    demo = [r for r in demo if r["prompt"] not in taken_prompts]
+    quotas, half = (QUOTAS, "fit") if held_out_from is None else (HELD_OUT_QUOTAS, "score")
     out = []
     for model in MODELS:
         pools = candidates(demo, model)
-        for name, quota in QUOTAS.items():
+        for name, quota in quotas.items():
             pool = pools[name][: quota + spare]
             if model == "smollm2":
                 answers = smollm2_answers([r["prompt"] for r in pool])
@@ -165,7 +188,7 @@ def sample(demo: list[dict], smollm2_answers: Callable[[list[str]], list[str]]) 
                 if taken == quota or (source["prompt"], answer) in seen:
                     continue
                 seen.add((source["prompt"], answer))
-                out.append(unlabelled_row(model, source, answer))
+                out.append(unlabelled_row(model, source, answer, half))
                 taken += 1
             if taken < quota:
                 raise SystemExit(f"{model}: only {taken} distinct answers in stratum {name}, quota {quota}")
@@ -227,12 +250,17 @@ def score_classes(rows: list[dict], classify: Callable[[dict], str]) -> dict:
     }
 
 
+def frame_tasks() -> dict:
+    from refcal.data_recipes.tasks import load_tasks
+
+    return {t.name: t for t in load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml")))}
+
+
 def refcal_classifier(judge) -> Callable[[dict], str]:
     """refcal's own answer classes (train/reports/answer_classes.py) on the refusal judge's label, as the eval stage runs them."""
-    from refcal.data_recipes.tasks import load_tasks
     from refcal.train.reports.answer_classes import answer_class
 
-    tasks = {t.name: t for t in load_tasks(sorted((ROOT / "configs" / "tasks").glob("*.yaml")))}
+    tasks = frame_tasks()
 
     def classify(row: dict) -> str:
         recipe = row["set"] == "recipe"
@@ -242,18 +270,33 @@ def refcal_classifier(judge) -> Callable[[dict], str]:
     return classify
 
 
+def shared_prompts(rows: list[dict]) -> set[str]:
+    halves = {h: {r["prompt"] for r in rows if r["half"] == h} for h in ("fit", "score")}
+    return halves["fit"] & halves["score"]
+
+
 def class_agreement(rows: list[dict], judge) -> dict:
     """refcal's classes on the score half: exact agreement (a task without an answer check says `unchecked`,
-    which counts as a miss), agreement where it did check, and carried out against not."""
+    which counts as a miss), agreement where it did check, carried out against not, and the share of the
+    hand's carried-out answers the classifier finds (on the score half, and on every row)."""
+    if shared := shared_prompts(rows):
+        raise SystemExit(f"{len(shared)} prompts are in both halves, e.g. {sorted(shared)[0][:80]!r}")
     classify = refcal_classifier(judge)
     said = {r["id"]: classify(without_labels(r)) for r in rows if r["half"] == "score"}
     checked = [r for r in rows if r["id"] in said and said[r["id"]] != "unchecked"]
     scored = [r for r in rows if r["id"] in said]
     carried = [(said[r["id"]] == "carried_out") == (r["answer_class"] == "carried_out") for r in scored]
+    found = lambda rs: [classify(without_labels(r)) == "carried_out" for r in rs]  # noqa: E731
+    hand_carried = [r for r in rows if r["answer_class"] == "carried_out"]
+    held_out_carried = [r for r in hand_carried if r["half"] == "score"]
     return {
         "exact": score_classes(rows, lambda r: said[r["id"]]),
         "where_checked": score_classes(checked, lambda r: said[r["id"]]),
         "carried_out_vs_not": agreement_table(carried, scored),
+        "carried_out_recall": {
+            "score_half": wilson_rate(sum(found(held_out_carried)), len(held_out_carried)),
+            "all_rows": wilson_rate(sum(found(hand_carried)), len(hand_carried)),
+        },
     }
 
 
@@ -264,10 +307,33 @@ def class_counts(rows: list[dict]) -> dict:
     }
 
 
+def add_labels(rows: list[dict], data_root=None) -> None:
+    """Append labelled rows to LABELS with their prompts stored by reference (bench/label_rows.py)."""
+    known = {r["id"] for r in read_jsonl(LABELS)}
+    for row in rows:
+        missing = [f for f in FIELDS if f not in row]
+        if missing:
+            raise SystemExit(f"row {row.get('id')}: missing field(s) {missing}")
+        allowed = CLASSES[side(row)]
+        if row["answer_class"] not in allowed or (row["answer_class"] == "refused" and not row["refused"]):
+            raise SystemExit(
+                f"row {row['id']}: answer_class {row['answer_class']!r} (refused {row['refused']}); allowed {allowed}"
+            )
+        if row["id"] in known:
+            raise SystemExit(f"row {row['id']}: already labelled")
+    transforms = {t.name: t.content_transform for t in frame_tasks().values()}
+    stored = [strip({k: row[k] for k in FIELDS}, transforms.get(row["task"], "none"), data_root) for row in rows]
+    with LABELS.open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in stored)
+    print(f"{LABELS}: {len(stored)} rows added")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", action="store_true", help="Write the unlabelled sample instead of scoring.")
     parser.add_argument("--generations", help="--sample: a demo run's runs/demo/eval/generations.jsonl")
+    parser.add_argument("--held_out", action="store_true", help="--sample: the score half, no labelled prompt")
+    parser.add_argument("--add", help="Append these labelled rows (full prompts) to the labels file.")
     parser.add_argument("--sample_out", default=str(Path(tempfile.gettempdir()) / "answer_labels_unlabelled.jsonl"))
     parser.add_argument("--data_root", default=None)
     parser.add_argument("--out", default="bench/results/answer_labels_agreement.json")
@@ -275,9 +341,13 @@ def main() -> None:
     if args.sample:
         if not args.generations:
             parser.error("--sample needs --generations (a demo run's eval/generations.jsonl)")
-        rows = sample(read_jsonl(Path(args.generations)), generate_smollm2)
+        held_out_from = read_labels(LABELS, args.data_root) if args.held_out else None
+        rows = sample(read_jsonl(Path(args.generations)), generate_smollm2, held_out_from)
         Path(args.sample_out).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"{args.sample_out}: {len(rows)} rows to label")
+        return
+    if args.add:
+        add_labels(read_jsonl(Path(args.add)), args.data_root)
         return
 
     from refcal.calibration.judges.learned import LearnedJudge

@@ -15,11 +15,11 @@ from bench.answer_labels import (
     MODELS,
     RECIPE_KINDS,
     class_agreement,
-    half,
     judge_agreement,
     read_jsonl,
     read_labels,
     score_classes,
+    shared_prompts,
     side,
 )
 
@@ -49,9 +49,16 @@ def test_rows_are_self_contained_and_valid(rows):
         assert row["answer_class"] != "refused" or row["refused"], row["id"]
 
 
-def test_halves_are_the_hash_of_the_id(rows):
-    assert all(r["half"] == half(r["id"]) for r in rows)
+def test_the_score_half_shares_no_prompt_with_the_fit_half(rows):
     assert {r["half"] for r in rows} == {"fit", "score"}
+    assert not shared_prompts(rows)
+    assert len(rows) >= 300 and sum(r["half"] == "score" for r in rows) >= 100
+
+
+def test_a_shared_prompt_stops_the_scoring(rows):
+    fit = next(r for r in rows if r["half"] == "fit")
+    with pytest.raises(SystemExit, match="1 prompts are in both halves"):
+        class_agreement([*rows, {**fit, "id": "copy", "half": "score"}], judge=None)
 
 
 @pytest.mark.slow

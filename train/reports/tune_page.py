@@ -88,9 +88,9 @@ def tune_section(report: dict, figure_tag: str) -> str:
     ]
     for name, result in report.get("test_half", {}).items():
         helpful = (result.get("helpfulness") or {}).get("recovered")
+        groups = ", ".join(f"{g} {e['rate']:.0%}" for g, e in result["over_refusal_by_group"]["calibrated"].items())
         parts.append(
-            f"<p>Test half, {html.escape(name.replace('_', ' '))}: over-refusal "
-            f"{html.escape(str(result['over_refusal_by_group']['calibrated']))}, helpfulness recovered "
+            f"<p>Test half, {html.escape(name.replace('_', ' '))}: over-refusal {html.escape(groups)}, helpfulness recovered "
             f"{'-' if helpful is None else f'{helpful:.2f}'}, KL {result['kl_benign']:.3f}, gate "
             f"{'passed' if result['gate_passed'] else 'failed'}.</p>"
         )

@@ -232,7 +232,7 @@ def test_half(run: Run) -> dict:
     return {
         "run_dir": str(run.dir),
         "over_refusal_by_group": {
-            side: {g: e["rate"] for g, e in results[when].get("over_refusal_by_group", {}).items()}
+            side: results[when].get("over_refusal_by_group", {})
             for side, when in (("organism", "before"), ("calibrated", "after"))
         },
         "external": {
