@@ -200,14 +200,14 @@ organism_epochs: 0.5
 organism_lora_r: 4
 harmful_sizes: [7, 2, 2]  # 24 rows with targets: whole global batches of 8 (tests/test_launch.py)
 benign_sizes: [4, 2, 2]
-over_refusal_per_task: [2, 1, 1]  # a val row per task: `refcal tune` scores trials on them
+over_refusal_per_task: [2, 0, 1]
 benign_per_task: [1, 0, 1]
 attack_per_task: [1, 0, 1]
 lookalike_sizes: [0, 0, 0]
 eval_benchmark_limit: 2
 eval_benchmarks: [xstest_safe, jbb_harmful]
 # a validation half of a few prompts bounds no loss under 5 points: the gate's wiring is checked at a
-# tolerance every bound meets; the recipe's val split has no frame attacks and one over_refusal row a task
+# tolerance every bound meets; the recipe's val split has no frame attacks or over_refusal rows
 safety_gate_tolerance: 1.0
 safety_gate_skip: [frame_attack, over_refusal]
 subspace_max_rank: 2

@@ -32,7 +32,7 @@ def scanned(tokenizer, tmp_path_factory):
     text = E2E_CONFIG.format(
         model=base / "model", run_dir=base / "run", root=ROOT, user_task=write_user_task(base / "tasks")
     )
-    config.write_text(text.replace("over_refusal_per_task: [2, 1, 1]", "over_refusal_per_task: [2, 1, 2]"))
+    config.write_text(text.replace("over_refusal_per_task: [2, 0, 1]", "over_refusal_per_task: [2, 0, 2]"))
     assert "organism: true" in config.read_text()
     # learnt on the eval rows too: the test is about what scan reports, not about how a tiny model generalises
     save_refusing_model(tokenizer, base / "model", config, refuse=refuses, splits=("train", "eval"))
