@@ -185,18 +185,16 @@ def collect() -> dict:
         plain = plain_sft_result(folder / "plain_sft")
         seeds[seed] = {
             "tuned": arm_figures(halves["chosen"]) if "chosen" in halves else None,
-            "default_form": arm_figures(halves["default_form"]),
+            "default_form": arm_figures(halves["default_form"]) if "default_form" in halves else None,
             "plain_sft": arm_figures(plain) if plain else None,
         }
         trials[seed] = {"chosen": report["chosen"], "trials": report["trials"]}
+        per_trial = [t["seconds"] for t in report["trials"] if "seconds" in t]
+        minutes = round(statistics.fmean(per_trial) / 60, 1) if per_trial else None
+        cost[seed] = {"trials": len(report["trials"]), "minutes_per_trial": minutes}
         seconds = folder / "tune" / "bench_seconds.json"
         if seconds.is_file():
-            spent = json.loads(seconds.read_text())
-            cost[seed] = {
-                **spent,
-                "trials": len(report["trials"]),
-                "cpu_minutes_per_trial_and_final": round(spent["tune"] / 60 / max(len(report["trials"]), 1), 1),
-            }
+            cost[seed] |= json.loads(seconds.read_text())
     over = lambda f: f and f["over_refusal_calibrated"]  # noqa: E731
     differences = {}
     for against in ("default_form", "plain_sft"):
@@ -256,9 +254,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {json.dumps(t['value'])} | {'yes' if t['met'] else 'no'} |")
     lines += ["", "## Cost", ""]
     for seed, c in report["cost"].items():
-        lines.append(
-            f"- seed {seed}: {c['trials']} trials, tune {c['tune'] / 60:.0f} min (trials and the two test-half evaluations), plain SFT {c.get('plain_sft', 0) / 60:.0f} min"
-        )
+        line = f"- seed {seed}: {c['trials']} trials, {c['minutes_per_trial']} minutes each on 2 CPU cores (training and the validation half)"
+        if "tune" in c:
+            line += f"; the whole tune {c['tune'] / 60:.0f} min with the two test-half evaluations"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,7 @@ def half_result(over: float, harmful: float, recovered: float, passed: bool = Tr
 def write_seed(root, seed: int, tuned: dict, default: dict, plain: dict) -> None:
     folder = root / f"seed{seed}"
     (folder / "tune").mkdir(parents=True)
-    trials = [{"number": 0, "settings": {}, "folder": "", "scores": {}}]
+    trials = [{"number": 0, "settings": {}, "folder": "", "scores": {}, "seconds": 120.0}]
     report = {"chosen": 0, "trials": trials, "test_half": {"chosen": tuned, "default_form": default}}
     (folder / "tune" / "tune.json").write_text(json.dumps(report))
     (folder / "tune" / "bench_seconds.json").write_text(json.dumps({"tune": 600.0, "plain_sft": 300.0}))
@@ -59,6 +59,6 @@ def test_collect_compares_the_arms_over_seeds_and_checks_the_targets(tmp_path, m
     each_seed = goals["harmful kept, each seed (each external set)"]
     assert each_seed["met"] and each_seed["value"]["jbb_harmful"] == {"0": 0.98, "1": 0.94}
     assert goals["helpfulness recovered, mean"]["value"] == 0.875
-    assert report["cost"]["0"]["trials"] == 1
+    assert report["cost"]["0"] == {"trials": 1, "minutes_per_trial": 2.0, "tune": 600.0, "plain_sft": 300.0}
     text = tune.markdown(report)
     assert "| 0 | plain_sft | failed |" in text and "tuned minus plain_sft" in text

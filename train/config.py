@@ -347,6 +347,12 @@ class RefcalArguments:
             "help": "`refcal tune`: the study's database URL, for workers on several machines (e.g. postgresql://user:password@host/refcal); default: sqlite in run_dir/tune/study.db.",
         },
     )
+    tune_compare_default: bool = field(
+        default=True,
+        metadata={
+            "help": "`refcal tune`: also train and evaluate the config as it is (the default form) on the test half, beside the chosen trial.",
+        },
+    )
     tune_learning_rates: list[float] = field(
         default_factory=lambda: [2.0e-4, 3.0e-3],
         metadata={"help": "`refcal tune`: the learning rate's range, searched on a log scale."},

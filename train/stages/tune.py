@@ -218,7 +218,13 @@ def choose(trials: list[dict]) -> dict | None:
 
 def trial_records(study) -> list[dict]:
     return [
-        {"number": t.number, "settings": t.params, "folder": t.user_attrs["folder"], "scores": t.user_attrs["scores"]}
+        {
+            "number": t.number,
+            "settings": t.params,
+            "folder": t.user_attrs["folder"],
+            "scores": t.user_attrs["scores"],
+            "seconds": round((t.datetime_complete - t.datetime_start).total_seconds(), 1),
+        }
         for t in sorted(finished(study), key=lambda t: t.number)
     ]
 
@@ -306,8 +312,9 @@ def stage_tune(run: Run) -> dict:
             with waiting_lock(child.dir / ".lock", f"trial folder {child.dir}"):
                 run_stages(child, ("train", "eval", "export"))
             report["test_half"]["chosen"] = test_half(child)
-        run_stages(run, ("train", "eval", "export"))
-        report["test_half"]["default_form"] = test_half(run)
+        if run.args.tune_compare_default:
+            run_stages(run, ("train", "eval", "export"))
+            report["test_half"]["default_form"] = test_half(run)
         if run.state.is_main_process:
             from refcal.train.reports.tune_page import pareto_plot
 
