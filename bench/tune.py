@@ -256,7 +256,9 @@ def markdown(report: dict) -> str:
     for seed, c in report["cost"].items():
         line = f"- seed {seed}: {c['trials']} trials, {c['minutes_per_trial']} minutes each on 2 CPU cores (training and the validation half)"
         if "tune" in c:
-            line += f"; the whole tune {c['tune'] / 60:.0f} min with the two test-half evaluations"
+            line += f"; its last `refcal tune` call {c['tune'] / 60:.0f} min (all of it, unless a killed tune resumed)"
+        if "plain_sft" in c:
+            line += f"; plain SFT {c['plain_sft'] / 60:.0f} min"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
