@@ -1,7 +1,7 @@
 """The tune benchmark: `refcal tune` on the demo config, seed by seed (each seed its own data split, organism
 and training seed), the tuned adapter against the default form (the config as it is) and plain LoRA SFT on the
 same rows, all on the test half. Differences from the default form and from plain SFT carry seed-level 95%
-intervals (bench/seed_level.py: seeds resampled, then prompts); the issue's targets are checked per seed and
+intervals (bench/seed_level.py: seeds resampled, then prompts); the targets (TARGETS) are checked per seed and
 on the mean. Trials are chosen on the validation half only; the test half is read once per arm.
 
     python -m bench.tune --seeds 0 1 2 --trials 16      # the full benchmark: about an hour a seed on 2 CPU cores
