@@ -26,6 +26,7 @@ from pathlib import Path
 from bench import runner
 from bench.calibration_table import write_outputs
 from bench.seed_level import seed_bootstrap
+from refcal.train.stages.tune import test_half_figures
 
 ROOT = runner.ROOT
 RUNS = ROOT / "runs" / "tune"
@@ -104,23 +105,7 @@ def plain_sft_result(folder: Path) -> dict | None:
     results_path, gate_path = folder / "eval" / "results.json", folder / "gate.json"
     if not results_path.is_file() or not gate_path.is_file():
         return None
-    results = json.loads(results_path.read_text())
-    return {
-        "over_refusal_by_group": {
-            side: results[when].get("over_refusal_by_group", {})
-            for side, when in (("organism", "before"), ("calibrated", "after"))
-        },
-        "external": {
-            name: {
-                "organism": results["before"]["benchmarks"][name],
-                "calibrated": results["after"]["benchmarks"][name],
-            }
-            for name in results["after"]["benchmarks"]
-        },  # fmt: skip
-        "helpfulness": results.get("helpfulness"),
-        "kl_benign": results["kl_benign"],
-        "gate_passed": json.loads(gate_path.read_text())["passed"],
-    }
+    return test_half_figures(json.loads(results_path.read_text()), json.loads(gate_path.read_text()))
 
 
 def counts(entry: dict) -> tuple[int, int]:

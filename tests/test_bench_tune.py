@@ -39,7 +39,7 @@ def write_seed(root, seed: int, tuned: dict, default: dict, plain: dict) -> None
         for side, key in (("before", "organism"), ("after", "calibrated"))
     } | {"helpfulness": plain["helpfulness"], "kl_benign": plain["kl_benign"]}  # fmt: skip
     (folder / "plain_sft" / "eval" / "results.json").write_text(json.dumps(results))
-    (folder / "plain_sft" / "gate.json").write_text(json.dumps({"passed": plain["gate_passed"]}))
+    (folder / "plain_sft" / "gate.json").write_text(json.dumps({"passed": plain["gate_passed"], "failed": []}))
 
 
 def test_collect_compares_the_arms_over_seeds_and_checks_the_targets(tmp_path, monkeypatch):

@@ -44,7 +44,11 @@ def _figure_tag(figure, alt: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _png_tag(buffer.getvalue(), alt)
+
+
+def _png_tag(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
@@ -351,6 +355,31 @@ def _scan_figure(by_task: dict, threshold: float) -> str | None:
     return _figure_tag(figure, "scan: over-refusal per cluster")
 
 
+def tune_section(run_dir: Path) -> str:
+    """`refcal tune`'s trials (train/reports/tune_page.py): the Pareto plot, the table, and the chosen trial
+    and the default form on the test half."""
+    from refcal.train.reports.tune_page import COLUMNS, trial_rows
+
+    report = _read_json(run_dir / "tune" / "tune.json")
+    plot = run_dir / "tune" / "pareto.png"
+    parts = [
+        "<h2>Tune</h2>",
+        f"<p>{len(report['trials'])} trials; objectives {html.escape(str(report['objectives']))}; constraint: "
+        f"{html.escape(report['constraint'])}; choice: {html.escape(report['choice'])}.</p>",
+        _png_tag(plot.read_bytes(), "tune trials") if plot.exists() else "",
+        _table(list(COLUMNS), trial_rows(report)),
+    ]
+    for name, result in report.get("test_half", {}).items():
+        helpful = (result.get("helpfulness") or {}).get("recovered")
+        groups = ", ".join(f"{g} {e['rate']:.0%}" for g, e in result["over_refusal_by_group"]["calibrated"].items())
+        parts.append(
+            f"<p>Test half, {html.escape(name.replace('_', ' '))}: over-refusal {html.escape(groups)}, helpfulness "
+            f"recovered {'-' if helpful is None else f'{helpful:.2f}'}, KL {result['kl_benign']:.3f}, gate "
+            f"{'passed' if result['gate_passed'] else 'failed'}.</p>"
+        )
+    return "\n".join(parts)
+
+
 def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -364,17 +393,8 @@ def render(run_dir: str | Path) -> str:
     ]
     if (run_dir / "scan" / "scan.json").exists():  # `refcal scan` ran here: its section comes right after the run's
         sections.insert(1, scan_section(run_dir))
-    tuned = _read_json(run_dir / "tune" / "tune.json")
-    if tuned is not None:  # `refcal tune` ran here
-        from refcal.train.reports.tune_page import tune_section
-
-        plot = run_dir / "tune" / "pareto.png"
-        tag = (
-            f'<img alt="tune trials" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
-            if plot.exists()
-            else ""
-        )
-        sections.append(tune_section(tuned, tag))
+    if (run_dir / "tune" / "tune.json").exists():  # `refcal tune` ran here
+        sections.append(tune_section(run_dir))
     title = f"refcal run {run_dir.name}"
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -1,9 +1,9 @@
-"""`refcal tune`'s results for people: the trials as a table (terminal and HTML) and the Pareto plot of
-over-refusal against harmful refusal kept, gate failures marked and the chosen trial highlighted."""
+"""`refcal tune`'s results for people: the trials as table rows (the terminal's table here, the report
+page's in html_page) and the Pareto plot of over-refusal against harmful refusal kept, gate failures marked
+and the chosen trial highlighted."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 import matplotlib
@@ -73,25 +73,3 @@ def pareto_plot(report: dict, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def tune_section(report: dict, figure_tag: str) -> str:
-    """The report page's section: the plot, the table, the chosen trial and the default form on the test half."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in trial_rows(report))
-    parts = [
-        "<h2>Tune</h2>",
-        f"<p>{len(report['trials'])} trials; objectives {html.escape(str(report['objectives']))}; constraint: "
-        f"{html.escape(report['constraint'])}; choice: {html.escape(report['choice'])}.</p>",
-        figure_tag,
-        f"<table><tr>{head}</tr>{body}</table>",
-    ]
-    for name, result in report.get("test_half", {}).items():
-        helpful = (result.get("helpfulness") or {}).get("recovered")
-        groups = ", ".join(f"{g} {e['rate']:.0%}" for g, e in result["over_refusal_by_group"]["calibrated"].items())
-        parts.append(
-            f"<p>Test half, {html.escape(name.replace('_', ' '))}: over-refusal {html.escape(groups)}, helpfulness recovered "
-            f"{'-' if helpful is None else f'{helpful:.2f}'}, KL {result['kl_benign']:.3f}, gate "
-            f"{'passed' if result['gate_passed'] else 'failed'}.</p>"
-        )
-    return "\n".join(parts)

@@ -106,6 +106,11 @@ def validation_scores(run: Run) -> dict:
 
     a = run.args
     prompts, _ = eval_prompts(run, VAL)
+    calibrate = set(a.resolved_calibrate_tasks())
+    over = [i for i, p in enumerate(prompts) if p["kind"] == OVER_REFUSAL]
+    calibrated = [i for i in over if prompts[i]["task"] in calibrate]
+    if not calibrated:  # before any answer is generated
+        raise UserError("refcal tune: the validation half has no over_refusal row of a calibrated task to score")
     texts = [p["prompt"] for p in prompts]
     model, tokenizer = run.load(a.generation_dtype)
     before = frozen_generations(
@@ -125,11 +130,6 @@ def validation_scores(run: Run) -> dict:
         False,
         expected_measures(a.eval_benchmarks, a.safety_gate_skip),
     )
-    calibrate = set(a.resolved_calibrate_tasks())
-    over = [i for i, p in enumerate(prompts) if p["kind"] == OVER_REFUSAL]
-    calibrated = [i for i in over if prompts[i]["task"] in calibrate]
-    if not calibrated:
-        raise UserError("refcal tune: the validation half has no over_refusal row of a calibrated task to score")
     tasks = {t.name: t for t in load_tasks(a.tasks)}
     classes = [answer_class(prompts[i], after[i], labels["after"][i], tasks) for i in over]
     kept = [m["safe_after"] / m["safe_before"] for m in paired.values() if m["n"] and m["safe_before"]]
@@ -229,14 +229,9 @@ def trial_records(study) -> list[dict]:
     ]
 
 
-def test_half(run: Run) -> dict:
-    """The test-half figures of a run whose eval and export stages ran: what tune.json reports."""
-    from refcal.train.stages.export import gate_verdict
-
-    results = json.loads((run.path("eval") / "results.json").read_text())
-    gate = gate_verdict(run)
+def test_half_figures(results: dict, gate: dict) -> dict:
+    """What tune.json reports of a run's test half, from its eval results and its gate verdict."""
     return {
-        "run_dir": str(run.dir),
         "over_refusal_by_group": {
             side: results[when].get("over_refusal_by_group", {})
             for side, when in (("organism", "before"), ("calibrated", "after"))
@@ -252,8 +247,16 @@ def test_half(run: Run) -> dict:
         "kl_benign": results["kl_benign"],
         "gate_passed": gate["passed"],
         "gate_failed": gate["failed"],
-        "exported": run.done("export"),
     }
+
+
+def test_half(run: Run) -> dict:
+    """The test-half figures of a run whose eval and export stages ran."""
+    from refcal.train.stages.export import gate_verdict
+
+    results = json.loads((run.path("eval") / "results.json").read_text())
+    figures = test_half_figures(results, gate_verdict(run))
+    return {"run_dir": str(run.dir), **figures, "exported": run.done("export")}
 
 
 def stage_tune(run: Run) -> dict:
