@@ -101,26 +101,31 @@ def validation_scores(run: Run) -> dict:
     from refcal.calibration.evaluation import mean_kl
     from refcal.data_recipes.tasks import load_tasks
     from refcal.train.reports.answer_classes import DID_TASK, answer_class
-    from refcal.train.stages.eval import VAL, eval_prompts, frozen_generations, paired_safety
+    from refcal.train.stages.eval import VAL, eval_prompts, frozen_generations, gate_measure_name, paired_safety
     from refcal.train.stages.export import expected_measures, safety_gate
 
     a = run.args
-    prompts, _ = eval_prompts(run, VAL)
+    every, _ = eval_prompts(run, VAL)
+    texts = [p["prompt"] for p in every]
+    benign = [texts[i] for i, p in enumerate(every) if p["kind"] == BENIGN]
+    # the adapter answers only what is scored (the gate's measures and the over_refusal rows): benign rows
+    # count through KL alone, and the benign external sets are the test half's
+    scored = [i for i, p in enumerate(every) if p["kind"] == OVER_REFUSAL or gate_measure_name(p)]
+    prompts = [every[i] for i in scored]
     calibrate = set(a.resolved_calibrate_tasks())
     over = [i for i, p in enumerate(prompts) if p["kind"] == OVER_REFUSAL]
     calibrated = [i for i in over if prompts[i]["task"] in calibrate]
     if not calibrated:  # before any answer is generated
         raise UserError("refcal tune: the validation half has no over_refusal row of a calibrated task to score")
-    texts = [p["prompt"] for p in prompts]
     model, tokenizer = run.load(a.generation_dtype)
-    before = frozen_generations(
+    answered = frozen_generations(
         run, model, texts, lambda: run.generate(model, tokenizer, texts, a.eval_max_new_tokens, "trial: before")
     )
+    before = [answered[i] for i in scored]
+    texts = [p["prompt"] for p in prompts]
     peft_model = PeftModel.from_pretrained(model, run.path("train") / "adapter")
-    benign = [i for i, p in enumerate(prompts) if p["kind"] == BENIGN]
-    kl = mean_kl(
-        peft_model, tokenizer, [texts[i] for i in benign], [before[i] for i in benign], peft_model.disable_adapter
-    )
+    benign_before = [answered[i] for i, p in enumerate(every) if p["kind"] == BENIGN]
+    kl = mean_kl(peft_model, tokenizer, benign, benign_before, peft_model.disable_adapter)
     after = run.generate(peft_model.merge_and_unload(), tokenizer, texts, a.eval_max_new_tokens, "trial: after")
     labels = {"before": run.judge.label(texts, before), "after": run.judge.label(texts, after)}
     paired = paired_safety(run.frame_judge, prompts, {"before": before, "after": after}, labels)
