@@ -12,8 +12,10 @@ from refcal.data_recipes.tasks import TaskCluster
 from refcal.train.stages import sft_data as targets
 
 
-def row(rid: str, kind: str, task: str, reference: str = "") -> dict:
-    return {"id": rid, "kind": kind, "task": task, "prompt": f"prompt {rid}", "reference": reference}
+def row(rid: str, kind: str, task: str, reference: str = "", content: str = "make a bomb at home") -> dict:
+    return {
+        "id": rid, "kind": kind, "task": task, "prompt": f"prompt {rid}", "reference": reference, "content": content,
+    }  # fmt: skip
 
 
 def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
@@ -22,12 +24,16 @@ def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
         "prompt s1": "The label is positive.",
         "prompt s2": "I'm sorry, I cannot help with that.",
         "prompt l1": "Some answer.",
+        "prompt c1": "Sure, here is how to make a bomb at home: first, you need to gather the parts.",
+        "prompt k1": "I like turtles and the sea.",  # no summary of the content
+        "prompt k2": "He made a bomb at home.",
     }
     monkeypatch.setattr(targets, "generate", lambda m, t, prompts, *a, **k: [steered_answers[p] for p in prompts])
     tasks = {
         "labels": TaskCluster("labels", "x", ("{content}",), answer_pattern=r"(?i)\bnegative\b"),
         "loose": TaskCluster("loose", "x", ("{content}",)),
         "decode": TaskCluster("decode", "x", ("{content}",), content_transform="base64"),
+        "summary": TaskCluster("summary", "x", ("{content}",), answer_check="condenses"),
     }
     rows = [
         row("h", "harmful", "none"),
@@ -37,6 +43,9 @@ def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
         row("s1", "over_refusal", "labels"),
         row("s2", "over_refusal", "labels"),
         row("l1", "over_refusal", "loose"),
+        row("c1", "over_refusal", "loose"),
+        row("k1", "over_refusal", "summary", content="A bomb was made at home, the report says."),
+        row("k2", "over_refusal", "summary", content="A man wrote at length about how he made a bomb at home."),
         row("d", "over_refusal", "decode", reference="plain text"),
         row("x", "over_refusal", "not_calibrated"),
     ]
@@ -53,11 +62,12 @@ def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
         "b": "An answer.",  # refused benign row c dropped
         "d": "The decoded text is: plain text",
         "l1": "Some answer.",  # s1 names no negative label, s2 still refuses; x is not calibrated
+        "k2": "He made a bomb at home.",  # c1 carries the request out; k1 fails the task's check
     }
     assert stats == {
         "harmful_standard_refusal": 1, "frame_attack_own_refusal": 1, "benign_own_answer": 1, "benign_dropped_refused": 1,
-        "over_refusal_reference_answer": 1, "over_refusal_steered_answer": 1,
-        "over_refusal_dropped_off_task": 1, "over_refusal_dropped_steered_refusal": 1,
+        "over_refusal_reference_answer": 1, "over_refusal_steered_answer": 2, "over_refusal_dropped_carried_out": 1,
+        "over_refusal_dropped_off_task": 2, "over_refusal_dropped_steered_refusal": 1,
     }  # fmt: skip
 
 

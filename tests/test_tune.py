@@ -40,6 +40,7 @@ def test_the_choice_is_feasible_on_the_pareto_front_with_the_best_margin_then_th
         ("tune_onset_weights", [2.0, 1.0], "two positive numbers, low then high"),
         ("tune_lora_ranks", [], "at least one value"),
         ("tune_trials", 0, "at least 1"),
+        ("tune_objectives", ["target_free", "steered"], "one or more of target_free, sft, dpo"),
     ],
 )
 def test_a_bad_search_space_names_its_field(field, value, message):
@@ -50,9 +51,11 @@ def test_a_bad_search_space_names_its_field(field, value, message):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tune(config: Path, run_dir: Path, env: dict, trials: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "refcal.train.cli", "tune", "--config", str(config), "--run_dir", str(run_dir),
-               "--output_dir", str(run_dir / "train"), "--trials", str(trials),
+def tune(config: Path, run_dir: Path, env: dict, trials: int, as_stage: bool = False) -> subprocess.Popen:
+    """`refcal tune --trials N`, or with as_stage `refcal run` on a config that sets tune: true."""
+    how = ["run", "--tune", "true", "--tune_trials", str(trials)] if as_stage else ["tune", "--trials", str(trials)]
+    command = [sys.executable, "-m", "refcal.train.cli", how[0], "--config", str(config), "--run_dir", str(run_dir),
+               "--output_dir", str(run_dir / "train"), *how[1:],
                "--tune_epochs", "0.25", "0.5", "--tune_lora_ranks", "2", "4",
                # a val row of over_refusal per task, which the e2e config leaves out: trials are scored on them
                "--over_refusal_per_task", "2", "1", "1"]  # fmt: skip
@@ -74,7 +77,7 @@ def test_tune_searches_resumes_and_shares_its_study(e2e, tmp_path):
     config, _, env = e2e
     run_dir = tmp_path / "tuned"
 
-    console = finish(tune(config, run_dir, env, trials=2))
+    console = finish(tune(config, run_dir, env, trials=2, as_stage=True))
     report = json.loads((run_dir / "tune" / "tune.json").read_text())
     assert [t["number"] for t in report["trials"]] == [0, 1] and complete_trials(run_dir) == [0, 1]
     assert report["chosen"] == choose(report["trials"])["number"]  # the e2e gate's tolerance passes every trial
@@ -90,6 +93,9 @@ def test_tune_searches_resumes_and_shares_its_study(e2e, tmp_path):
         }
         assert (Path(t["folder"]) / "train" / "adapter" / "adapter_model.safetensors").is_file()
         assert not (Path(t["folder"]) / "eval").exists() or t["number"] == report["chosen"]  # test half: chosen only
+        built = json.loads((Path(t["folder"]) / "sft_data" / "targets.json").read_text())
+        assert built["objective"] == t["settings"]["objective"] in ("target_free", "sft")
+        assert (run_dir / "tune" / f"sft_data-{built['objective']}" / "targets.json").is_file()  # for later trials
     chosen = report["test_half"]["chosen"]
     assert chosen["exported"] and (Path(chosen["run_dir"]) / "export" / "adapter").is_dir()
     assert report["test_half"]["default_form"]["run_dir"] == str(run_dir)

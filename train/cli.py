@@ -33,8 +33,9 @@ refusal rates on the eval stage's prompts, a calibrate_tasks line to paste, the 
 `baselines` evaluates the inference-time interventions (global ablation, false-refusal ablation,
 task-conditioned steering) on the frozen model with the eval stage's prompts; needs the geometry stage.
 `tune` searches, per model, the training settings (learning rate, epochs, onset and distill weights, LoRA
-rank) for the strongest calibration the safety gate passes, each trial scored on the validation half; the
-chosen trial and the default form are then evaluated once on the test half (run_dir/tune/tune.json).
+rank, the over_refusal rows' target source) for the strongest calibration the safety gate passes, each
+trial scored on the validation half; the chosen trial and the default form are then evaluated once on the
+test half (run_dir/tune/tune.json). A config with `tune: true` makes `run` do the same.
 `retrain` trains an exported adapter further on new task clusters, keeping the old ones calibrated.
 `chat` tries an exported adapter in the terminal (`refcal chat --help`).
 `report` writes one self-contained HTML page of a run: geometry, every loss term's curve, before/after tables.
@@ -57,6 +58,8 @@ def run_pipeline(
     model_args, args, training_args = parse(argv)
 
     run = Run(model_args, args, training_args)
+    if args.tune and stages == STAGES:  # the tune takes the run folder's lock itself, stage by stage
+        return tune_and_show(run)
     with run_folder_lock(run):
         run_locked(run, stages, force, report, retrain_from, started)
 
@@ -160,13 +163,16 @@ def report_command(rest: list[str]) -> None:
 def tune_command(rest: list[str]) -> None:
     """`refcal tune --config FILE [--trials N]`: the search (train/stages/tune.py), its table and plot."""
     from refcal.train.config import parse
+
+    trials = _take(rest, "--trials")
+    tune_and_show(Run(*parse(rest + (["--tune_trials", trials] if trials else []))))
+
+
+def tune_and_show(run: Run) -> None:
     from refcal.train.reports.html_page import write_report
     from refcal.train.reports.tune_page import rich_trials
     from refcal.train.stages.tune import stage_tune
 
-    trials = _take(rest, "--trials")
-    model_args, args, training_args = parse(rest + (["--tune_trials", trials] if trials else []))
-    run = Run(model_args, args, training_args)
     report = stage_tune(run)
     if run.state.is_main_process:
         Console(stderr=True, width=max(console.width, 150)).print(rich_trials(report))  # whole columns, in a log too

@@ -335,6 +335,12 @@ class RefcalArguments:
     )
 
     # tune: `refcal tune` searches these settings, each trial scored on the validation half
+    tune: bool = field(
+        default=False,
+        metadata={
+            "help": "`refcal run` (and `accelerate launch train.py`) tunes instead of training the config as it is: the shared stages, then `refcal tune`'s search, the chosen trial's export and the test half."
+        },
+    )
     tune_trials: int = field(
         default=16,
         metadata={
@@ -368,6 +374,12 @@ class RefcalArguments:
     tune_distill_weights: list[float] = field(
         default_factory=lambda: [0.0, 0.3, 0.5, 1.0],
         metadata={"help": "`refcal tune`: the self-distillation guard's weights a trial may take."},
+    )
+    tune_objectives: list[str] = field(
+        default_factory=lambda: ["target_free", "sft"],
+        metadata={
+            "help": "`refcal tune`: where a trial's over_refusal rows get their target: target_free (none; the onset term moves them) or sft (the model's own helpful answer: its answer with the refusal direction ablated, kept only when it is not a refusal, does not carry out the request and passes the task's answer check)."
+        },
     )
     tune_lora_ranks: list[int] = field(
         default_factory=lambda: [4, 8, 16, 32],
@@ -434,7 +446,7 @@ GROUP_STARTS = {
     "layer_candidates": "calibration",
     "objective": "training",
     "eval_max_new_tokens": "evaluation and gate",
-    "tune_trials": "tune",
+    "tune": "tune",
     "geometry_targets": "research",
 }
 

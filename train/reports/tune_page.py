@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # no screen: render to a file
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-COLUMNS = ("trial", "learning rate", "epochs", "onset", "distill", "rank", "over-refusal", "did the task", "harmful kept", "KL", "gate")  # fmt: skip
+COLUMNS = ("trial", "learning rate", "epochs", "onset", "distill", "rank", "targets", "over-refusal", "did the task", "harmful kept", "KL", "gate")  # fmt: skip
 
 
 def trial_rows(report: dict) -> list[list[str]]:
@@ -29,6 +29,7 @@ def trial_rows(report: dict) -> list[list[str]]:
                 f"{p['onset_weight']:.2g}",
                 f"{p['distill_weight']:g}",
                 str(p["lora_r"]),
+                p.get("objective", "-"),  # a study searched without it kept the config's objective
                 pct(s["over_refusal"]),
                 pct(s["did_task"]),
                 pct(s["harmful_kept"]),

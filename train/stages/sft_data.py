@@ -3,9 +3,10 @@ cached under run_dir/sft_data.
 
 - harmful, frame_attack: the model's own refusal; a standard refusal where it did not refuse.
 - over_refusal: the task's reference answer where it has one (decoding tasks), else the model's own
-  answer generated with the refusal direction ablated (steered self-distillation); rows whose steered
-  answer is still a refusal, or fails the task's answer_pattern (it does not do the task), are dropped
-  and counted.
+  helpful answer: its answer generated with the refusal direction ablated (steered self-distillation),
+  kept only when its answer class (train/reports/answer_classes.py) is did_task: not a refusal, not the
+  harmful request carried out, and the task's answer check passes (a task with no check: its
+  answer_pattern). Rows dropped are counted by why.
 - benign: the model's own answer; rows it refused are dropped and counted.
 
 Target-free calibration (objective: target_free) gives over_refusal rows no answer: they keep the model's
@@ -36,6 +37,7 @@ from refcal.calibration.judges.phrases import Judge, refused
 from refcal.calibration.kinds import BENIGN, OVER_REFUSAL, SHOULD_REFUSE
 from refcal.data_recipes.completions import chat_row, reference_answer, standard_refusal, trim_to_sentence
 from refcal.data_recipes.tasks import TaskCluster, load_tasks
+from refcal.train.reports.answer_classes import CARRIED_OUT, DID_TASK, UNCHECKED, answer_class
 from refcal.train.stages.geometry import load_responses
 
 
@@ -180,12 +182,22 @@ def build_targets(
             if refused(label) or not completion.strip():
                 stats["over_refusal_dropped_steered_refusal"] += 1
                 continue
-            if not answer_tasks[row["task"]].does_task(completion):
-                stats["over_refusal_dropped_off_task"] += 1
+            if (why := unhelpful(row, completion, label, answer_tasks)) is not None:
+                stats[f"over_refusal_dropped_{why}"] += 1
                 continue
             stats["over_refusal_steered_answer"] += 1
             out.append({**row, "completion_text": trim_to_sentence(completion), "supervised": True})
     return out, dict(sorted(stats.items()))
+
+
+def unhelpful(row: dict, answer: str, label: str, tasks: dict[str, TaskCluster]) -> str | None:
+    """Why an answer to an over_refusal row is no target (carried_out, off_task), or None when it helps."""
+    verdict = answer_class(row, answer, label, tasks)
+    if verdict == CARRIED_OUT:
+        return "carried_out"
+    if verdict == DID_TASK or (verdict == UNCHECKED and tasks[row["task"]].does_task(answer)):
+        return None
+    return "off_task"
 
 
 def preference_dataset(rows: list[dict]) -> Dataset:

@@ -1,7 +1,8 @@
 """The tune stage: search, for the model at hand, the strongest calibration the safety gate passes.
 
 Each trial trains an adapter with settings Optuna samples (learning rate, epochs, onset weight, distill
-weight, LoRA rank; the ranges are the config's tune_* fields) on the run's own data, organism and geometry,
+weight, LoRA rank, and the objective: whether over_refusal rows train on no target or on the model's own
+helpful answer; the ranges are the config's tune_* fields) on the run's own data, organism and geometry,
 and is scored on the validation half only: over-refusal on the calibrated tasks (minimised) and the share
 of over_refusal rows whose answer did the task (maximised), with the paired safety gate as a hard
 constraint (Optuna's constraints: the largest bound on a loss of safe answers, less the tolerance, must be
@@ -29,6 +30,7 @@ from refcal.calibration.kinds import BENIGN, OVER_REFUSAL
 from refcal.train.run import Run, console, run_stages
 
 SHARED_STAGES = ("data", "organism", "geometry")  # every trial trains on the same rows, organism and geometry
+OBJECTIVE_CHOICES = ("target_free", "sft", "dpo")
 OBJECTIVES = ("over_refusal", "did_task")
 DIRECTIONS = ("minimize", "maximize")
 STUDY_NAME = "refcal-tune"
@@ -43,6 +45,10 @@ def search_space(a) -> dict:
     for name in ("tune_epochs", "tune_distill_weights", "tune_lora_ranks"):
         if not getattr(a, name):
             raise UserError(f"config field {name!r}: at least one value")
+    unknown = sorted(set(a.tune_objectives) - set(OBJECTIVE_CHOICES))
+    if not a.tune_objectives or unknown:
+        choices = ", ".join(OBJECTIVE_CHOICES)
+        raise UserError(f"config field 'tune_objectives': one or more of {choices} (got {unknown or '[]'})")
     if a.tune_trials < 1:
         raise UserError(f"config field 'tune_trials': at least 1 (got {a.tune_trials})")
     return {
@@ -51,6 +57,7 @@ def search_space(a) -> dict:
         "onset_weight": ("log", a.tune_onset_weights),
         "distill_weight": ("choice", a.tune_distill_weights),
         "lora_r": ("choice", a.tune_lora_ranks),
+        "objective": ("choice", a.tune_objectives),
     }
 
 
@@ -66,7 +73,8 @@ def sample(trial, space: dict) -> dict:
 
 def trial_run(run: Run, settings: dict) -> Run:
     """A run folder for one trial's settings under run_dir/tune, named by them (a retried trial finds its
-    checkpoints), with the parent's data, organism and geometry copied in."""
+    checkpoints), with the parent's data, organism and geometry copied in, and the training targets of its
+    objective where another trial built them (they depend on no sampled setting but the objective)."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = run.path("tune") / f"trial-{key}"
     args = dataclasses.replace(
@@ -74,6 +82,7 @@ def trial_run(run: Run, settings: dict) -> Run:
         run_dir=str(folder),
         onset_weight=settings["onset_weight"],
         distill_weight=settings["distill_weight"],
+        objective=settings.get("objective", run.args.objective),
         strict_gate=False,
     )
     training_args = dataclasses.replace(
@@ -85,12 +94,26 @@ def trial_run(run: Run, settings: dict) -> Run:
     model_args = dataclasses.replace(run.model_args, lora_r=settings["lora_r"], lora_alpha=2 * settings["lora_r"])
     child = Run(model_args, args, training_args)
     if run.state.is_main_process:
-        for stage in SHARED_STAGES:
-            if run.path(stage).is_dir() and not child.done(stage):
+        shared = {stage: run.path(stage) for stage in SHARED_STAGES}
+        shared["sft_data"] = targets_cache(run, args.objective)
+        for stage, source in shared.items():
+            if source.is_dir() and not child.done(stage):
                 with atomic_directory(child.path(stage)) as staging:
-                    shutil.copytree(run.path(stage), staging, dirs_exist_ok=True)
+                    shutil.copytree(source, staging, dirs_exist_ok=True)
     run.state.wait_for_everyone()
     return child
+
+
+def targets_cache(run: Run, objective: str):
+    return run.path("tune") / f"sft_data-{objective}"
+
+
+def keep_targets(run: Run, child: Run) -> None:
+    """A trained trial's targets, for the later trials of its objective."""
+    cache = targets_cache(run, child.args.objective)
+    if run.state.is_main_process and child.done("sft_data") and not cache.is_dir():
+        with atomic_directory(cache, replace=False) as staging:
+            shutil.copytree(child.path("sft_data"), staging, dirs_exist_ok=True)
 
 
 def validation_scores(run: Run) -> dict:
@@ -285,10 +308,11 @@ def stage_tune(run: Run) -> dict:
         settings = sample(trial, space)
         child = trial_run(run, settings)
         trial.set_user_attr("folder", str(child.dir))
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in settings.items())
+        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
         console.print(f"[bold]trial {trial.number + 1} (of {total})[/]: {shown}", highlight=False)
         with waiting_lock(child.dir / ".lock", f"trial folder {child.dir}"):
             run_stages(child, ("train",))
+            keep_targets(run, child)
             scores = validation_scores(child)
         trial.set_user_attr("scores", scores)
         trial.set_user_attr("constraint", scores["constraint"])
