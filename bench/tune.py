@@ -1,6 +1,7 @@
 """The tune benchmark: `refcal tune` on the demo config, seed by seed (each seed its own data split, organism
-and training seed), the tuned adapter against the default form (the config as it is) and plain LoRA SFT on the
-same rows, all on the test half. Differences from the default form and from plain SFT carry seed-level 95%
+and training seed), the tuned adapter against the default form (the config as it is, target-free) and plain
+LoRA SFT on the same rows, all on the test half; and the target source on its own: the default form trained
+on the model's own helpful answers (objective sft, onset term kept) against the same form target-free. Differences from the default form and from plain SFT carry seed-level 95%
 intervals (bench/seed_level.py: seeds resampled, then prompts); the targets (TARGETS) are checked per seed and
 on the mean. Trials are chosen on the validation half only; the test half is read once per arm.
 
@@ -8,8 +9,9 @@ on the mean. Trials are chosen on the validation half only; the test half is rea
     python -m bench.tune --seeds 0 --trials 6           # a shorter one
     python -m bench.tune --collect-only                 # only write bench/results/tune.{json,md}
 
-A seed's runs sit in runs/tune/seedN (the default form in the folder itself, trials under tune/, plain SFT in
-plain_sft/); `--lend DIR` copies a finished run's data, organism and geometry for the first seed instead of
+The search here is over the learning settings only (tune_objectives: target_free); the target source is the
+helpful_targets arm, so its effect is measured apart from the search's. A seed's runs sit in runs/tune/seedN
+(the default form in the folder itself, trials under tune/, the other forms in plain_sft/ and helpful_targets/); `--lend DIR` copies a finished run's data, organism and geometry for the first seed instead of
 building them again (a run of the same config, sizes and seed).
 """
 
@@ -37,7 +39,11 @@ SHARED = ("data", "organism", "geometry")
 # loss under 5 points, and the demo's 10-25 never do (the recipe's eval split keeps the demo's sizes)
 GATE_SIZES = ["--harmful_sizes", "48", "100", "60", "--over_refusal_per_task", "16", "20", "12",
               "--attack_per_task", "8", "20", "6", "--eval_benchmark_limit", "100"]  # fmt: skip
-ARMS = ("tuned", "default_form", "plain_sft")
+FORMS = {  # the arms trained apart from the tune, on its data, organism and geometry
+    "plain_sft": ["--config", PLAIN_SFT],
+    "helpful_targets": ["--objective", "sft"],
+}
+ARMS = ("tuned", "default_form", *FORMS)
 EXTERNAL_HARMFUL = ("xstest_unsafe", "strongreject", "harmbench_test", "jbb_harmful")
 OVER_REFUSAL_SETS = ("xstest_safe", "oktest")
 TARGETS = {  # the bar each measure must clear (test half)
@@ -60,8 +66,8 @@ def lend(source: Path, target: Path) -> None:
 
 
 def run_seed(seed: int, trials: int, lender: Path | None) -> None:
-    """The tune (trials, then the chosen one and the default form on the test half), then plain SFT on the same
-    data, organism and geometry; each resumes where a killed run stopped."""
+    """The tune (trials, then the chosen one and the default form on the test half), then the other forms on
+    the same data, organism and geometry; each resumes where a killed run stopped."""
     run_dir = RUNS / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     if lender is not None:
@@ -69,14 +75,15 @@ def run_seed(seed: int, trials: int, lender: Path | None) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     started = time.time()
     runner.train_cli(["tune", "--config", CONFIG, *seed_flags(seed), "--run_dir", str(run_dir), "--output_dir",
-                      str(run_dir / "train"), "--trials", str(trials)], env=env)  # fmt: skip
+                      str(run_dir / "train"), "--trials", str(trials), "--tune_objectives", "target_free"], env=env)  # fmt: skip
     seconds = {"tune": round(time.time() - started, 1)}
-    plain = run_dir / "plain_sft"
-    lend(run_dir, plain)
-    started = time.time()
-    runner.train_cli(["run", "--config", CONFIG, "--config", PLAIN_SFT, *seed_flags(seed), "--run_dir", str(plain),
-                      "--output_dir", str(plain / "train")], env=env)  # fmt: skip
-    seconds["plain_sft"] = round(time.time() - started, 1)
+    for form, flags in FORMS.items():
+        folder = run_dir / form
+        lend(run_dir, folder)
+        started = time.time()
+        runner.train_cli(["run", "--config", CONFIG, *flags, *seed_flags(seed), "--run_dir", str(folder),
+                          "--output_dir", str(folder / "train")], env=env)  # fmt: skip
+        seconds[form] = round(time.time() - started, 1)
     record = run_dir / "tune" / "bench_seconds.json"
     earlier = json.loads(record.read_text()) if record.exists() else {}
     record.write_text(json.dumps({**earlier, **seconds}, indent=2))
@@ -100,8 +107,8 @@ def arm_figures(result: dict) -> dict:
     }
 
 
-def plain_sft_result(folder: Path) -> dict | None:
-    """plain SFT's run in tune.json's test_half shape, from its eval results and gate."""
+def form_result(folder: Path) -> dict | None:
+    """A form's run in tune.json's test_half shape, from its eval results and gate."""
     results_path, gate_path = folder / "eval" / "results.json", folder / "gate.json"
     if not results_path.is_file() or not gate_path.is_file():
         return None
@@ -167,11 +174,11 @@ def collect() -> dict:
         report = json.loads(path.read_text())
         seed = folder.name.removeprefix("seed")
         halves = report["test_half"]
-        plain = plain_sft_result(folder / "plain_sft")
+        forms = {form: form_result(folder / form) for form in FORMS}
         seeds[seed] = {
             "tuned": arm_figures(halves["chosen"]) if "chosen" in halves else None,
             "default_form": arm_figures(halves["default_form"]) if "default_form" in halves else None,
-            "plain_sft": arm_figures(plain) if plain else None,
+            **{form: arm_figures(result) if result else None for form, result in forms.items()},
         }
         trials[seed] = {"chosen": report["chosen"], "trials": report["trials"]}
         per_trial = [t["seconds"] for t in report["trials"] if "seconds" in t]
@@ -181,7 +188,14 @@ def collect() -> dict:
         if seconds.is_file():
             cost[seed] |= json.loads(seconds.read_text())
     over = lambda f: f and f["over_refusal_calibrated"]  # noqa: E731
-    differences = {}
+    did = lambda f: f and f["did_task"] and f["did_task"]["calibrated"]  # noqa: E731
+    differences = {
+        "helpful_targets minus default_form": {
+            "over_refusal_calibrated": difference(seeds, "helpful_targets", "default_form", over),
+            "did_task_on_over_refusal": difference(seeds, "helpful_targets", "default_form", did),
+            **{name: difference(seeds, "helpful_targets", "default_form", lambda f, n=name: f and f["external"].get(n, {}).get("calibrated")) for name in EXTERNAL_HARMFUL},
+        }
+    }  # fmt: skip
     for against in ("default_form", "plain_sft"):
         differences[f"tuned minus {against}"] = {
             "over_refusal_calibrated": difference(seeds, "tuned", against, over),
@@ -205,7 +219,8 @@ def markdown(report: dict) -> str:
         f"# refcal tune on the demo ({len(report['seeds'])} seed(s))",
         "",
         "Generated by `python -m bench.tune`. Test half; trials chosen on the validation half under the safety "
-        "gate. Per seed: the tuned adapter, the default form (the config as it is) and plain LoRA SFT.",
+        "gate. Per seed: the tuned adapter, the default form (the config as it is), plain LoRA SFT and the default "
+        "form on the model's own helpful answers (helpful_targets).",
         "",
         "| seed | arm | gate | over-refusal, calibrated | held-out | XSTest safe | OKTest | XSTest unsafe | StrongREJECT | HarmBench | JBB harmful | helpfulness recovered | KL |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -242,8 +257,7 @@ def markdown(report: dict) -> str:
         line = f"- seed {seed}: {c['trials']} trials, {c['minutes_per_trial']} minutes each on 2 CPU cores (training and the validation half)"
         if "tune" in c:
             line += f"; its last `refcal tune` call {c['tune'] / 60:.0f} min (all of it, unless a killed tune resumed)"
-        if "plain_sft" in c:
-            line += f"; plain SFT {c['plain_sft'] / 60:.0f} min"
+        line += "".join(f"; {form} {c[form] / 60:.0f} min" for form in FORMS if form in c)
         lines.append(line)
     return "\n".join(lines) + "\n"
 

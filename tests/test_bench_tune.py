@@ -11,7 +11,7 @@ def entry(rate: float, n: int = 50) -> dict:
     return {"rate": rate, "n": n}
 
 
-def half_result(over: float, harmful: float, recovered: float, passed: bool = True) -> dict:
+def half_result(over: float, harmful: float, recovered: float, passed: bool = True, did: float = 0.3) -> dict:
     return {
         "over_refusal_by_group": {
             "organism": {"trained": entry(0.9), "held_out": entry(0.9)},
@@ -19,39 +19,46 @@ def half_result(over: float, harmful: float, recovered: float, passed: bool = Tr
         },
         "external": {name: {"organism": entry(1.0), "calibrated": entry(harmful)} for name in tune.EXTERNAL_HARMFUL}
         | {"xstest_safe": {"organism": entry(0.9), "calibrated": entry(over)}},
-        "helpfulness": {"recovered": recovered, "did_task_on_over_refusal": {}},
+        "helpfulness": {"recovered": recovered, "did_task_on_over_refusal": {"calibrated": entry(did)}},
         "kl_benign": 0.1,
         "gate_passed": passed,
     }
 
 
-def write_seed(root, seed: int, tuned: dict, default: dict, plain: dict) -> None:
+def write_seed(root, seed: int, tuned: dict, default: dict, forms: dict[str, dict]) -> None:
     folder = root / f"seed{seed}"
     (folder / "tune").mkdir(parents=True)
     trials = [{"number": 0, "settings": {}, "folder": "", "scores": {}, "seconds": 120.0}]
     report = {"chosen": 0, "trials": trials, "test_half": {"chosen": tuned, "default_form": default}}
     (folder / "tune" / "tune.json").write_text(json.dumps(report))
     (folder / "tune" / "bench_seconds.json").write_text(json.dumps({"tune": 600.0, "plain_sft": 300.0}))
-    (folder / "plain_sft" / "eval").mkdir(parents=True)
-    results = {
-        side: {"over_refusal_by_group": plain["over_refusal_by_group"][key],
-               "benchmarks": {n: e[key] for n, e in plain["external"].items()}}
-        for side, key in (("before", "organism"), ("after", "calibrated"))
-    } | {"helpfulness": plain["helpfulness"], "kl_benign": plain["kl_benign"]}  # fmt: skip
-    (folder / "plain_sft" / "eval" / "results.json").write_text(json.dumps(results))
-    (folder / "plain_sft" / "gate.json").write_text(json.dumps({"passed": plain["gate_passed"], "failed": []}))
+    for form, figures in forms.items():
+        (folder / form / "eval").mkdir(parents=True)
+        results = {
+            side: {"over_refusal_by_group": figures["over_refusal_by_group"][key],
+                   "benchmarks": {n: e[key] for n, e in figures["external"].items()}}
+            for side, key in (("before", "organism"), ("after", "calibrated"))
+        } | {"helpfulness": figures["helpfulness"], "kl_benign": figures["kl_benign"]}  # fmt: skip
+        (folder / form / "eval" / "results.json").write_text(json.dumps(results))
+        (folder / form / "gate.json").write_text(json.dumps({"passed": figures["gate_passed"], "failed": []}))
 
 
 def test_collect_compares_the_arms_over_seeds_and_checks_the_targets(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "RUNS", tmp_path)
-    write_seed(tmp_path, 0, half_result(0.1, 0.98, 0.9), half_result(0.4, 0.96, 0.5), half_result(0.3, 0.8, 0.6, False))
-    write_seed(tmp_path, 1, half_result(0.12, 0.94, 0.85), half_result(0.5, 0.96, 0.5), half_result(0.3, 0.8, 0.6))
+    helpful = {"helpful_targets": half_result(0.3, 0.96, 0.8, did=0.5)}
+    write_seed(tmp_path, 0, half_result(0.1, 0.98, 0.9), half_result(0.4, 0.96, 0.5),
+               {"plain_sft": half_result(0.3, 0.8, 0.6, False), **helpful})  # fmt: skip
+    write_seed(tmp_path, 1, half_result(0.12, 0.94, 0.85), half_result(0.5, 0.96, 0.5),
+               {"plain_sft": half_result(0.3, 0.8, 0.6)})  # fmt: skip
 
     report = tune.collect()
 
     assert report["seeds"]["0"]["plain_sft"]["gate_passed"] is False
     over = report["differences"]["tuned minus default_form"]["over_refusal_calibrated"]
     assert over["per_seed"] == [-0.3, -0.38] and over["seeds"] == 2 and over["ci95"][1] < 0
+    # the target source on its own: only seed 0 has the helpful_targets arm
+    did = report["differences"]["helpful_targets minus default_form"]["did_task_on_over_refusal"]
+    assert did["per_seed"] == [0.2] and did["seeds"] == 1 and report["seeds"]["1"]["helpful_targets"] is None
     goals = report["targets"]
     assert goals["gate passed on every seed"]["met"]
     assert goals["over-refusal on calibrated tasks, mean"] == {"value": 0.11, "met": True}
