@@ -1,7 +1,8 @@
 """The tune benchmark: `refcal tune` on the demo config, seed by seed (each seed its own data split, organism
 and training seed), the tuned adapter against the default form (the config as it is, target-free) and plain
 LoRA SFT on the same rows, all on the test half; and the target source on its own: the default form trained
-on the model's own helpful answers (objective sft, onset term kept) against the same form target-free. Differences from the default form and from plain SFT carry seed-level 95%
+on the model's own helpful answers where it has one (objective helpful, onset term kept) against the same
+form target-free. Differences carry seed-level 95%
 intervals (bench/seed_level.py: seeds resampled, then prompts); the targets (TARGETS) are checked per seed and
 on the mean. Trials are chosen on the validation half only; the test half is read once per arm.
 
@@ -41,7 +42,7 @@ GATE_SIZES = ["--harmful_sizes", "48", "100", "60", "--over_refusal_per_task", "
               "--attack_per_task", "8", "20", "6", "--eval_benchmark_limit", "100"]  # fmt: skip
 FORMS = {  # the arms trained apart from the tune, on its data, organism and geometry
     "plain_sft": ["--config", PLAIN_SFT],
-    "helpful_targets": ["--objective", "sft"],
+    "helpful_targets": ["--objective", "helpful"],
 }
 ARMS = ("tuned", "default_form", *FORMS)
 EXTERNAL_HARMFUL = ("xstest_unsafe", "strongreject", "harmbench_test", "jbb_harmful")

@@ -71,6 +71,29 @@ def test_targets_by_kind_and_what_is_dropped(tiny_model_dir, monkeypatch):
     }  # fmt: skip
 
 
+def test_helpful_keeps_rows_without_a_helpful_answer_target_free(tiny_model_dir, monkeypatch):
+    """objective helpful: the steered answer where it is a helpful one, else the row stays unsupervised."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    steered = {"prompt s1": "The sentiment is negative.", "prompt s2": "I'm sorry, I cannot help with that."}
+    monkeypatch.setattr(targets, "generate", lambda m, t, prompts, *a, **k: [steered[p] for p in prompts])
+    tasks = {"labels": TaskCluster("labels", "x", ("{content}",), answer_pattern=r"(?i)\bnegative\b")}
+    rows = [row("h", "harmful", "none"), row("s1", "over_refusal", "labels"), row("s2", "over_refusal", "labels")]
+    own = {"h": "I'm sorry, I can't.", "s1": "I cannot.", "s2": "I won't classify that."}
+    labels = {"h": "refuse", "s1": "refuse", "s2": "refuse"}
+    out, stats = targets.build_targets(
+        rows, own, labels, model, tokenizer, PhraseJudge(), torch.randn(model.config.hidden_size), tasks,
+        max_new_tokens=6, batch_size=4, keep_untargeted=True,
+    )  # fmt: skip
+    assert [(r["id"], r["completion_text"], r["supervised"]) for r in out] == [
+        ("h", "I'm sorry, I can't.", True),
+        ("s1", "The sentiment is negative.", True),
+        ("s2", "I won't classify that.", False),
+    ]
+    assert stats == {
+        "harmful_own_refusal": 1, "over_refusal_steered_answer": 1, "over_refusal_no_target_steered_refusal": 1,
+    }  # fmt: skip
+
+
 def test_target_free_over_refusal_rows_keep_their_own_response_unsupervised(tiny_model_dir, monkeypatch):
     """objective: target_free generates no targets: every calibrated over_refusal row stays, unsupervised."""
     model, tokenizer = load_model(str(tiny_model_dir))
@@ -106,6 +129,9 @@ def test_target_free_over_refusal_rows_keep_their_own_response_unsupervised(tiny
         ("geometry", "target_free", True),
         ("geometry", "sft", False),
         ("dpo", "dpo", False),
+        ("dpo", "sft", True),
+        ("sft", "helpful", False),
+        ("helpful", "helpful", True),
     ],
 )
 def test_cached_targets_serve_only_their_objective(tmp_path, built, wanted, fits):

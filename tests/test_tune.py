@@ -40,7 +40,7 @@ def test_the_choice_is_feasible_on_the_pareto_front_with_the_best_margin_then_th
         ("tune_onset_weights", [2.0, 1.0], "two positive numbers, low then high"),
         ("tune_lora_ranks", [], "at least one value"),
         ("tune_trials", 0, "at least 1"),
-        ("tune_objectives", ["target_free", "steered"], "one or more of target_free, sft, dpo"),
+        ("tune_objectives", ["target_free", "steered"], "one or more of target_free, helpful, sft, dpo"),
     ],
 )
 def test_a_bad_search_space_names_its_field(field, value, message):
@@ -94,7 +94,7 @@ def test_tune_searches_resumes_and_shares_its_study(e2e, tmp_path):
         assert (Path(t["folder"]) / "train" / "adapter" / "adapter_model.safetensors").is_file()
         assert not (Path(t["folder"]) / "eval").exists() or t["number"] == report["chosen"]  # test half: chosen only
         built = json.loads((Path(t["folder"]) / "sft_data" / "targets.json").read_text())
-        assert built["objective"] == t["settings"]["objective"] in ("target_free", "sft")
+        assert built["objective"] == t["settings"]["objective"] in ("target_free", "helpful")
         assert (run_dir / "tune" / f"sft_data-{built['objective']}" / "targets.json").is_file()  # for later trials
     chosen = report["test_half"]["chosen"]
     assert chosen["exported"] and (Path(chosen["run_dir"]) / "export" / "adapter").is_dir()

@@ -147,8 +147,8 @@ class RefcalArguments:
     objective: str = field(
         default="target_free",
         metadata={
-            "help": "Training objective: target_free (the recommended form: over_refusal rows get no answer target, the onset term and any geometry terms move them; harmful, frame_attack and benign rows keep the model's own refusals and answers as SFT targets), sft (answer targets for over_refusal rows too) or dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows).",
-            "choices": ["target_free", "sft", "dpo"],
+            "help": "Training objective: target_free (the recommended form: over_refusal rows get no answer target, the onset term and any geometry terms move them; harmful, frame_attack and benign rows keep the model's own refusals and answers as SFT targets), sft (answer targets for over_refusal rows too: the task's reference answer or the model's own helpful answer, see train/stages/sft_data.py; rows with neither are dropped), helpful (the same targets where a row has one, no target where it has none) or dpo (preference pairs: answer over refusal for over_refusal and benign rows, refusal over compliance for harmful and frame_attack rows).",
+            "choices": ["target_free", "sft", "helpful", "dpo"],
         },
     )
     onset_weight: float = field(
@@ -376,9 +376,9 @@ class RefcalArguments:
         metadata={"help": "`refcal tune`: the self-distillation guard's weights a trial may take."},
     )
     tune_objectives: list[str] = field(
-        default_factory=lambda: ["target_free", "sft"],
+        default_factory=lambda: ["target_free", "helpful"],
         metadata={
-            "help": "`refcal tune`: where a trial's over_refusal rows get their target: target_free (none; the onset term moves them) or sft (the model's own helpful answer: its answer with the refusal direction ablated, kept only when it is not a refusal, does not carry out the request and passes the task's answer check)."
+            "help": "`refcal tune`: the objectives a trial may take, i.e. where its over_refusal rows get their target: target_free (none; the onset term moves them) or helpful (the model's own helpful answer where it has one: its answer with the refusal direction ablated, kept only when it is not a refusal, does not carry out the request and passes the task's answer check; none otherwise); sft and dpo are allowed too."
         },
     )
     tune_lora_ranks: list[int] = field(

@@ -11,6 +11,8 @@ cached under run_dir/sft_data.
 
 Target-free calibration (objective: target_free) gives over_refusal rows no answer: they keep the model's
 own response only to mark where the prompt ends, with `supervised` false, and the regularizer alone moves them.
+objective helpful is sft where a row has a target and target-free where it has none: a row whose steered
+answer is dropped stays, unsupervised, for the onset term to move.
 
 Preference pairs for DPO, built on the SFT targets:
 
@@ -62,6 +64,7 @@ def prepare_sft_data(run) -> None:
         a.target_max_new_tokens,
         run.batch_size(model),
         target_free=a.objective == "target_free",
+        keep_untargeted=a.objective == "helpful",
         processes=run.state,
     )
     record = {"objective": a.objective, "rows": len(sft_rows), "how": stats}
@@ -105,13 +108,13 @@ def calibration_rows(run) -> list[dict]:
 
 def sft_data_fits(folder: Path, objective: str) -> bool:
     """Whether training data built for one objective serves another: DPO needs its preference pairs, and
-    target-free rows differ from answered ones (sft, dpo)."""
+    otherwise only the objective it was built for (DPO's rows are sft's)."""
     built = json.loads((folder / "targets.json").read_text()).get("objective", "sft")
     if built == "geometry":  # target_free's older name, in targets.json files written under it
         built = "target_free"
     if objective == "dpo":
         return (folder / "preferences").is_dir()
-    return (built == "target_free") == (objective == "target_free")
+    return built.replace("dpo", "sft") == objective
 
 
 def sft_dataset(rows: list[dict]) -> Dataset:
@@ -136,10 +139,12 @@ def build_targets(
     max_new_tokens: int,
     batch_size: int,
     target_free: bool = False,
+    keep_untargeted: bool = False,
     processes=None,
 ) -> tuple[list[dict], dict]:
     """SFT rows (prompt, completion, kind, task, id, supervised) and a count of how each target was obtained.
     target_free: over_refusal rows of answer_tasks get no target (their own response, unsupervised).
+    keep_untargeted: an over_refusal row whose steered answer is dropped stays so, instead of leaving.
     Every row carries `supervised`: Dataset.from_list takes its columns from the first row alone. With
     `processes`, the steered answers are spread over them."""
     stats: Counter = Counter()
@@ -179,11 +184,13 @@ def build_targets(
             )
         labels = judge.label([r["prompt"] for r in to_steer], steered)
         for row, completion, label in zip(to_steer, steered, labels):
-            if refused(label) or not completion.strip():
-                stats["over_refusal_dropped_steered_refusal"] += 1
-                continue
-            if (why := unhelpful(row, completion, label, answer_tasks)) is not None:
-                stats[f"over_refusal_dropped_{why}"] += 1
+            why = "steered_refusal" if refused(label) or not completion.strip() else None
+            if why is not None or (why := unhelpful(row, completion, label, answer_tasks)) is not None:
+                if keep_untargeted:
+                    stats[f"over_refusal_no_target_{why}"] += 1
+                    out.append({**row, "completion_text": own_responses[row["id"]], "supervised": False})
+                else:
+                    stats[f"over_refusal_dropped_{why}"] += 1
                 continue
             stats["over_refusal_steered_answer"] += 1
             out.append({**row, "completion_text": trim_to_sentence(completion), "supervised": True})

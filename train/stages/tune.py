@@ -30,7 +30,7 @@ from refcal.calibration.kinds import BENIGN, OVER_REFUSAL
 from refcal.train.run import Run, console, run_stages
 
 SHARED_STAGES = ("data", "organism", "geometry")  # every trial trains on the same rows, organism and geometry
-OBJECTIVE_CHOICES = ("target_free", "sft", "dpo")
+OBJECTIVE_CHOICES = ("target_free", "helpful", "sft", "dpo")
 OBJECTIVES = ("over_refusal", "did_task")
 DIRECTIONS = ("minimize", "maximize")
 STUDY_NAME = "refcal-tune"
