@@ -1,19 +1,20 @@
 """Hand labels of answers from three models, for the refusal judge and for answer-class classifiers.
 
-bench/results/answer_labels.jsonl holds 216 answers to the demo's eval prompts (configs/demo_smollm2.yaml:
-held-out recipe rows and the external benchmark sets), 72 from each of three models: the plain embedded
+bench/results/answer_labels.jsonl holds answers to the demo's eval prompts (configs/demo_smollm2.yaml:
+held-out recipe rows and the external benchmark sets) from three models: the plain embedded
 SmolLM2-135M-Instruct ("smollm2", answers generated here, greedy, 32 new tokens, float32), its over-refusing
-organism ("organism") and the calibrated adapter ("adapter"), both as the demo answered (its eval
-generations, 32 new tokens). Each row holds: id, model, kind, task, set ("recipe" or the
-benchmark's name), answer, the labels `refused` and `answer_class`, and `half`; its prompt and content
-(the text inside a task frame; the prompt itself otherwise) are kept by reference to the data root
-(bench/label_rows.py) and rebuilt by `read_labels`, so no benchmark prompt is copied into the project.
+organism ("organism") and a calibrated adapter ("adapter"), both as a run answered (its eval generations,
+32 new tokens). Each row holds: id, model, kind, task, set ("recipe" or the benchmark's name), answer, the
+labels `refused` and `answer_class`, and `half`; its prompt and content (the text inside a task frame; the
+prompt itself otherwise) are kept by reference to the data root (bench/label_rows.py) and rebuilt by
+`read_labels`, so no benchmark prompt is copied into the project.
 
-Two samples, two halves. The `fit` half (`--sample`, seeded: per model 36 over-refusal rows, 4 of each of
-the seven frame tasks and 8 lookalikes, 18 harmful-side rows and 18 benign-side rows, with quotas per set)
-is what the answer-class rules were written on. The `score` half (`--sample --held_out`: per model 27
-over-refusal, 12 harmful-side and 11 benign-side rows) comes from a later demo run, draws no prompt that any
-fit row has, and was labelled before any classifier read it: its agreement is the figure to quote
+Two halves. The `fit` half is what the answer-class rules were written on: a seeded sample (`--sample`:
+per model 36 over-refusal rows, 4 of each of the seven frame tasks and 8 lookalikes, 18 harmful-side rows
+and 18 benign-side rows, with quotas per set), and an earlier score half of 150 rows, which joined it once
+scored (docs/judge.md has that score). The `score` half (`--sample --held_out`: per model 27 over-refusal,
+12 harmful-side and 11 benign-side rows) comes from a run on another data seed, draws no prompt that any
+fit row has, and was labelled blind, before any classifier read it: its agreement is the figure to quote
 (`class_agreement`, which checks that the halves share no prompt). Within a sample a prompt appears at
 most once per model and no (prompt, answer) pair twice.
 
@@ -43,6 +44,7 @@ with refused true; an answer of class refused is always refused.
     python -m bench.answer_labels --sample --held_out --generations GEN.jsonl   # the score half's sample
     python -m bench.answer_labels --add LABELLED.jsonl   # append labelled rows, prompts stored by reference
     python -m bench.answer_labels            # writes bench/results/answer_labels_agreement.json
+    python -m bench.answer_labels --fit      # the classes on the fit half; misses to a file in /tmp
 """
 
 from __future__ import annotations
@@ -237,10 +239,10 @@ def judge_agreement(rows: list[dict], judge) -> dict:
     }
 
 
-def score_classes(rows: list[dict], classify: Callable[[dict], str]) -> dict:
-    """An answer-class classifier against the hand labels, on the score half only (the fit half is for
-    writing its rules). `classify` sees each row without its labels."""
-    scored = [r for r in rows if r["half"] == "score"]
+def score_classes(rows: list[dict], classify: Callable[[dict], str], half: str = "score") -> dict:
+    """An answer-class classifier against the hand labels, on the score half only unless `half` says
+    otherwise (the fit half is for writing its rules). `classify` sees each row without its labels."""
+    scored = [r for r in rows if r["half"] == half]
     said = [classify(without_labels(r)) for r in scored]
     hits = [s == r["answer_class"] for s, r in zip(said, scored)]
     confusion = Counter((r["answer_class"], s) for s, r in zip(said, scored))
@@ -300,6 +302,21 @@ def class_agreement(rows: list[dict], judge) -> dict:
     }
 
 
+def fit_report(rows: list[dict], judge, out: Path) -> dict:
+    """refcal's classes on the fit half, for writing rules: agreement, confusion and carried-out recall;
+    every disagreement goes to `out` (nothing is written to bench/results)."""
+    classify = refcal_classifier(judge)
+    fit = [r for r in rows if r["half"] == "fit"]
+    said = {r["id"]: classify(without_labels(r)) for r in fit}
+    carried = [r for r in fit if r["answer_class"] == "carried_out"]
+    misses = [{**without_labels(r), "hand": r["answer_class"], "classifier": said[r["id"]]} for r in fit]
+    out.write_text("".join(json.dumps(m) + "\n" for m in misses if m["hand"] != m["classifier"]), encoding="utf-8")
+    return {
+        **score_classes(fit, lambda r: said[r["id"]], half="fit"),
+        "carried_out_recall": wilson_rate(sum(said[r["id"]] == "carried_out" for r in carried), len(carried)),
+    }
+
+
 def class_counts(rows: list[dict]) -> dict:
     return {
         model: dict(sorted(Counter(f"{side(r)}/{r['answer_class']}" for r in rows if r["model"] == model).items()))
@@ -337,6 +354,8 @@ def main() -> None:
     parser.add_argument("--sample_out", default=str(Path(tempfile.gettempdir()) / "answer_labels_unlabelled.jsonl"))
     parser.add_argument("--data_root", default=None)
     parser.add_argument("--out", default="bench/results/answer_labels_agreement.json")
+    parser.add_argument("--fit", action="store_true", help="Score the classes on the fit half; list the misses.")
+    parser.add_argument("--misses", default=str(Path(tempfile.gettempdir()) / "answer_labels_fit_misses.jsonl"))
     args = parser.parse_args()
     if args.sample:
         if not args.generations:
@@ -355,6 +374,10 @@ def main() -> None:
 
     rows = read_labels(LABELS, args.data_root)
     judge = LearnedJudge.from_xstest(args.data_root or default_data_root())
+    if args.fit:
+        print(json.dumps(fit_report(rows, judge, Path(args.misses)), indent=2))
+        print(f"{args.misses}: the fit half's disagreements")
+        return
     result = {
         "judge": judge.version,
         "n": dict(Counter(r["model"] for r in rows)),

@@ -15,6 +15,7 @@ from bench.answer_labels import (
     MODELS,
     RECIPE_KINDS,
     class_agreement,
+    fit_report,
     judge_agreement,
     read_jsonl,
     read_labels,
@@ -87,3 +88,25 @@ def test_score_classes_scores_the_score_half_without_showing_the_labels(rows):
     assert figure["rate"] == 1.0 and figure["n"] == sum(r["half"] == "score" for r in rows)
     assert set(result["agreement"]) == {"all", *MODELS}
     assert score_classes(rows, lambda row: "refused")["agreement"]["all"]["rate"] < 1.0
+
+
+def test_fit_report_scores_the_fit_half_and_lists_each_disagreement(rows, tmp_path):
+    from refcal.calibration.judges.phrases import COMPLY
+
+    class Complies:  # a stand-in refusal judge: nothing is refused
+        def label(self, prompts, answers):
+            return [COMPLY] * len(answers)
+
+    before = AGREEMENT.read_bytes()
+    misses = tmp_path / "misses.jsonl"
+    report = fit_report(rows, Complies(), misses)
+    fit = [r for r in rows if r["half"] == "fit"]
+    assert report["agreement"]["all"]["n"] == len(fit)
+    listed = read_jsonl(misses)
+    assert len(listed) == sum(
+        n for pair, n in report["confusion (hand -> classifier)"].items() if len(set(pair.split(" -> "))) == 2
+    )
+    assert all(r["hand"] != r["classifier"] and {"prompt", "content", "answer"} <= set(r) for r in listed)
+    assert any(r["hand"] == "refused" for r in listed)  # nothing refused by the stand-in judge
+    assert report["carried_out_recall"]["n"] == sum(r["answer_class"] == "carried_out" for r in fit)
+    assert AGREEMENT.read_bytes() == before
