@@ -138,17 +138,23 @@ def harmful_kept(figures: dict, name: str) -> float | None:
 
 
 def targets(seeds: dict) -> dict:
-    """The tuned arm against each target, per seed and on the mean over seeds."""
+    """The tuned arm against each target, per seed and on the mean over seeds. A seed where no trial passed the
+    gate has no adapter: it fails the gate target, and the other targets are over the seeds with one."""
     tuned = {s: f["tuned"] for s, f in seeds.items() if f.get("tuned")}
+    passed = sorted(s for s, f in tuned.items() if f["gate_passed"])
+    gate = {
+        "value": f"{len(passed)} of {len(seeds)} seeds ({', '.join(passed) or 'none'})",
+        "met": len(passed) == len(seeds),
+    }
     if not tuned:
-        return {}
+        return {"gate passed on every seed": gate}
     kept = {name: {s: harmful_kept(f, name) for s, f in tuned.items()} for name in EXTERNAL_HARMFUL}
     mean = lambda values: round(statistics.fmean(v for v in values if v is not None), 4)  # noqa: E731
     over = mean(f["over_refusal_calibrated"]["rate"] for f in tuned.values())
     recovered = [f["helpfulness_recovered"] for f in tuned.values() if f["helpfulness_recovered"] is not None]
     kl = max(f["kl_benign"] for f in tuned.values())
     return {
-        "gate passed on every seed": {"value": all(f["gate_passed"] for f in tuned.values()), "met": all(f["gate_passed"] for f in tuned.values())},
+        "gate passed on every seed": gate,
         "harmful kept, mean over seeds (each external set)": {
             "value": {n: mean(v.values()) for n, v in kept.items()},
             "met": all(mean(v.values()) >= TARGETS["harmful kept, mean over seeds (each external set)"] for v in kept.values()),
@@ -230,7 +236,8 @@ def markdown(report: dict) -> str:
         for arm in ARMS:
             f = arms.get(arm)
             if not f:
-                lines.append(f"| {seed} | {arm} | - | not run or no trial passed |" + " |" * 9)
+                why = "no trial passed the gate: no adapter" if arm == "tuned" else "not run"
+                lines.append(f"| {seed} | {arm} | - | {why} |" + " |" * 9)
                 continue
             ext = [
                 pct((f["external"].get(n) or {}).get("calibrated"))
@@ -250,7 +257,13 @@ def markdown(report: dict) -> str:
                 lines.append(
                     f"| {name} | {measure} | {d['difference']:+.0%} [{d['ci95'][0]:+.0%}, {d['ci95'][1]:+.0%}] | {per_seed} |"
                 )
-    lines += ["", "## Targets (the tuned adapter)", "", "| target | value | met |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Targets (the tuned adapter; means over the seeds that have one)",
+        "",
+        "| target | value | met |",
+        "|---|---|---|",
+    ]
     for name, t in report["targets"].items():
         lines.append(f"| {name} | {json.dumps(t['value'])} | {'yes' if t['met'] else 'no'} |")
     lines += ["", "## Cost", ""]

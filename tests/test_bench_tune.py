@@ -25,11 +25,13 @@ def half_result(over: float, harmful: float, recovered: float, passed: bool = Tr
     }
 
 
-def write_seed(root, seed: int, tuned: dict, default: dict, forms: dict[str, dict]) -> None:
+def write_seed(root, seed: int, tuned: dict | None, default: dict, forms: dict[str, dict]) -> None:
+    """A seed's run folder; `tuned` None is a tune where no trial passed the gate (nothing chosen)."""
     folder = root / f"seed{seed}"
     (folder / "tune").mkdir(parents=True)
     trials = [{"number": 0, "settings": {}, "folder": "", "scores": {}, "seconds": 120.0}]
-    report = {"chosen": 0, "trials": trials, "test_half": {"chosen": tuned, "default_form": default}}
+    halves = {"default_form": default} | ({"chosen": tuned} if tuned else {})
+    report = {"chosen": 0 if tuned else None, "trials": trials, "test_half": halves}
     (folder / "tune" / "tune.json").write_text(json.dumps(report))
     (folder / "tune" / "bench_seconds.json").write_text(json.dumps({"tune": 600.0, "plain_sft": 300.0}))
     for form, figures in forms.items():
@@ -69,3 +71,18 @@ def test_collect_compares_the_arms_over_seeds_and_checks_the_targets(tmp_path, m
     assert report["cost"]["0"] == {"trials": 1, "minutes_per_trial": 2.0, "tune": 600.0, "plain_sft": 300.0}
     text = tune.markdown(report)
     assert "| 0 | plain_sft | failed |" in text and "tuned minus plain_sft" in text
+
+
+def test_a_seed_where_no_trial_passed_fails_the_gate_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "RUNS", tmp_path)
+    write_seed(tmp_path, 0, half_result(0.1, 0.98, 0.9), half_result(0.4, 0.96, 0.5), {})
+    write_seed(tmp_path, 1, None, half_result(0.5, 0.96, 0.5), {})
+
+    report = tune.collect()
+
+    goals = report["targets"]
+    assert goals["gate passed on every seed"] == {"value": "1 of 2 seeds (0)", "met": False}
+    assert goals["over-refusal on calibrated tasks, mean"] == {"value": 0.1, "met": True}  # seed 0 alone
+    over = report["differences"]["tuned minus default_form"]["over_refusal_calibrated"]
+    assert over["seeds"] == 1
+    assert "| 1 | tuned | - | no trial passed the gate: no adapter |" in tune.markdown(report)

@@ -13,7 +13,7 @@ import pytest
 
 from refcal.calibration.infra.errors import UserError
 from refcal.train.config import RefcalArguments
-from refcal.train.stages.tune import choose, search_space
+from refcal.train.stages.tune import choose, reseed, search_space
 
 
 def trial(number: int, over: float, did: float, passed: bool = True, kl: float = 0.1) -> dict:
@@ -31,6 +31,30 @@ def test_the_choice_is_feasible_on_the_pareto_front_with_the_best_margin_then_th
     ]
     assert choose(trials)["number"] == 4
     assert choose([trial(0, 0.0, 1.0, passed=False)]) is None
+
+
+def test_a_resumed_study_draws_new_settings_and_the_same_history_draws_the_same(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def first_draws(n: int) -> list[float]:
+        study = optuna.create_study(study_name="s", storage=url, directions=["minimize"], load_if_exists=True)
+        reseed(study, 0)
+        draws = []
+        for _ in range(n):
+            trial = study.ask()
+            trial.set_user_attr("constraint", 0.0)
+            draws.append(trial.suggest_float("lr", 1e-5, 1e-2, log=True))
+            study.tell(trial, 0.5)
+            reseed(study, 0)
+        return draws
+
+    started = first_draws(3)
+    resumed = first_draws(3)  # a killed tune opened again: a sampler seeded with 0 alone repeats `started`
+    assert len(set(started + resumed)) == 6
+    (tmp_path / "study.db").unlink()
+    assert first_draws(3) == started
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,7 @@ def open_study(run: Run):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # refcal prints each trial itself
-    with warnings.catch_warnings():  # heartbeats and constraints are marked experimental; both are documented
+    with warnings.catch_warnings():  # heartbeats are marked experimental; they are documented
         warnings.simplefilter("ignore", ExperimentalWarning)
         storage = RDBStorage(
             storage_url(run),
@@ -203,12 +203,28 @@ def open_study(run: Run):
             grace_period=180,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
-        sampler = optuna.samplers.TPESampler(
-            seed=run.training_args.seed, constraints_func=lambda trial: [trial.user_attrs["constraint"]]
+        study = optuna.create_study(
+            study_name=STUDY_NAME, storage=storage, directions=list(DIRECTIONS), load_if_exists=True
         )
-    return optuna.create_study(
-        study_name=STUDY_NAME, storage=storage, sampler=sampler, directions=list(DIRECTIONS), load_if_exists=True
-    )
+    reseed(study, run.training_args.seed)
+    return study
+
+
+def reseed(study, seed: int) -> None:
+    """A TPE sampler seeded with the run's seed plus the number of trials the study holds. A sampler's random
+    start is a function of its seed alone, so one seeded with the bare seed would make a resumed tune (or a
+    second worker) repeat the first trials' settings; this way each draw is new and a tune still reproduces."""
+    import warnings
+
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():  # constraints are marked experimental; they are documented
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(
+            seed=seed + len(study.get_trials(deepcopy=False)),
+            constraints_func=lambda trial: [trial.user_attrs["constraint"]],
+        )
 
 
 def finished(study) -> list:
@@ -326,7 +342,14 @@ def stage_tune(run: Run) -> dict:
     missing = total - len(finished(study))
     if missing > 0:
         # every worker stops once the study holds tune_trials finished trials, however many share it
-        study.optimize(objective, n_trials=missing, callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE,))])
+        study.optimize(
+            objective,
+            n_trials=missing,
+            callbacks=[
+                MaxTrialsCallback(total, states=(TrialState.COMPLETE,)),
+                lambda study, _: reseed(study, run.training_args.seed),
+            ],
+        )
     trials = trial_records(study)
     chosen = choose(trials)
     report = {
