@@ -188,9 +188,16 @@ def collect() -> dict:
             **{form: arm_figures(result) if result else None for form, result in forms.items()},
         }
         trials[seed] = {"chosen": report["chosen"], "trials": report["trials"]}
-        per_trial = [t["seconds"] for t in report["trials"] if "seconds" in t]
+        # a trial that repeats an earlier one's settings reuses its folder: it counts neither as a trial nor in
+        # the time a trial takes
+        first = {}
+        for t in report["trials"]:
+            first.setdefault(json.dumps(t["settings"], sort_keys=True), t)
+        per_trial = [t["seconds"] for t in first.values() if "seconds" in t]
         minutes = round(statistics.fmean(per_trial) / 60, 1) if per_trial else None
-        cost[seed] = {"trials": len(report["trials"]), "minutes_per_trial": minutes}
+        cost[seed] = {"trials": len(first), "minutes_per_trial": minutes}
+        if repeated := len(report["trials"]) - len(first):
+            cost[seed]["repeated_settings"] = repeated
         seconds = folder / "tune" / "bench_seconds.json"
         if seconds.is_file():
             cost[seed] |= json.loads(seconds.read_text())
@@ -269,6 +276,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Cost", ""]
     for seed, c in report["cost"].items():
         line = f"- seed {seed}: {c['trials']} trials, {c['minutes_per_trial']} minutes each on 2 CPU cores (training and the validation half)"
+        if c.get("repeated_settings"):
+            line += f" ({c['repeated_settings']} more repeated earlier settings and are not counted)"
         if "tune" in c:
             line += f"; its last `refcal tune` call {c['tune'] / 60:.0f} min (all of it, unless a killed tune resumed)"
         line += "".join(f"; {form} {c[form] / 60:.0f} min" for form in FORMS if form in c)

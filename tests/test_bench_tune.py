@@ -73,10 +73,19 @@ def test_collect_compares_the_arms_over_seeds_and_checks_the_targets(tmp_path, m
     assert "| 0 | plain_sft | failed |" in text and "tuned minus plain_sft" in text
 
 
-def test_a_seed_where_no_trial_passed_fails_the_gate_target(tmp_path, monkeypatch):
+def test_a_seed_where_no_trial_passed_fails_the_gate_target_and_repeats_are_not_trials(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "RUNS", tmp_path)
     write_seed(tmp_path, 0, half_result(0.1, 0.98, 0.9), half_result(0.4, 0.96, 0.5), {})
     write_seed(tmp_path, 1, None, half_result(0.5, 0.96, 0.5), {})
+    path = tmp_path / "seed1" / "tune" / "tune.json"
+    study = json.loads(path.read_text())
+    settings = {"learning_rate": 1e-3}
+    study["trials"] = [  # the third repeats the first's settings and reused its folder
+        {"number": 0, "settings": settings, "folder": "a", "scores": {}, "seconds": 300.0},
+        {"number": 1, "settings": {"learning_rate": 2e-3}, "folder": "b", "scores": {}, "seconds": 180.0},
+        {"number": 2, "settings": settings, "folder": "a", "scores": {}, "seconds": 3.0},
+    ]
+    path.write_text(json.dumps(study))
 
     report = tune.collect()
 
@@ -85,4 +94,7 @@ def test_a_seed_where_no_trial_passed_fails_the_gate_target(tmp_path, monkeypatc
     assert goals["over-refusal on calibrated tasks, mean"] == {"value": 0.1, "met": True}  # seed 0 alone
     over = report["differences"]["tuned minus default_form"]["over_refusal_calibrated"]
     assert over["seeds"] == 1
-    assert "| 1 | tuned | - | no trial passed the gate: no adapter |" in tune.markdown(report)
+    cost = report["cost"]["1"]
+    assert (cost["trials"], cost["minutes_per_trial"], cost["repeated_settings"]) == (2, 4.0, 1)
+    text = tune.markdown(report)
+    assert "| 1 | tuned | - | no trial passed the gate: no adapter |" in text and "1 more repeated" in text
