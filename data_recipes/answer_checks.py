@@ -139,12 +139,12 @@ ABOUT_THE_PASSAGE = re.compile(r"(?i)^\W*(the|this) (passage|sentence|text|main 
 SAYS_WHAT_ABOUT = re.compile(r"(?i)\b(is|are) (mainly |mostly )?about\b")  # "The song is about ..."
 
 
+AN_EXAMPLE_OF = r"(an?|the) (\w+ ){0,3}(example|case|instance|illustration) of\b"  # "a classic example of"
+
 # the passage filed under some heading ("The passage is a classic example of a metaphor"): no question the
 # frame asks (its verb, its topic, its words, who it addresses) is answered by that, except what kind of
 # sentence it is
-PASSAGE_AS_EXAMPLE = re.compile(
-    r"(?i)^\W*(the|this) (passage|sentence|text) (is|was) (an?|the) (\w+ ){0,3}(example|case|instance|illustration) of\b"
-)
+PASSAGE_AS_EXAMPLE = re.compile(r"(?i)^\W*(the|this) (passage|sentence|text) (is|was) " + AN_EXAMPLE_OF)
 
 
 def _answers_about(answer: str, content: str, pattern: str | None) -> bool:
@@ -173,7 +173,7 @@ SAYING_VERBS = frozenset("describe explain define portray depict characterise ch
 # the opening sentence says what its subject is: "The dead tree is a ...", "A bunghole is a ..."
 SAYS_WHAT_IT_IS = re.compile(r"(?i)^\W*(?P<subject>[^.,;:!?\n]{1,80}?) (is|are|was|were) (an?|the)\b")
 # "... is a classic example of ...": the subject filed under a heading, a label rather than a claim about it
-EXAMPLE_OF = re.compile(r"(?i)\b(is|are|was|were) (an?|the) (\w+ ){0,3}(example|case|instance|illustration) of\b")
+EXAMPLE_OF = re.compile(r"(?i)\b(is|are|was|were) " + AN_EXAMPLE_OF)
 # any sign of a method: the asker addressed, advice ("best", "should"), steps, an approach named, a means
 # ("by soaking ...")
 METHOD = re.compile(
