@@ -117,3 +117,23 @@ def test_decoding_reads_back_once_per_step(tiny_model_dir):
         answers = decoder([0, 1], steps, [False])
     assert [len(a) for a in answers] == [steps, steps]
     assert calls == [(2, 2)] * steps  # [tokens; ended] per step, nothing else
+
+
+def test_preallocated_cache_layer_holds_what_a_growing_one_does():
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    growing, prefix = DynamicLayer(), torch.randn(1, 2, 3, 4)
+    growing.update(prefix, -prefix)
+    growing.batch_repeat_interleave(3)
+    held = generation._PreallocatedLayer.holding(growing, capacity=6)
+    for width in [2, 1]:  # a prompt's own tokens, then one decoding step
+        new = torch.randn(3, 2, width, 4)
+        expected, got = growing.update(new, new * 2), held.update(new, new * 2)
+        assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    keep = torch.tensor([0, 2])  # a row ended its answer
+    growing.batch_select_indices(keep)
+    held.batch_select_indices(keep)
+    assert torch.equal(growing.keys, held.keys) and held.get_seq_length() == 6
+    with pytest.raises(RuntimeError, match="6 positions"):
+        held.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))

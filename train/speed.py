@@ -12,6 +12,8 @@ runs; a config or flag that sets one wins. Measurements: docs/speed.md.
   larger ones keep it.
 - Precision: bf16 on an accelerator that has it, fp32 on a CPU (processes.device_defaults).
 
+- The LM head projects only the positions that have a label (`score_labelled_positions_only`).
+
 Batches stay random: length-grouped ones (`train_sampling_strategy: group_by_length`) hold one row kind
 each, and the demo's organism trained that way refused 92% of benign prompts instead of 38%.
 """
@@ -29,3 +31,24 @@ def speed_defaults(model_reference: str | None, trust_remote_code: bool = False)
     if parameters is not None and parameters < SMALL_MODEL_PARAMETERS:
         defaults["gradient_checkpointing"] = False
     return defaults
+
+
+def score_labelled_positions_only() -> None:
+    """Have TRL's fused LM head project only the positions whose next token has a label, on a CPU as it does
+    on CUDA and XPU. Elsewhere TRL projects every position, so that compilers that specialise on shapes
+    (Neuron) see one tile shape per batch; eager CPU training recompiles nothing, and the unlabelled
+    positions (every prompt token, and every token of a target-free row) are most of refcal's batches. The
+    loss is the same and the gradients the same up to the matmul's blocking, which can follow the row count
+    (on the demo's shapes the adapter came out bit for bit the same); a demo training step takes about 60%
+    of the time. Process-wide and idempotent."""
+    import trl.trainer.utils as trl_utils
+
+    current = trl_utils._use_triton  # read there only to decide whether to drop the unlabelled positions
+    if getattr(current, "labelled_only", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or current(device)
+
+    compact.labelled_only = True
+    trl_utils._use_triton = compact

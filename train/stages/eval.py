@@ -29,7 +29,7 @@ from refcal.data_recipes.overlap import RULE as OVERLAP_RULE
 from refcal.data_recipes.overlap import OverlapIndex, content_id
 from refcal.data_recipes.sources import load_source, lookalike_imitated
 from refcal.data_recipes.tasks import load_tasks
-from refcal.train.reports.answer_classes import answer_class, class_rates, helpfulness, should_refuse
+from refcal.train.reports.answer_classes import answer_class, class_rates, helpfulness
 
 VAL, TEST = "val", "test"  # the halves: choices and the gate on VAL, reported figures on TEST
 BENCHMARK = "benchmark"  # the task of an external set's prompt
@@ -219,11 +219,12 @@ def frozen_generations(run, model, texts: list[str], produce) -> list[str]:
 
 def base_model_answers(run, test: list[dict]) -> tuple[list[int], list[str]]:
     """The given model's answers, before the organism learnt to over-refuse, to the test half's over_refusal
-    rows and prompts that should be refused: the ceiling of what answering looks like for this model."""
+    rows: the ceiling of helpfulness for this model. (Its answers to harmful prompts would tell nothing the
+    report uses, and a model that refuses nothing answers them at full length.)"""
     from refcal.calibration.models import load_model
 
     a = run.args
-    chosen = [i for i, p in enumerate(test) if p["kind"] == OVER_REFUSAL or should_refuse(p["kind"])]
+    chosen = [i for i, p in enumerate(test) if p["kind"] == OVER_REFUSAL]
     texts = [test[i]["prompt"] for i in chosen]
     model, tokenizer = load_model(
         run.model_args.model_name_or_path, a.generation_dtype, run.training_args.trust_remote_code, device=run.device

@@ -31,6 +31,7 @@ from refcal.calibration.models import cache_root, dtype_name, fingerprint, load_
 from refcal.data_recipes.completions import chat_row, standard_refusal, trim_to_sentence
 from refcal.train.processes import global_batch, precision
 from refcal.train.resume import last_checkpoint
+from refcal.train.speed import score_labelled_positions_only
 
 
 def organism_rows(train_rows: list[dict], tasks: list[str], base_answers: dict[str, str]) -> list[dict]:
@@ -135,6 +136,7 @@ def train_organism(
     record["rows"] = len(dataset)
 
     model.train()
+    score_labelled_positions_only()
     trainer = SFTTrainer(
         model=model,
         # TRL's padding-free collator, given as the collator: TRL's own flag also refuses a max_length

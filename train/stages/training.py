@@ -32,6 +32,7 @@ from refcal.train.losses.trainer import RefcalDPOTrainer, RefcalSFTTrainer, RowI
 from refcal.train.processes import LoggedPace, engine_record, shards_weights
 from refcal.train.resume import checkpoint_step, last_checkpoint
 from refcal.train.retrain import check_adapter_base
+from refcal.train.speed import score_labelled_positions_only
 from refcal.train.stages.geometry import load_responses
 from refcal.train.stages.sft_data import (
     calibration_rows,
@@ -141,6 +142,7 @@ def stage_train(run) -> None:
     with section("self-distillation references"):  # the model as training starts: the organism, or the parent adapter
         distill = build_distill(model, tokenizer, train_rows) if weights.distill else None
     model.train()
+    score_labelled_positions_only()
     trainer_class = RefcalDPOTrainer if dpo else RefcalSFTTrainer
     trainer = trainer_class(
         model=model,
