@@ -8,7 +8,7 @@ in float32; in bf16 the shared prefix is rounded in another order, and answers c
   batch; the prompts' own tokens follow after their left padding, with positions that continue the prefix;
 - a row leaves its batch at its end of turn, so finished answers cost nothing while longer ones go on;
 - each batch's keys and values are written into buffers sized for its longest answer, where a growing
-  cache would copy all of them at every token (a fifth of the decoding time on a CPU).
+  cache would copy all of them at every token (4-6% of a generation's time on a CPU).
 Models whose generation config asks for more than the argmax (a repetition penalty, banned words, a
 minimum length), whose forward takes no cache, or with layers other than attention (recurrent state cannot
 be shared this way) go through `model.generate` instead."""

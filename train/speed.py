@@ -11,8 +11,7 @@ runs; a config or flag that sets one wins. Measurements: docs/speed.md.
   activation memory. A model under a billion parameters has little to save and pays for it on every step;
   larger ones keep it.
 - Precision: bf16 on an accelerator that has it, fp32 on a CPU (processes.device_defaults).
-
-- The LM head projects only the positions that have a label (`score_labelled_positions_only`).
+- The LM head projects only the positions that have a label, on a CPU too (`score_labelled_positions_only`).
 
 Batches stay random: length-grouped ones (`train_sampling_strategy: group_by_length`) hold one row kind
 each, and the demo's organism trained that way refused 92% of benign prompts instead of 38%.
