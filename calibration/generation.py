@@ -314,7 +314,10 @@ class _PreallocatedLayer(DynamicLayer):
         self.key_buffer[..., self.length : stop, :] = keys
         self.value_buffer[..., self.length : stop, :] = values
         self.length = stop
-        self.keys, self.values = self.key_buffer[..., :stop, :], self.value_buffer[..., :stop, :]
+        self._show_filled()
+
+    def _show_filled(self) -> None:
+        self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -325,7 +328,7 @@ class _PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.length:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+            self._show_filled()
 
 
 def preallocate(cache: DynamicCache, capacity: int) -> None:
