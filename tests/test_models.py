@@ -78,3 +78,17 @@ def test_the_device_sentinel_catches_a_model_left_off_the_runs_device(tiny_model
         model, tokenizer = load_model(str(tiny_model_dir))
         generate(model, tokenizer, ["Hi"], 2, progress=False)
     assert strays and strays[0].startswith("LlamaForCausalLM on cpu")
+
+
+def test_a_gguf_conversion_builds_each_parse_once_and_restores_the_library():
+    import gguf
+
+    from refcal.calibration.models import _gguf_parsed_once
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 3) is not gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 2)
