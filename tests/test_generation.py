@@ -13,6 +13,8 @@ from refcal.calibration.activations import chat_prompts
 from refcal.calibration.models import load_model
 
 PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" + " really" * (i % 4) for i in range(11)]
+# lengths far apart: the prompt pass runs in groups
+UNEVEN = [f"Say {i} back." + " Then add another clause that makes this prompt longer." * (i % 3) ** 3 for i in range(9)]
 
 
 def test_shared_prefix_leaves_every_prompt_a_token():
@@ -20,6 +22,30 @@ def test_shared_prefix_leaves_every_prompt_a_token():
     assert generation.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
     assert generation.shared_prefix_length([[7, 2], [1, 2]]) == 0
     assert generation.shared_prefix_length([]) == 0
+
+
+def test_prefill_groups_cut_the_padding_where_lengths_are_far_apart():
+    assert generation.prefill_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]
+    groups = generation.prefill_groups([200, 3, 4, 3, 190], call_cost=64)
+    assert groups == [[1, 3, 2], [4, 0]]
+    assert generation.prefill_groups([200, 3, 4, 3, 190], call_cost=10_000) == [[1, 3, 2, 4, 0]]
+    assert generation.prefill_groups([]) == []
+
+
+@pytest.mark.slow
+def test_prompt_pass_in_groups_gives_generates_answers(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    texts = chat_prompts(tokenizer, UNEVEN)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    decoder = generation._SharedPrefixGreedy(model, tokenizer, ids, "cpu")
+    model.generation_config.eos_token_id = tokenizer.vocab_size + 7  # every answer runs its full length
+    batch = list(range(len(UNEVEN)))
+    groups = generation.prefill_groups([len(r) for r in decoder.rest])
+    assert len(groups) > 1
+    own, passed = decoder(batch, 10, [False])
+    assert passed == [row for group in groups for row in group]
+    reference = [generation._hf_generate(model, tokenizer, [t], 10, "cpu", [False])[0] for t in texts]
+    assert own == reference
 
 
 @pytest.mark.slow
@@ -33,7 +59,7 @@ def test_decoding_loop_matches_generate_with_rows_ending_at_different_steps(tiny
 
     def both(max_new_tokens):
         decoder = generation._SharedPrefixGreedy(model, tokenizer, ids, "cpu")
-        own = [row for batch in batches for row in decoder(batch, max_new_tokens, [False])]
+        own = [row for batch in batches for row in decoder(batch, max_new_tokens, [False])[0]]
         reference = [
             row
             for batch in batches
@@ -80,9 +106,10 @@ def test_activations_come_from_the_prompt_pass_only(tiny_model_dir, own_loop):
     from refcal.calibration.activations import capture_last_token
 
     model, tokenizer = load_model(str(tiny_model_dir))
+    prompts = PROMPTS + UNEVEN  # a batch of uneven lengths runs its prompt pass in groups
     with mock.patch.object(generation, "plain_argmax", lambda _model: own_loop):
-        _, states = generation.generate_with_activations(model, tokenizer, PROMPTS, 4, batch_size=4, progress=False)
-    captured = capture_last_token(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), progress=False)
+        _, states = generation.generate_with_activations(model, tokenizer, prompts, 4, batch_size=10, progress=False)
+    captured = capture_last_token(model, tokenizer, prompts, batch_size=len(prompts), progress=False)
     assert states.shape == captured.shape
     assert (states - captured).abs().max() < 1e-4
 
@@ -114,7 +141,7 @@ def test_decoding_reads_back_once_per_step(tiny_model_dir):
     decoder = generation._SharedPrefixGreedy(model, tokenizer, ids, "cpu")
     decoder.stop = torch.tensor([-1])  # no row ends early: every step is a full one
     with mock.patch.object(torch.Tensor, "tolist", counting):
-        answers = decoder([0, 1], steps, [False])
+        answers, _ = decoder([0, 1], steps, [False])
     assert [len(a) for a in answers] == [steps, steps]
     assert calls == [(2, 2)] * steps  # [tokens; ended] per step, nothing else
 
