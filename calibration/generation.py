@@ -274,7 +274,9 @@ class _SharedPrefixGreedy:
         own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.device)
         mask = torch.cat([own.new_ones(len(batch), self.prefix), own], dim=1)
         capacity = mask.shape[1] + max_new_tokens
-        groups = prefill_groups([len(r) for r in rest]) if self.groupable else [list(range(len(batch)))]
+        groups = prefill_groups([len(r) for r in rest]) if self.groupable else []
+        if len(groups) < 2:  # one pass over the batch as it stands
+            groups = [list(range(len(batch)))]
         recording[0] = True
         try:
             if len(groups) == 1:

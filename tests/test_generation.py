@@ -33,7 +33,7 @@ def test_prefill_groups_cut_the_padding_where_lengths_are_far_apart():
 
 
 @pytest.mark.slow
-def test_prompt_pass_in_groups_gives_generates_answers(tiny_model_dir):
+def test_a_prompt_pass_in_groups_gives_the_answers_of_generate(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     texts = chat_prompts(tokenizer, UNEVEN)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
