@@ -7,8 +7,8 @@ SmolLM2-135M-Instruct's residual stream over (prompt, answer): the mean over the
 last token, at a middle and the last layer. It is fitted and scored by 5-fold cross-validation grouped by
 prompt on every hand-labelled row the rules send to `did_task` or `other` (bench/results/answer_labels.jsonl),
 with the rules' own verdict as one more feature. The rules were written on most of these rows, so their
-agreement here is an upper bound on what they score blind; a probe that cannot beat it here would not
-beat them on a blind half either.
+agreement on all of them is in sample; their out-of-sample figure is the same rows' share of the blind
+score half, which the probe's cross-validated agreement is to be set beside.
 
     python -m bench.answer_probe      # about 1 minute on 2 CPU cores; prints and writes nothing else
 """
@@ -25,7 +25,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bench.answer_labels import MODELS, SMOLLM2, read_labels, refcal_classifier, side, without_labels
+from bench.answer_labels import SMOLLM2, agreement_table, read_labels, refcal_classifier, side, without_labels
 from refcal.calibration.activations import chat_prompts
 from refcal.calibration.evaluation import wilson_rate
 
@@ -62,14 +62,19 @@ def main() -> None:
     features = np.hstack([hidden_features([rows[i] for i in domain], args.layers), said[:, None].astype(float)])
     prompts = [rows[i]["prompt"] for i in domain]
 
-    def agreement(classes: list[str]) -> dict:
-        table = {"domain": wilson_rate(sum(classes[i] == rows[i]["answer_class"] for i in domain), len(domain))}
-        for model in MODELS:
-            mine = [i for i, r in enumerate(rows) if r["model"] == model]
-            table[model] = wilson_rate(sum(classes[i] == rows[i]["answer_class"] for i in mine), len(mine))
-        return table
+    def agreement(classes: list[str], among: list[int] = domain) -> dict:
+        """On the rows `among` (the domain by default), then on every row overall and per model."""
+        hits = [c == r["answer_class"] for c, r in zip(classes, rows)]
+        return {"domain": wilson_rate(sum(hits[i] for i in among), len(among)), **agreement_table(hits, rows)}
 
-    result = {"rows": len(domain), "layers": args.layers, "rules (in sample)": agreement(rules), "probe": {}}
+    blind = [i for i in domain if rows[i]["half"] == "score"]
+    result = {
+        "rows": len(domain),
+        "layers": args.layers,
+        "rules (in sample)": agreement(rules),
+        "rules on the blind score half's domain rows": agreement(rules, blind)["domain"],
+        "probe": {},
+    }
     for c in args.C:
         predicted = np.zeros(len(domain), bool)
         for fit, held in GroupKFold(n_splits=5).split(features, hand, prompts):

@@ -338,8 +338,7 @@ class _SharedPrefixGreedy:
 def prefill_groups(lengths: list[int], call_cost: int = 64) -> list[list[int]]:
     """Rows (indices into `lengths`) in groups for the prompt pass: contiguous in length order, chosen to
     minimise the tokens computed (each group's rows times its longest prompt, padding included) plus
-    `call_cost` tokens per forward call (a call reads every weight, however few its rows). In a batch of
-    64 length-sorted eval prompts half the prompt pass's tokens were padding."""
+    `call_cost` tokens per forward call (a call reads every weight, however few its rows)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     best = [0] + [None] * len(order)  # best[j]: the cheapest cost of the first j rows in length order
     cut = [0] * (len(order) + 1)
