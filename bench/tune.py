@@ -14,6 +14,10 @@ The search here is over the learning settings only (tune_objectives: target_free
 helpful_targets arm, so its effect is measured apart from the search's. A seed's runs sit in runs/tune/seedN
 (the default form in the folder itself, trials under tune/, the other forms in plain_sft/ and helpful_targets/); `--lend DIR` copies a finished run's data, organism and geometry for the first seed instead of
 building them again (a run of the same config, sizes and seed).
+
+A finished seed is also summed up in bench/results/tune_seeds/seedN.json (its figures, trials, cost and the
+commit it ran on), and the report is built from those records: seeds run in different sessions on different
+machines meet in one report, and a report whose seeds ran on different commits says so.
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import runner
 from bench.calibration_table import write_outputs
 from bench.seed_level import seed_bootstrap
+from refcal.calibration.infra.artifacts import atomic_file
 from refcal.train.stages.tune import test_half_figures
 
 ROOT = runner.ROOT
 RUNS = ROOT / "runs" / "tune"
+RECORDS = ROOT / "bench" / "results" / "tune_seeds"
 CONFIG = "configs/demo_smollm2.yaml"
 PLAIN_SFT = "configs/forms/plain_sft.yaml"
 SHARED = ("data", "organism", "geometry")
@@ -66,11 +74,25 @@ def lend(source: Path, target: Path) -> None:
             shutil.copytree(source / stage, target / stage)
 
 
+def provenance(trials: int) -> dict:
+    """The code a seed runs on: the commit, whether tracked files differed from it, when it started."""
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "trials_asked": trials,
+    }
+
+
 def run_seed(seed: int, trials: int, lender: Path | None) -> None:
     """The tune (trials, then the chosen one and the default form on the test half), then the other forms on
     the same data, organism and geometry; each resumes where a killed run stopped."""
     run_dir = RUNS / f"seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "tune").mkdir(parents=True, exist_ok=True)
+    origin = run_dir / "tune" / "bench_provenance.json"  # a resumed seed keeps the code it started on
+    if not origin.exists():
+        origin.write_text(json.dumps(provenance(trials), indent=2))
     if lender is not None:
         lend(lender, run_dir)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -142,7 +164,7 @@ def targets(seeds: dict) -> dict:
     """The tuned arm against each target, per seed and on the mean over seeds. A seed where no trial passed the
     gate has no adapter: it fails the gate target, and the other targets are over the seeds with one."""
     tuned = {s: f["tuned"] for s, f in seeds.items() if f.get("tuned")}
-    passed = sorted(s for s, f in tuned.items() if f["gate_passed"])
+    passed = sorted((s for s, f in tuned.items() if f["gate_passed"]), key=int)
     gate = {
         "value": f"{len(passed)} of {len(seeds)} seeds ({', '.join(passed) or 'none'})",
         "met": len(passed) == len(seeds),
@@ -173,35 +195,58 @@ def targets(seeds: dict) -> dict:
     }  # fmt: skip
 
 
-def collect() -> dict:
-    seeds, trials, cost = {}, {}, {}
+def seed_record(folder: Path) -> dict | None:
+    """One seed's test-half figures per arm, its trials, cost and provenance (None until its tune finished)."""
+    path = folder / "tune" / "tune.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    halves = report["test_half"]
+    forms = {form: form_result(folder / form) for form in FORMS}
+    figures = {
+        "tuned": arm_figures(halves["chosen"]) if "chosen" in halves else None,
+        "default_form": arm_figures(halves["default_form"]) if "default_form" in halves else None,
+        **{form: arm_figures(result) if result else None for form, result in forms.items()},
+    }
+    # a trial that repeats an earlier one's settings reuses its folder: it counts neither as a trial nor in the
+    # time a trial takes
+    first = {}
+    for t in report["trials"]:
+        first.setdefault(json.dumps(t["settings"], sort_keys=True), t)
+    per_trial = [t["seconds"] for t in first.values() if "seconds" in t]
+    minutes = round(statistics.fmean(per_trial) / 60, 1) if per_trial else None
+    cost = {"trials": len(first), "minutes_per_trial": minutes}
+    if repeated := len(report["trials"]) - len(first):
+        cost["repeated_settings"] = repeated
+    seconds = folder / "tune" / "bench_seconds.json"
+    if seconds.is_file():
+        cost |= json.loads(seconds.read_text())
+    origin = folder / "tune" / "bench_provenance.json"
+    return {
+        "figures": figures,
+        "trials": {"chosen": report["chosen"], "trials": report["trials"]},
+        "cost": cost,
+        "provenance": json.loads(origin.read_text()) if origin.is_file() else None,
+    }
+
+
+def save_records() -> None:
+    """Each finished seed under runs/ as its record (replacing an older record of that seed)."""
     for folder in sorted(RUNS.glob("seed*")):
-        path = folder / "tune" / "tune.json"
-        if not path.is_file():
-            continue
-        report = json.loads(path.read_text())
-        seed = folder.name.removeprefix("seed")
-        halves = report["test_half"]
-        forms = {form: form_result(folder / form) for form in FORMS}
-        seeds[seed] = {
-            "tuned": arm_figures(halves["chosen"]) if "chosen" in halves else None,
-            "default_form": arm_figures(halves["default_form"]) if "default_form" in halves else None,
-            **{form: arm_figures(result) if result else None for form, result in forms.items()},
-        }
-        trials[seed] = {"chosen": report["chosen"], "trials": report["trials"]}
-        # a trial that repeats an earlier one's settings reuses its folder: it counts neither as a trial nor in
-        # the time a trial takes
-        first = {}
-        for t in report["trials"]:
-            first.setdefault(json.dumps(t["settings"], sort_keys=True), t)
-        per_trial = [t["seconds"] for t in first.values() if "seconds" in t]
-        minutes = round(statistics.fmean(per_trial) / 60, 1) if per_trial else None
-        cost[seed] = {"trials": len(first), "minutes_per_trial": minutes}
-        if repeated := len(report["trials"]) - len(first):
-            cost[seed]["repeated_settings"] = repeated
-        seconds = folder / "tune" / "bench_seconds.json"
-        if seconds.is_file():
-            cost[seed] |= json.loads(seconds.read_text())
+        if (record := seed_record(folder)) is not None:
+            with atomic_file(RECORDS / f"{folder.name}.json") as tmp:
+                Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def collect() -> dict:
+    records = {
+        path.stem.removeprefix("seed"): json.loads(path.read_text())
+        for path in sorted(RECORDS.glob("seed*.json"), key=lambda p: int(p.stem.removeprefix("seed")))
+    }
+    seeds = {seed: r["figures"] for seed, r in records.items()}
+    trials = {seed: r["trials"] for seed, r in records.items()}
+    cost = {seed: r["cost"] for seed, r in records.items()}
+    origins = {seed: r["provenance"] for seed, r in records.items()}
     over = lambda f: f and f["over_refusal_calibrated"]  # noqa: E731
     did = lambda f: f and f["did_task"] and f["did_task"]["calibrated"]  # noqa: E731
     differences = {
@@ -225,6 +270,7 @@ def collect() -> dict:
         "targets": targets(seeds),
         "trials": trials,
         "cost": cost,
+        "provenance": origins,
     }
 
 
@@ -274,6 +320,21 @@ def markdown(report: dict) -> str:
     ]
     for name, t in report["targets"].items():
         lines.append(f"| {name} | {json.dumps(t['value'])} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", "## Provenance", ""]
+    for seed, origin in report["provenance"].items():
+        if origin is None:
+            lines.append(f"- seed {seed}: code not recorded")
+            continue
+        edited = " with uncommitted changes" if origin["uncommitted_changes"] else ""
+        lines.append(
+            f"- seed {seed}: commit {origin['commit']}{edited}, started {origin['started']}, {origin['trials_asked']} trials asked"
+        )
+    commits = {(o or {}).get("commit") for o in report["provenance"].values()}
+    if len(commits) > 1:
+        lines += [
+            "",
+            "The seeds ran on different code: a difference between seeds may be the code's as well as the seed's.",
+        ]
     lines += ["", "## Cost", ""]
     for seed, c in report["cost"].items():
         line = f"- seed {seed}: {c['trials']} trials, {c['minutes_per_trial']} minutes each on 2 CPU cores (training and the validation half)"
@@ -297,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.collect_only:
         for i, seed in enumerate(args.seeds):
             run_seed(seed, args.trials, Path(args.lend) if args.lend and i == 0 else None)
+    save_records()
     write_outputs(collect(), Path(args.out), markdown)
 
 

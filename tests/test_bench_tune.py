@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from bench import tune
 
@@ -25,10 +26,12 @@ def half_result(over: float, harmful: float, recovered: float, passed: bool = Tr
     }
 
 
-def write_seed(root, seed: int, tuned: dict | None, default: dict, forms: dict[str, dict]) -> None:
+def write_seed(root, seed: int, tuned: dict | None, default: dict, forms: dict[str, dict], commit="abc1234") -> None:
     """A seed's run folder; `tuned` None is a tune where no trial passed the gate (nothing chosen)."""
     folder = root / f"seed{seed}"
     (folder / "tune").mkdir(parents=True)
+    origin = {"commit": commit, "uncommitted_changes": False, "started": "2026-12-06 05:00 UTC", "trials_asked": 16}
+    (folder / "tune" / "bench_provenance.json").write_text(json.dumps(origin))
     trials = [{"number": 0, "settings": {}, "folder": "", "scores": {}, "seconds": 120.0}]
     halves = {"default_form": default} | ({"chosen": tuned} if tuned else {})
     report = {"chosen": 0 if tuned else None, "trials": trials, "test_half": halves}
@@ -45,14 +48,21 @@ def write_seed(root, seed: int, tuned: dict | None, default: dict, forms: dict[s
         (folder / form / "gate.json").write_text(json.dumps({"passed": figures["gate_passed"], "failed": []}))
 
 
+def use(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tune, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(tune, "RECORDS", tmp_path / "records")
+
+
 def test_collect_compares_the_arms_over_seeds_and_checks_the_targets(tmp_path, monkeypatch):
-    monkeypatch.setattr(tune, "RUNS", tmp_path)
+    use(tmp_path, monkeypatch)
+    tmp_path = tune.RUNS
     helpful = {"helpful_targets": half_result(0.3, 0.96, 0.8, did=0.5)}
     write_seed(tmp_path, 0, half_result(0.1, 0.98, 0.9), half_result(0.4, 0.96, 0.5),
                {"plain_sft": half_result(0.3, 0.8, 0.6, False), **helpful})  # fmt: skip
     write_seed(tmp_path, 1, half_result(0.12, 0.94, 0.85), half_result(0.5, 0.96, 0.5),
                {"plain_sft": half_result(0.3, 0.8, 0.6)})  # fmt: skip
 
+    tune.save_records()
     report = tune.collect()
 
     assert report["seeds"]["0"]["plain_sft"]["gate_passed"] is False
@@ -74,7 +84,8 @@ def test_collect_compares_the_arms_over_seeds_and_checks_the_targets(tmp_path, m
 
 
 def test_a_seed_where_no_trial_passed_fails_the_gate_target_and_repeats_are_not_trials(tmp_path, monkeypatch):
-    monkeypatch.setattr(tune, "RUNS", tmp_path)
+    use(tmp_path, monkeypatch)
+    tmp_path = tune.RUNS
     write_seed(tmp_path, 0, half_result(0.1, 0.98, 0.9), half_result(0.4, 0.96, 0.5), {})
     write_seed(tmp_path, 1, None, half_result(0.5, 0.96, 0.5), {})
     path = tmp_path / "seed1" / "tune" / "tune.json"
@@ -87,6 +98,7 @@ def test_a_seed_where_no_trial_passed_fails_the_gate_target_and_repeats_are_not_
     ]
     path.write_text(json.dumps(study))
 
+    tune.save_records()
     report = tune.collect()
 
     goals = report["targets"]
@@ -98,3 +110,25 @@ def test_a_seed_where_no_trial_passed_fails_the_gate_target_and_repeats_are_not_
     assert (cost["trials"], cost["minutes_per_trial"], cost["repeated_settings"]) == (2, 4.0, 1)
     text = tune.markdown(report)
     assert "| 1 | tuned | - | no trial passed the gate: no adapter |" in text and "1 more repeated" in text
+
+
+def test_records_outlive_the_run_folders_and_mixed_code_is_flagged(tmp_path, monkeypatch):
+    use(tmp_path, monkeypatch)
+    write_seed(tune.RUNS, 0, half_result(0.1, 0.98, 0.9), half_result(0.4, 0.96, 0.5), {}, commit="aaaaaaa")
+    write_seed(tune.RUNS, 2, None, half_result(0.5, 0.96, 0.5), {}, commit="aaaaaaa")
+    tune.save_records()
+    assert sorted(p.name for p in tune.RECORDS.iterdir()) == ["seed0.json", "seed2.json"]
+    assert "different code" not in tune.markdown(tune.collect())
+
+    # another session: the earlier run folders are gone, a new seed ran on newer code
+    shutil.rmtree(tune.RUNS)
+    write_seed(tune.RUNS, 10, half_result(0.2, 0.97, 0.8), half_result(0.4, 0.96, 0.5), {}, commit="bbbbbbb")
+    tune.save_records()
+    report = tune.collect()
+
+    assert list(report["seeds"]) == ["0", "2", "10"]  # numeric order, the earlier seeds from their records
+    assert report["targets"]["gate passed on every seed"]["value"] == "2 of 3 seeds (0, 10)"
+    assert report["provenance"]["10"]["commit"] == "bbbbbbb"
+    text = tune.markdown(report)
+    assert "- seed 0: commit aaaaaaa, started 2026-12-06 05:00 UTC, 16 trials asked" in text
+    assert "The seeds ran on different code" in text
