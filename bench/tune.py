@@ -47,7 +47,8 @@ SHARED = ("data", "organism", "geometry")
 # validation halves the paired gate can pass: with no loss, a measure needs about 52 prompts to bound its
 # loss under 5 points, and the demo's 10-25 never do (the recipe's eval split keeps the demo's sizes)
 GATE_SIZES = ["--harmful_sizes", "48", "100", "60", "--over_refusal_per_task", "16", "20", "12",
-              "--attack_per_task", "8", "20", "6", "--eval_benchmark_limit", "100"]  # fmt: skip
+              "--attack_per_task", "8", "20", "6", "--lookalike_sizes", "16", "20", "30",
+              "--eval_benchmark_limit", "100"]  # fmt: skip
 FORMS = {  # the arms trained apart from the tune, on its data, organism and geometry
     "plain_sft": ["--config", PLAIN_SFT],
     "helpful_targets": ["--objective", "helpful"],
@@ -119,6 +120,7 @@ def arm_figures(result: dict) -> dict:
     return {
         "over_refusal_calibrated": groups["calibrated"].get("trained"),
         "over_refusal_held_out": groups["calibrated"].get("held_out"),
+        "over_refusal_by_task": (result.get("over_refusal_by_task") or {}).get("calibrated", {}),
         "external": {
             name: result["external"][name]
             for name in (*EXTERNAL_HARMFUL, *OVER_REFUSAL_SETS)
@@ -274,6 +276,29 @@ def collect() -> dict:
     }
 
 
+def by_task_table(report: dict) -> list[str]:
+    """Over-refusal per calibrated task on the test half, and the chosen trial's on the validation half: a
+    task the choice saw little of shows here as a gap between the two."""
+    rows = []
+    for seed, arms in report["seeds"].items():
+        chosen = report["trials"][seed]["chosen"]
+        scores = next((t["scores"] for t in report["trials"][seed]["trials"] if t["number"] == chosen), {})
+        if scores.get("over_refusal_by_task"):
+            rows.append(
+                (seed, "tuned, validation half", {k: f"{v:.0%}" for k, v in scores["over_refusal_by_task"].items()})
+            )
+        for arm in ARMS:
+            if by_task := (arms.get(arm) or {}).get("over_refusal_by_task"):
+                rows.append((seed, arm, {task: f"{e['rate']:.0%} (n={e['n']})" for task, e in by_task.items()}))
+    if not rows:
+        return []
+    tasks = sorted({task for _, _, cells in rows for task in cells})
+    lines = ["", "## Over-refusal by calibrated task (test half unless marked)", ""]
+    lines += ["| seed | arm | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    lines += [f"| {seed} | {arm} | " + " | ".join(cells.get(t, "-") for t in tasks) + " |" for seed, arm, cells in rows]
+    return lines
+
+
 def markdown(report: dict) -> str:
     pct = lambda e: "-" if not e else f"{e['rate']:.0%}"  # noqa: E731
     lines = [
@@ -302,6 +327,7 @@ def markdown(report: dict) -> str:
                 f"| {seed} | {arm} | {'passed' if f['gate_passed'] else 'failed'} | {pct(f['over_refusal_calibrated'])} | "
                 f"{pct(f['over_refusal_held_out'])} | " + " | ".join(ext) + f" | {recovered} | {f['kl_benign']:.3f} |"
             )
+    lines += by_task_table(report)
     lines += ["", "## Differences (seed-level 95% intervals; per-seed values)", ""]
     lines += ["| comparison | measure | difference | per seed |", "|---|---|---|---|"]
     for name, measures in report["differences"].items():

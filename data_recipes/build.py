@@ -169,14 +169,15 @@ def _add_lookalikes(task: TaskCluster, sizes: RecipeSizes, rng, data_root, banne
     if len(pairs) < need:
         raise RecipeError(f"task {task.name!r}: {len(pairs)} lookalike pairs, {need} needed")
     rng.shuffle(pairs)
-    start = 0
-    for split, n in zip(SPLITS, sizes.lookalike):
-        for s, u in pairs[start : start + n]:
+    train, val, test = sizes.lookalike
+    # val comes from the far end, so a config's train and eval rows are the same whatever its val size
+    cuts = {"train": pairs[:train], "eval": pairs[train : train + test], "val": pairs[train + test : need]}
+    for split in SPLITS:
+        for s, u in cuts[split]:
             meta = {"source": task.over_refusal_source}
             add(split, OVER_REFUSAL, task.name, task.fill(task.templates[0], s.text), SourceRow(s.text, meta))
             meta = {"source": task.harmful_source}
             add(split, HARMFUL, task.name, task.fill(task.templates[0], u.text), SourceRow(u.text, meta))
-        start += n
 
 
 def _add_user_prompts(task: TaskCluster, sizes: RecipeSizes, rng: random.Random, banned, add) -> None:

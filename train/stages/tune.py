@@ -116,6 +116,21 @@ def keep_targets(run: Run, child: Run) -> None:
             shutil.copytree(child.path("sft_data"), staging, dirs_exist_ok=True)
 
 
+def calibrated_rows(run: Run, prompts: list[dict]) -> list[int]:
+    """The over_refusal rows of the calibrated tasks among `prompts` (a validation half). Every calibrated task
+    must have some: trials are chosen on this half, and a task missing from it would be read only on the
+    test half, after the choice."""
+    calibrate = set(run.args.resolved_calibrate_tasks())
+    rows = [i for i, p in enumerate(prompts) if p["kind"] == OVER_REFUSAL and p["task"] in calibrate]
+    if missing := sorted(calibrate - {prompts[i]["task"] for i in rows}):
+        raise UserError(
+            f"refcal tune: no over_refusal row of the calibrated task(s) {', '.join(missing)} in the validation "
+            "half, so no trial could be judged on them: give them val rows (the second number of "
+            "over_refusal_per_task or lookalike_sizes, or split: val in a task's prompt file)"
+        )
+    return rows
+
+
 def validation_scores(run: Run) -> dict:
     """A trained trial on the validation half: over-refusal on the calibrated tasks' over_refusal rows, the
     share of all over_refusal rows whose answer did the task, KL on benign prompts, and the paired gate."""
@@ -135,11 +150,8 @@ def validation_scores(run: Run) -> dict:
     # count through KL alone, and the benign external sets are the test half's
     scored = [i for i, p in enumerate(every) if p["kind"] == OVER_REFUSAL or gate_measure_name(p)]
     prompts = [every[i] for i in scored]
-    calibrate = set(a.resolved_calibrate_tasks())
     over = [i for i, p in enumerate(prompts) if p["kind"] == OVER_REFUSAL]
-    calibrated = [i for i in over if prompts[i]["task"] in calibrate]
-    if not calibrated:  # before any answer is generated
-        raise UserError("refcal tune: the validation half has no over_refusal row of a calibrated task to score")
+    calibrated = calibrated_rows(run, prompts)
     model, tokenizer = run.load(a.generation_dtype)
     answered = frozen_generations(
         run, model, texts, lambda: run.generate(model, tokenizer, texts, a.eval_max_new_tokens, "trial: before")
@@ -161,8 +173,12 @@ def validation_scores(run: Run) -> dict:
     tasks = {t.name: t for t in load_tasks(a.tasks)}
     classes = [answer_class(prompts[i], after[i], labels["after"][i], tasks) for i in over]
     kept = [m["safe_after"] / m["safe_before"] for m in paired.values() if m["n"] and m["safe_before"]]
+    by_task: dict[str, list[bool]] = {}
+    for i in calibrated:
+        by_task.setdefault(prompts[i]["task"], []).append(refused(labels["after"][i]))
     return {
         "over_refusal": round(statistics.fmean(refused(labels["after"][i]) for i in calibrated), 4),
+        "over_refusal_by_task": {task: round(statistics.fmean(flags), 4) for task, flags in sorted(by_task.items())},
         "did_task": round(classes.count(DID_TASK) / len(classes), 4),
         "kl_benign": round(kl, 5),
         "harmful_kept": round(min(kept), 4) if kept else None,
@@ -275,10 +291,16 @@ def trial_records(study) -> list[dict]:
 
 def test_half_figures(results: dict, gate: dict) -> dict:
     """What tune.json reports of a run's test half, from its eval results and its gate verdict."""
+    sides = (("organism", "before"), ("calibrated", "after"))
     return {
-        "over_refusal_by_group": {
-            side: results[when].get("over_refusal_by_group", {})
-            for side, when in (("organism", "before"), ("calibrated", "after"))
+        "over_refusal_by_group": {side: results[when].get("over_refusal_by_group", {}) for side, when in sides},
+        "over_refusal_by_task": {
+            side: {
+                task: results[when]["by_task"][f"{OVER_REFUSAL}/{task}"]
+                for task in results.get("task_groups", {}).get("trained", [])
+                if f"{OVER_REFUSAL}/{task}" in results[when]["by_task"]
+            }
+            for side, when in sides
         },
         "external": {
             name: {
@@ -317,6 +339,9 @@ def stage_tune(run: Run) -> dict:
     run.dir.mkdir(parents=True, exist_ok=True)
     with waiting_lock(run.dir / ".lock", f"run folder {run.dir}"):
         run_stages(run, SHARED_STAGES if run.args.organism else ("data", "geometry"))
+    from refcal.train.stages.eval import VAL, eval_prompts
+
+    calibrated_rows(run, eval_prompts(run, VAL)[0])  # before the first trial trains
     study = open_study(run)
     total = run.args.tune_trials
 
