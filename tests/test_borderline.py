@@ -1,6 +1,7 @@
 """The borderline seeds: everyday questions that sound harmful, each beside its harmful twin. The pairs are
 balanced across harm categories, none is a near copy of an evaluation prompt (or of any other source), and
-a recipe keeps each safe question and its twin in one split."""
+a recipe keeps each safe question and its twin in one split, cutting val pairs so that a val split leaves
+the train and eval rows as they were."""
 
 from __future__ import annotations
 
@@ -68,3 +69,20 @@ def test_a_recipe_keeps_each_safe_question_and_its_twin_in_one_split(pairs):
     for p in pairs:
         assert split_of[(OVER_REFUSAL, p["safe"])] == split_of[(HARMFUL, p["unsafe"])], p["id"]
     assert Counter(split_of.values()) == {"train": 120, "val": 40, "eval": 80}
+
+
+def test_growing_the_val_split_leaves_train_and_eval_rows_as_they_were():
+    """Val pairs come from the far end of the shuffled pairs: a config that gives its lookalikes val rows
+    trains and reports on the same rows as before."""
+    task = load_task(ROOT / "configs" / "tasks" / "lookalike.yaml")
+    without, _ = build_recipe([task], RecipeSizes(lookalike=(16, 0, 30)), seed=3)
+    with_val, _ = build_recipe([task], RecipeSizes(lookalike=(16, 20, 30)), seed=3)
+
+    def pick(rows: list[dict], split: str) -> list[tuple[str, str]]:
+        return [(r["kind"], r["prompt"]) for r in rows if r["task"] == "lookalike" and r["split"] == split]
+
+    assert pick(with_val, "train") == pick(without, "train")
+    assert pick(with_val, "eval") == pick(without, "eval")
+    val = Counter(kind for kind, _ in pick(with_val, "val"))  # less a near copy of an earlier split's content
+    assert set(val) == {OVER_REFUSAL, HARMFUL} and 18 <= min(val.values()) and max(val.values()) <= 20
+    assert pick(without, "val") == []

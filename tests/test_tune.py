@@ -8,12 +8,13 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from refcal.calibration.infra.errors import UserError
 from refcal.train.config import RefcalArguments
-from refcal.train.stages.tune import choose, reseed, search_space
+from refcal.train.stages.tune import calibrated_rows, choose, reseed, search_space
 
 
 def trial(number: int, over: float, did: float, passed: bool = True, kl: float = 0.1) -> dict:
@@ -31,6 +32,16 @@ def test_the_choice_is_feasible_on_the_pareto_front_with_the_best_margin_then_th
     ]
     assert choose(trials)["number"] == 4
     assert choose([trial(0, 0.0, 1.0, passed=False)]) is None
+
+
+def test_a_validation_half_without_a_calibrated_task_stops_the_tune():
+    """Trials chosen on a half that lacks a calibrated task would be judged on it only on the test half."""
+    run = SimpleNamespace(args=RefcalArguments(calibrate_tasks=["translation", "lookalike"]))
+    row = lambda kind, task: {"kind": kind, "task": task}  # noqa: E731
+    half = [row("over_refusal", "translation"), row("harmful", "lookalike"), row("over_refusal", "grammar")]
+    with pytest.raises(UserError, match=r"calibrated task\(s\) lookalike .*lookalike_sizes"):
+        calibrated_rows(run, half)
+    assert calibrated_rows(run, [*half, row("over_refusal", "lookalike")]) == [0, 3]
 
 
 def test_a_resumed_study_draws_new_settings_and_the_same_history_draws_the_same(tmp_path):
