@@ -71,7 +71,8 @@ class RefcalArguments:
         metadata={"help": "Frame attacks per task and split."},
     )
     lookalike_sizes: list[int] = field(
-        default_factory=lambda: [40, 10, 30], metadata={"help": "Lookalike pairs per split (val: the safety gate and the tune score them)."}
+        default_factory=lambda: [40, 10, 30],
+        metadata={"help": "Lookalike pairs per split (val: the safety gate and the tune score them)."},
     )
     held_out_tasks: list[str] = field(
         default_factory=list,
