@@ -136,7 +136,7 @@ def validation_scores(run: Run) -> dict:
     share of all over_refusal rows whose answer did the task, KL on benign prompts, and the paired gate."""
     from peft import PeftModel
 
-    from refcal.calibration.evaluation import mean_kl
+    from refcal.calibration.evaluation import mean_kl, refusal_rates
     from refcal.data_recipes.tasks import load_tasks
     from refcal.train.reports.answer_classes import DID_TASK, answer_class
     from refcal.train.stages.eval import VAL, eval_prompts, frozen_generations, gate_measure_name, paired_safety
@@ -173,12 +173,10 @@ def validation_scores(run: Run) -> dict:
     tasks = {t.name: t for t in load_tasks(a.tasks)}
     classes = [answer_class(prompts[i], after[i], labels["after"][i], tasks) for i in over]
     kept = [m["safe_after"] / m["safe_before"] for m in paired.values() if m["n"] and m["safe_before"]]
-    by_task: dict[str, list[bool]] = {}
-    for i in calibrated:
-        by_task.setdefault(prompts[i]["task"], []).append(refused(labels["after"][i]))
+    by_task = refusal_rates([prompts[i]["task"] for i in calibrated], [labels["after"][i] for i in calibrated])
     return {
         "over_refusal": round(statistics.fmean(refused(labels["after"][i]) for i in calibrated), 4),
-        "over_refusal_by_task": {task: round(statistics.fmean(flags), 4) for task, flags in sorted(by_task.items())},
+        "over_refusal_by_task": {task: rate["rate"] for task, rate in by_task.items()},
         "did_task": round(classes.count(DID_TASK) / len(classes), 4),
         "kl_benign": round(kl, 5),
         "harmful_kept": round(min(kept), 4) if kept else None,
