@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,4 +65,19 @@ def start(
 
 def train_cli(arguments: list[str], env: dict | None = None) -> None:
     """`python -m refcal.train.cli ARGUMENTS` from the repository root; a failed run raises."""
-    subprocess.run([sys.executable, "-m", "refcal.train.cli", *arguments], cwd=ROOT, check=True, env=env)
+    run_to_the_end([sys.executable, "-m", "refcal.train.cli", *arguments], env)
+
+
+def run_to_the_end(command: list[str], env: dict | None = None) -> None:
+    """Run `command` from the repository root; a failed run raises. A SIGTERM to the study stops the run as
+    well (SIGTERM's default ends this process alone and leaves the run going; subprocess.run kills its child
+    on an exception); the run resumes from its checkpoints when the study starts again."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        subprocess.run(command, cwd=ROOT, check=True, env=env)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

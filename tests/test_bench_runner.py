@@ -4,6 +4,11 @@ refusal rate, as the studies use them."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -94,3 +99,30 @@ def test_variants_pool_every_task_they_name():
     assert calibration_variants.over_refusal(block, ["a", "b"])["rate"] == 0.2667
     with pytest.raises(KeyError):
         calibration_variants.over_refusal(block, ["a", "c"])
+
+
+def test_a_study_stopped_by_sigterm_stops_the_run_it_started(tmp_path):
+    """The run would otherwise go on writing in the study's folders (and on its CPU) after the study died."""
+    pid_file = tmp_path / "run.pid"
+    child = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    study = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from bench import runner; runner.run_to_the_end([sys.executable, '-c', {child!r}])",
+        ],
+        cwd=runner.ROOT,
+    )
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run_pid = int(pid_file.read_text())
+    study.send_signal(signal.SIGTERM)
+    assert study.wait(timeout=30) == 128 + signal.SIGTERM
+    while time.monotonic() < deadline:
+        try:
+            os.kill(run_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail("the run outlived the study")
