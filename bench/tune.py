@@ -367,7 +367,7 @@ def markdown(report: dict) -> str:
         if c.get("repeated_settings"):
             line += f" ({c['repeated_settings']} more repeated earlier settings and are not counted)"
         if "tune" in c:
-            line += f"; `refcal tune` {c['tune'] / 60:.0f} min in all (trials and the two test-half evaluations)"
+            line += f"; `refcal tune` {c['tune'] / 60:.0f} min in all (trials and the test-half evaluations)"
         line += "".join(f"; {form} {c[form] / 60:.0f} min" for form in FORMS if form in c)
         lines.append(line)
     return "\n".join(lines) + "\n"
