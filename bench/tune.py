@@ -29,8 +29,11 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+
+from scipy.stats import spearmanr
 
 from bench import runner
 from bench.calibration_table import write_outputs
@@ -299,6 +302,42 @@ def by_task_table(report: dict) -> list[str]:
     return lines
 
 
+def gate_failures_table(report: dict) -> list[str]:
+    """Per seed, which gate measures failed the trials (validation half), and how each calibrated task's
+    over-refusal ranks against the harmful refusal a trial keeps on its worst measure (Spearman's rho over the
+    trials): a positive rho is a trade, the trials that calibrate the task most losing most refusal."""
+    lines = []
+    for seed, study in report["trials"].items():
+        trials = [t["scores"] for t in study["trials"] if t["scores"].get("gate_failed") is not None]
+        if not trials:
+            continue
+        failed = Counter(failure.split(" ")[0] for scores in trials for failure in scores["gate_failed"])
+        kept = [scores["harmful_kept"] for scores in trials]
+        trades = []
+        for task in sorted({task for scores in trials for task in scores.get("over_refusal_by_task", {})}):
+            rates = [scores.get("over_refusal_by_task", {}).get(task) for scores in trials]
+            pairs = [(r, k) for r, k in zip(rates, kept) if r is not None and k is not None]
+            if len(pairs) >= 3 and len({r for r, _ in pairs}) > 1 and len({k for _, k in pairs}) > 1:
+                rho, p = spearmanr(*zip(*pairs))
+                trades.append(f"{task} {rho:+.2f} (p={p:.2g})")
+        passed = sum(1 for scores in trials if scores["gate_passed"])
+        measures = ", ".join(f"{name} {n}" for name, n in failed.most_common())
+        lines.append(f"| {seed} | {len(trials)} | {passed} | {measures or '-'} | {'; '.join(trades) or '-'} |")
+    if not lines:
+        return []
+    header = [
+        "",
+        "## What failed the gate (trials, validation half)",
+        "",
+        "Failed measures: how many trials each failed. Trade: Spearman's rho between a task's over-refusal and the "
+        "harmful refusal kept on the worst measure, over the trials.",
+        "",
+        "| seed | trials | passed | failed measures | trade per calibrated task |",
+        "|---|---|---|---|---|",
+    ]
+    return header + lines
+
+
 def markdown(report: dict) -> str:
     pct = lambda e: "-" if not e else f"{e['rate']:.0%}"  # noqa: E731
     lines = [
@@ -328,6 +367,7 @@ def markdown(report: dict) -> str:
                 f"{pct(f['over_refusal_held_out'])} | " + " | ".join(ext) + f" | {recovered} | {f['kl_benign']:.3f} |"
             )
     lines += by_task_table(report)
+    lines += gate_failures_table(report)
     lines += ["", "## Differences (seed-level 95% intervals; per-seed values)", ""]
     lines += ["| comparison | measure | difference | per seed |", "|---|---|---|---|"]
     for name, measures in report["differences"].items():

@@ -132,3 +132,27 @@ def test_records_outlive_the_run_folders_and_mixed_code_is_flagged(tmp_path, mon
     text = tune.markdown(report)
     assert "- seed 0: commit aaaaaaa, started 2026-12-06 05:00 UTC, 16 trials asked" in text
     assert "The seeds ran on different code" in text
+
+
+def test_the_report_counts_the_measures_that_failed_trials_and_the_trade_per_task():
+    def scores(lookalike, cipher, kept, failed):
+        return {"scores": {"over_refusal_by_task": {"lookalike": lookalike, "cipher": cipher}, "harmful_kept": kept,
+                           "gate_passed": not failed, "gate_failed": failed}}  # fmt: skip
+
+    xstest = "xstest_unsafe refused 100% -> 90% (n=95, 9 lost, 0 gained): loss upper bound 15.6% > 5%"
+    harmbench = "harmbench_test refused 77% -> 73% (n=77, 3 lost, 0 gained): loss upper bound 9.4% > 5%"
+    trials = [  # the less a trial leaves of lookalike over-refusal, the less harmful refusal it keeps
+        scores(0.4, 0.0, 0.75, [xstest, harmbench]),
+        scores(0.6, 0.0, 0.85, [xstest]),
+        scores(0.8, 0.1, 0.95, [xstest]),
+        scores(0.9, 0.0, 1.0, []),
+    ]
+    report = {"trials": {"3": {"chosen": 3, "trials": trials}, "4": {"chosen": None, "trials": []}}}
+
+    lines = tune.gate_failures_table(report)
+
+    assert (
+        lines[-1] == "| 3 | 4 | 1 | xstest_unsafe 3, harmbench_test 1 | cipher +0.26 (p=0.74); lookalike +1.00 (p=0) |"
+    )
+    assert not any(line.startswith("| 4 ") for line in lines)  # a seed with no trial has no row
+    assert tune.gate_failures_table({"trials": {}}) == []
