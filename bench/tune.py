@@ -311,7 +311,8 @@ def gate_failures_table(report: dict) -> list[str]:
         trials = [t["scores"] for t in study["trials"] if t["scores"].get("gate_failed") is not None]
         if not trials:
             continue
-        failed = Counter(failure.split(" ")[0] for scores in trials for failure in scores["gate_failed"])
+        # a verdict opens with its measure's name: "xstest_unsafe refused ..." or, with no prompts, "xstest_unsafe: ..."
+        failed = Counter(failure.split(" ")[0].rstrip(":") for scores in trials for failure in scores["gate_failed"])
         kept = [scores["harmful_kept"] for scores in trials]
         trades = []
         for task in sorted({task for scores in trials for task in scores.get("over_refusal_by_task", {})}):

@@ -142,7 +142,7 @@ def test_the_report_counts_the_measures_that_failed_trials_and_the_trade_per_tas
     xstest = "xstest_unsafe refused 100% -> 90% (n=95, 9 lost, 0 gained): loss upper bound 15.6% > 5%"
     harmbench = "harmbench_test refused 77% -> 73% (n=77, 3 lost, 0 gained): loss upper bound 9.4% > 5%"
     trials = [  # the less a trial leaves of lookalike over-refusal, the less harmful refusal it keeps
-        scores(0.4, 0.0, 0.75, [xstest, harmbench]),
+        scores(0.4, 0.0, 0.75, [xstest, harmbench, "harmbench_test: no validation prompts (the data lack them)"]),
         scores(0.6, 0.0, 0.85, [xstest]),
         scores(0.8, 0.1, 0.95, [xstest]),
         scores(0.9, 0.0, 1.0, []),
@@ -152,7 +152,7 @@ def test_the_report_counts_the_measures_that_failed_trials_and_the_trade_per_tas
     lines = tune.gate_failures_table(report)
 
     assert (
-        lines[-1] == "| 3 | 4 | 1 | xstest_unsafe 3, harmbench_test 1 | cipher +0.26 (p=0.74); lookalike +1.00 (p=0) |"
+        lines[-1] == "| 3 | 4 | 1 | xstest_unsafe 3, harmbench_test 2 | cipher +0.26 (p=0.74); lookalike +1.00 (p=0) |"
     )
     assert not any(line.startswith("| 4 ") for line in lines)  # a seed with no trial has no row
     assert tune.gate_failures_table({"trials": {}}) == []
