@@ -32,8 +32,9 @@ browser:
 	    echo "make test needs Chromium: install it as root (Debian/Ubuntu: apt-get install chromium)" >&2; exit 1; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# Two pytest-xdist workers, one core each (tests/conftest.py); a plain `pytest` runs the same suite serially.
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # The unit tier, for a quick check while editing (under 2 minutes): leaves out the tests marked e2e (the whole
 # pipeline, subprocesses and launches, Chromium, the real model) and slow; `make test` and CI run everything.

@@ -104,7 +104,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_directory(target) as staging:
+    # another process may convert at the same time (parallel tests, several workers): the first whole folder
+    # stays, since replacing it would pull it from under a process already reading it
+    with atomic_directory(target, replace=False) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         config = json.loads((staging / "config.json").read_text())

@@ -11,7 +11,11 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the hub (read when datasets is imported)
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# `make test` runs the suite in two pytest-xdist workers, one core each: most tests are single-threaded at
+# heart (imports, subprocesses with one thread, tiny matrices), so two workers fill both cores. Each worker
+# builds the session fixtures it needs in its own temporary folder.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(max(1, 2 // WORKERS)))))
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 

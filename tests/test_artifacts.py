@@ -30,6 +30,20 @@ def test_failed_directory_keeps_the_previous_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["stage"]
 
 
+def test_a_second_writer_keeps_the_first_whole_directory(tmp_path):
+    # two processes filling one cache entry: the one that finishes second leaves the first one's folder in
+    # place, files and all, since a reader may already have it open
+    target = tmp_path / "entry"
+    with atomic_directory(target, replace=False) as second:
+        (second / "weights.txt").write_text("second")
+        with atomic_directory(target, replace=False) as first:
+            (first / "weights.txt").write_text("first")
+        held = (target / "weights.txt").open()
+    assert held.read() == "first" and (target / "weights.txt").read_text() == "first"
+    held.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
 def test_failed_file_writes_leave_nothing(tmp_path):
     path = tmp_path / "t.safetensors"
     with pytest.raises(ValueError):

@@ -146,7 +146,7 @@ def test_validation_figures_are_recomputed_here(learned):
     from refcal.data_recipes.sources import default_data_root
 
     data = xstest_completions(default_data_root())
-    settings = {"head_chars": learned.head_chars, "C": learned.C}
+    settings = {"head_chars": learned.head_chars, "C": learned.C, "n_jobs": -1}
     record = judge_validation(learned.version)
     strict = leave_one_model_and_prompts_out(data, list(XSTEST_MODELS), **settings)
     assert {m: v["binary"] for m, v in strict.items()} == record["binary_agreement"]

@@ -43,9 +43,8 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> bool:
 @pytest.mark.e2e  # kills a subprocess
 def test_killed_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     script = [sys.executable, "tests/kill_train.py"]
+    # the uninterrupted run goes on beside the killed ones: one thread each, and no files in common
     whole = start([*script, str(tmp_path / "whole"), str(tiny_model_dir)])
-    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-3000:]
-
     run = tmp_path / "killed"
     # a checkpoint counts once its trainer_state.json is whole: the Trainer writes it in place, not by rename
     checkpoint = lambda step: (last_checkpoint(str(run / "checkpoints")) or "").endswith(f"checkpoint-{step}")  # noqa: E731
@@ -55,6 +54,7 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
         assert not (run / "adapter.safetensors").exists()
     final = start([*script, str(run), str(tiny_model_dir)])
     assert final.wait(timeout=300) == 0, final.stderr.read().decode()[-3000:]
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-3000:]
 
     expected, resumed = load_file(tmp_path / "whole" / "adapter.safetensors"), load_file(run / "adapter.safetensors")
     assert expected.keys() == resumed.keys()

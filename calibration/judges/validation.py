@@ -21,6 +21,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from joblib import Parallel, delayed
+
 from refcal.calibration.evaluation import wilson_rate
 from refcal.calibration.judges.learned import XSTEST_MODELS, LearnedJudge, xstest_completions
 from refcal.calibration.judges.phrases import LABELS, refused
@@ -54,14 +56,23 @@ def predict(judge, rows: list[dict]) -> list[str]:
     return judge.label([r["prompt"] for r in rows], [r["completion"] for r in rows])
 
 
-def leave_one_model_out(data: dict[str, list[dict]], models: list[str], **settings) -> dict[str, dict]:
+def leave_one_model_out(data: dict[str, list[dict]], models: list[str], n_jobs: int = 1, **settings) -> dict[str, dict]:
     """Per model: the learned judge fitted on the other models' completions, scored on this one's."""
-    return {
-        held: scores(
-            predict(fit([r for m in models if m != held for r in data[m]], **settings), data[held]), data[held], True
-        )
-        for held in models
-    }
+    jobs = [([r for m in models if m != held for r in data[m]], data[held]) for held in models]
+    said = fitted_labels(jobs, settings, n_jobs)
+    return {held: scores(labels, data[held], True) for held, labels in zip(models, said)}
+
+
+def fitted_labels(jobs: list[tuple[list[dict], list[dict]]], settings: dict, n_jobs: int = 1) -> list[list[str]]:
+    """Per (training rows, scored rows) job: a judge fitted on the first, its labels for the second. The fits
+    are independent and deterministic, so `n_jobs` processes (-1: every core) give one process's labels."""
+    if n_jobs == 1:
+        return [predict(fit(train, **settings), scored) for train, scored in jobs]
+    return Parallel(n_jobs=n_jobs)(delayed(_fit_and_label)(train, scored, settings) for train, scored in jobs)
+
+
+def _fit_and_label(train: list[dict], scored: list[dict], settings: dict) -> list[str]:
+    return predict(fit(train, **settings), scored)
 
 
 def prompt_fold(prompt: str, folds: int = PROMPT_FOLDS) -> int:
@@ -84,32 +95,45 @@ def prompt_held_out_splits(
 
 
 def prompt_held_out_scores(
-    data: dict[str, list[dict]], models: list[str], held: str, folds: int = PROMPT_FOLDS, **settings
+    data: dict[str, list[dict]], models: list[str], held: str, folds: int = PROMPT_FOLDS, n_jobs: int = 1, **settings
 ) -> dict:
     """The learned judge scored on `held`'s completions of each prompt fold, fitted on the other models'
     completions of the other folds' prompts; the agreement pooled over the folds."""
-    said, rows = [], []
-    for train, scored in prompt_held_out_splits(data, models, held, folds):
-        said += predict(fit(train, **settings), scored)
-        rows += scored
-    return scores(said, rows, True)
+    return leave_one_model_and_prompts_out(data, models, folds, n_jobs, held_out=[held], **settings)[held]
 
 
 def leave_one_model_and_prompts_out(
-    data: dict[str, list[dict]], models: list[str], folds: int = PROMPT_FOLDS, **settings
+    data: dict[str, list[dict]],
+    models: list[str],
+    folds: int = PROMPT_FOLDS,
+    n_jobs: int = 1,
+    held_out: list[str] | None = None,
+    **settings,
 ) -> dict[str, dict]:
-    """Per model: `prompt_held_out_scores`."""
-    return {held: prompt_held_out_scores(data, models, held, folds, **settings) for held in models}
+    """Per model held out (by default each in turn): its completions of each prompt fold labelled by a judge
+    fitted on the other models' completions of the other folds' prompts, the agreement pooled over the folds."""
+    held_out = models if held_out is None else held_out
+    splits = {held: prompt_held_out_splits(data, models, held, folds) for held in held_out}
+    jobs = [job for held in held_out for job in splits[held]]
+    said = iter(fitted_labels(jobs, settings, n_jobs))
+    table = {}
+    for held in held_out:
+        labels, rows = [], []
+        for _, scored in splits[held]:
+            labels += next(said)
+            rows += scored
+        table[held] = scores(labels, rows, True)
+    return table
 
 
-def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
+def choose_settings(data: dict[str, list[dict]], models: list[str], n_jobs: int = 1) -> dict:
     """Settings with the best worst-model binary agreement, leave-one-model-and-its-prompts-out within
     `models`. The search scores by the stricter protocol because the looser one rewards settings that
     recognise answers to prompts already seen (topic words of the whole answer, long openings), which is
     no help on the new prompts the judge labels in use."""
     best, best_score = None, -1.0
     for head_chars, C in itertools.product(GRID["head_chars"], GRID["C"]):
-        table = leave_one_model_and_prompts_out(data, models, head_chars=head_chars, C=C)
+        table = leave_one_model_and_prompts_out(data, models, n_jobs=n_jobs, head_chars=head_chars, C=C)
         worst = min(row["binary"] for row in table.values())
         if worst > best_score:
             best, best_score = {"head_chars": head_chars, "C": C}, worst
@@ -118,19 +142,19 @@ def choose_settings(data: dict[str, list[dict]], models: list[str]) -> dict:
 
 def validate(data_root: str | Path, progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
     """The default learned judge (LearnedJudge.from_xstest) validated on the labelled completions under
-    `data_root` (about 15 minutes): its agreement table ({LEARNED, NESTED, PROMPTS_IN: {model: scores}})
+    `data_root` (about 15 minutes on one core; the fits run on every core): its agreement table ({LEARNED, NESTED, PROMPTS_IN: {model: scores}})
     and the record calibration cards quote (what judge_validation.json holds). `progress` hears of each
     held-out model's nested search."""
     data = xstest_completions(data_root)
     models = list(XSTEST_MODELS)
     judge = LearnedJudge.from_xstest(data_root)
-    settings = {"head_chars": judge.head_chars, "C": judge.C}
+    settings = {"head_chars": judge.head_chars, "C": judge.C, "n_jobs": -1}  # every core: the fits are independent
     table: dict[str, dict[str, dict]] = {LEARNED: leave_one_model_and_prompts_out(data, models, **settings), NESTED: {}}
     for held in models:
         # the search sees the held-out model's prompts only through the other models' answers, to pick one
         # of a few settings; each judge it then scores is fitted without them
-        chosen = choose_settings(data, [m for m in models if m != held])
-        table[NESTED][held] = {**prompt_held_out_scores(data, models, held, **chosen), "settings": chosen}
+        chosen = choose_settings(data, [m for m in models if m != held], n_jobs=-1)
+        table[NESTED][held] = {**prompt_held_out_scores(data, models, held, n_jobs=-1, **chosen), "settings": chosen}
         if progress is not None:
             progress(f"{held}: nested done")
     table[PROMPTS_IN] = leave_one_model_out(data, models, **settings)
