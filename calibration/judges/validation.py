@@ -142,9 +142,9 @@ def choose_settings(data: dict[str, list[dict]], models: list[str], n_jobs: int 
 
 def validate(data_root: str | Path, progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
     """The default learned judge (LearnedJudge.from_xstest) validated on the labelled completions under
-    `data_root` (about 15 minutes on one core; the fits run on every core): its agreement table ({LEARNED, NESTED, PROMPTS_IN: {model: scores}})
-    and the record calibration cards quote (what judge_validation.json holds). `progress` hears of each
-    held-out model's nested search."""
+    `data_root` (about 15 minutes on one core; the fits run on every core): its agreement table ({LEARNED,
+    NESTED, PROMPTS_IN: {model: scores}}) and the record calibration cards quote (what judge_validation.json
+    holds). `progress` hears of each held-out model's nested search."""
     data = xstest_completions(data_root)
     models = list(XSTEST_MODELS)
     judge = LearnedJudge.from_xstest(data_root)
