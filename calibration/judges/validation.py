@@ -67,7 +67,7 @@ def fitted_labels(jobs: list[tuple[list[dict], list[dict]]], settings: dict, n_j
     """Per (training rows, scored rows) job: a judge fitted on the first, its labels for the second. The fits
     are independent and deterministic, so `n_jobs` processes (-1: every core) give one process's labels."""
     if n_jobs == 1:
-        return [predict(fit(train, **settings), scored) for train, scored in jobs]
+        return [_fit_and_label(train, scored, settings) for train, scored in jobs]
     return Parallel(n_jobs=n_jobs)(delayed(_fit_and_label)(train, scored, settings) for train, scored in jobs)
 
 
@@ -148,16 +148,21 @@ def validate(data_root: str | Path, progress: Callable[[str], None] | None = Non
     data = xstest_completions(data_root)
     models = list(XSTEST_MODELS)
     judge = LearnedJudge.from_xstest(data_root)
-    settings = {"head_chars": judge.head_chars, "C": judge.C, "n_jobs": -1}  # every core: the fits are independent
-    table: dict[str, dict[str, dict]] = {LEARNED: leave_one_model_and_prompts_out(data, models, **settings), NESTED: {}}
+    settings = {"head_chars": judge.head_chars, "C": judge.C}
+    every_core = -1  # the fits are independent
+    table: dict[str, dict[str, dict]] = {
+        LEARNED: leave_one_model_and_prompts_out(data, models, n_jobs=every_core, **settings),
+        NESTED: {},
+    }
     for held in models:
         # the search sees the held-out model's prompts only through the other models' answers, to pick one
         # of a few settings; each judge it then scores is fitted without them
-        chosen = choose_settings(data, [m for m in models if m != held], n_jobs=-1)
-        table[NESTED][held] = {**prompt_held_out_scores(data, models, held, n_jobs=-1, **chosen), "settings": chosen}
+        chosen = choose_settings(data, [m for m in models if m != held], n_jobs=every_core)
+        scored = prompt_held_out_scores(data, models, held, n_jobs=every_core, **chosen)
+        table[NESTED][held] = {**scored, "settings": chosen}
         if progress is not None:
             progress(f"{held}: nested done")
-    table[PROMPTS_IN] = leave_one_model_out(data, models, **settings)
+    table[PROMPTS_IN] = leave_one_model_out(data, models, n_jobs=every_core, **settings)
     short = [m for m in models if table[LEARNED][m]["binary"] < 0.93]
     record = {
         "version": judge.version,
