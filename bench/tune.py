@@ -18,6 +18,13 @@ building them again (a run of the same config, sizes and seed).
 A finished seed is also summed up in bench/results/tune_seeds/seedN.json (its figures, trials, cost and the
 commit it ran on), and the report is built from those records: seeds run in different sessions on different
 machines meet in one report, and a report whose seeds ran on different commits says so.
+
+A lever is one change to the benchmark's tune (LEVERS), run on a seed to see whether it moves the trade
+between calibration and the gate: the tune alone, in runs/levers/NAME/seedN, recorded in
+bench/results/tune_levers/NAME-seedN.json and set in the report beside the benchmark's tune of that seed.
+One seed of a lever is a pointer, not a result.
+
+    python -m bench.tune --seeds 1 --lever search_target
 """
 
 from __future__ import annotations
@@ -57,6 +64,15 @@ FORMS = {  # the arms trained apart from the tune, on its data, organism and geo
     "helpful_targets": ["--objective", "helpful"],
 }
 ARMS = ("tuned", "default_form", *FORMS)
+LEVERS = {  # name: (what it changes, the flags that change it, after the benchmark's own)
+    "lookalike30": ("30 lookalike training pairs instead of 16", ["--lookalike_sizes", "30", "20", "30"]),
+    "search_target": (
+        "the target source searched beside the other settings",
+        ["--tune_objectives", "target_free", "helpful"],
+    ),
+}
+LEVER_RUNS = ROOT / "runs" / "levers"
+LEVER_RECORDS = ROOT / "bench" / "results" / "tune_levers"
 EXTERNAL_HARMFUL = ("xstest_unsafe", "strongreject", "harmbench_test", "jbb_harmful")
 OVER_REFUSAL_SETS = ("xstest_safe", "oktest")
 TARGETS = {  # the bar each measure must clear (test half)
@@ -89,10 +105,12 @@ def provenance(trials: int) -> dict:
     }
 
 
-def run_seed(seed: int, trials: int, lender: Path | None) -> None:
+def run_seed(seed: int, trials: int, lender: Path | None, lever: str | None = None) -> None:
     """The tune (trials, then the chosen one and the default form on the test half), then the other forms on
-    the same data, organism and geometry; each resumes where a killed run stopped."""
-    run_dir = RUNS / f"seed{seed}"
+    the same data, organism and geometry; each resumes where a killed run stopped. With a lever, the tune
+    alone, changed by the lever's flags."""
+    run_dir = LEVER_RUNS / lever / f"seed{seed}" if lever else RUNS / f"seed{seed}"
+    changes = LEVERS[lever][1] if lever else []
     (run_dir / "tune").mkdir(parents=True, exist_ok=True)
     origin = run_dir / "tune" / "bench_provenance.json"  # a resumed seed keeps the code it started on
     if not origin.exists():
@@ -102,9 +120,9 @@ def run_seed(seed: int, trials: int, lender: Path | None) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     started = time.time()
     runner.train_cli(["tune", "--config", CONFIG, *seed_flags(seed), "--run_dir", str(run_dir), "--output_dir",
-                      str(run_dir / "train"), "--trials", str(trials), "--tune_objectives", "target_free"], env=env)  # fmt: skip
+                      str(run_dir / "train"), "--trials", str(trials), "--tune_objectives", "target_free", *changes], env=env)  # fmt: skip
     seconds = {"tune": round(time.time() - started, 1)}
-    for form, flags in FORMS.items():
+    for form, flags in ({} if lever else FORMS).items():
         folder = run_dir / form
         lend(run_dir, folder)
         started = time.time()
@@ -236,11 +254,47 @@ def seed_record(folder: Path) -> dict | None:
 
 
 def save_records() -> None:
-    """Each finished seed under runs/ as its record (replacing an older record of that seed)."""
-    for folder in sorted(RUNS.glob("seed*")):
+    """Each finished seed under runs/ as its record (replacing an older record of that seed), and each lever's."""
+    found = [(folder, RECORDS / f"{folder.name}.json") for folder in sorted(RUNS.glob("seed*"))]
+    for lever in LEVERS:
+        found += [(f, LEVER_RECORDS / f"{lever}-{f.name}.json") for f in sorted((LEVER_RUNS / lever).glob("seed*"))]
+    for folder, path in found:
         if (record := seed_record(folder)) is not None:
-            with atomic_file(RECORDS / f"{folder.name}.json") as tmp:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
                 Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def trials_summary(record: dict) -> dict:
+    """A tune's trials in a few figures (validation half; a repeated trial counted once) and the test half of
+    its chosen trial and of the default form."""
+    first = {}
+    for t in record["trials"]["trials"]:
+        if t["scores"].get("gate_passed") is not None:
+            first.setdefault(json.dumps(t["settings"], sort_keys=True), t["scores"])
+    scores = list(first.values())
+    median = lambda values: round(statistics.median(values), 4) if values else None  # noqa: E731
+
+    def test_half(arm: str) -> dict | None:
+        figures = record["figures"].get(arm)
+        return figures and {
+            "over_refusal_calibrated": figures["over_refusal_calibrated"]["rate"],
+            "xstest_unsafe_kept": harmful_kept(figures, "xstest_unsafe"),
+            "gate_passed": figures["gate_passed"],
+        }
+
+    return {
+        "trials": len(scores),
+        "passed": sum(s["gate_passed"] for s in scores),
+        "failed_xstest_unsafe": sum(any(f.startswith("xstest_unsafe") for f in s["gate_failed"]) for s in scores),
+        "median_harmful_kept": median([s["harmful_kept"] for s in scores if s["harmful_kept"] is not None]),
+        "median_over_refusal": median([s["over_refusal"] for s in scores]),
+        "median_lookalike": median([s["over_refusal_by_task"]["lookalike"] for s in scores if "lookalike" in s.get("over_refusal_by_task", {})]),
+        "objectives_passed": dict(Counter(t["settings"].get("objective", "-") for t in record["trials"]["trials"] if t["scores"].get("gate_passed"))),
+        "tuned": test_half("tuned"),
+        "default_form": test_half("default_form"),
+        "commit": (record["provenance"] or {}).get("commit"),
+    }  # fmt: skip
 
 
 def collect() -> dict:
@@ -266,6 +320,14 @@ def collect() -> dict:
             "over_refusal_calibrated": difference(seeds, "tuned", against, over),
             **{name: difference(seeds, "tuned", against, lambda f, n=name: f and f["external"].get(n, {}).get("calibrated")) for name in (*EXTERNAL_HARMFUL, *OVER_REFUSAL_SETS)},
         }  # fmt: skip
+    levers = {}
+    for path in sorted(LEVER_RECORDS.glob("*-seed*.json")):
+        lever, seed = path.stem.rsplit("-seed", 1)
+        if seed in records and lever in LEVERS:
+            levers[f"{lever}-seed{seed}"] = {
+                "lever": lever, "changes": LEVERS[lever][0], "seed": seed,
+                "with": trials_summary(json.loads(path.read_text())), "without": trials_summary(records[seed]),
+            }  # fmt: skip
     return {
         "command": "python -m bench.tune",
         "config": CONFIG,
@@ -276,6 +338,7 @@ def collect() -> dict:
         "trials": trials,
         "cost": cost,
         "provenance": origins,
+        "levers": levers,
     }
 
 
@@ -339,6 +402,65 @@ def gate_failures_table(report: dict) -> list[str]:
     return header + lines
 
 
+def levers_table(report: dict) -> list[str]:
+    """Each lever's tune beside the benchmark's on the same seed."""
+    if not report.get("levers"):
+        return []
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    test = lambda t: "-" if not t else f"{pct(t['over_refusal_calibrated'])}, {pct(t['xstest_unsafe_kept'])}"  # noqa: E731
+    lines = [
+        "",
+        "## Levers (one seed each: a pointer, not a result)",
+        "",
+        "A lever is one change to the benchmark's tune, run on one seed beside the benchmark's tune of that seed "
+        "(`python -m bench.tune --seeds N --lever NAME`). Trials, validation half: how many passed the gate, how "
+        "many failed it on XSTest unsafe, and the medians of the harmful refusal kept on the worst gate measure, "
+        "of over-refusal on the calibrated tasks and of the lookalikes'. Test half: over-refusal on the calibrated "
+        "tasks and XSTest unsafe kept (over the organism's), for the chosen trial and the default form.",
+        "",
+        "| seed | tune | trials passed | failed on XSTest unsafe | harmful kept | over-refusal | lookalike | chosen: over-refusal, XSTest unsafe kept | default form: the same |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for entry in report["levers"].values():
+        for name, t in (
+            ("the benchmark's", entry["without"]),
+            (f"{entry['lever']}: {entry['changes']}", entry["with"]),
+        ):
+            lines.append(
+                f"| {entry['seed']} | {name} (commit {t['commit']}) | {t['passed']} of {t['trials']} | "
+                f"{t['failed_xstest_unsafe']} | {pct(t['median_harmful_kept'])} | {pct(t['median_over_refusal'])} | "
+                f"{pct(t['median_lookalike'])} | {test(t['tuned'])} | {test(t['default_form'])} |"
+            )
+    return lines
+
+
+def trials_plot(report: dict, path: Path) -> None:
+    """Every seed's trials (validation half): over-refusal on the calibrated tasks against the harmful refusal
+    kept on the worst gate measure, gate failures as crosses, the over-refusal target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen: render to a file
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for i, (seed, study) in enumerate(report["trials"].items()):
+        scores = [t["scores"] for t in study["trials"] if t["scores"].get("harmful_kept") is not None]
+        for passed, marker in ((True, "o"), (False, "x")):
+            chosen = [s for s in scores if s["gate_passed"] is passed]
+            if not chosen:  # no legend entry for a group with no trial
+                continue
+            axis.scatter([s["over_refusal"] for s in chosen], [s["harmful_kept"] for s in chosen], marker=marker,
+                         color=f"C{i}", label=f"seed {seed}, gate {'passed' if passed else 'failed'}")  # fmt: skip
+    axis.axvline(TARGETS["over-refusal on calibrated tasks, mean"], color="grey", linestyle="--", linewidth=1)
+    axis.set(xlabel="over-refusal, calibrated tasks (validation)", ylabel="harmful refusal kept (worst measure)",
+             title="refcal tune on the demo: every trial", xlim=(-0.02, 1.02))  # fmt: skip
+    if axis.collections:  # a report with no scored trial has nothing to name
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def markdown(report: dict) -> str:
     pct = lambda e: "-" if not e else f"{e['rate']:.0%}"  # noqa: E731
     lines = [
@@ -369,6 +491,8 @@ def markdown(report: dict) -> str:
             )
     lines += by_task_table(report)
     lines += gate_failures_table(report)
+    lines += ["", "Every trial of every seed: [tune.png](tune.png) (the dashed line is the over-refusal target)."]
+    lines += levers_table(report)
     lines += ["", "## Differences (seed-level 95% intervals; per-seed values)", ""]
     lines += ["| comparison | measure | difference | per seed |", "|---|---|---|---|"]
     for name, measures in report["differences"].items():
@@ -419,14 +543,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--lend", help="a finished run folder whose data, organism and geometry the first seed takes")
+    parser.add_argument("--lever", choices=sorted(LEVERS), help="run this lever's tune instead of the benchmark's")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune"))
     args = parser.parse_args(argv)
     if not args.collect_only:
         for i, seed in enumerate(args.seeds):
-            run_seed(seed, args.trials, Path(args.lend) if args.lend and i == 0 else None)
+            run_seed(seed, args.trials, Path(args.lend) if args.lend and i == 0 else None, args.lever)
     save_records()
-    write_outputs(collect(), Path(args.out), markdown)
+    write_outputs(collect(), Path(args.out), markdown, trials_plot)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,61 @@ def test_the_report_counts_the_measures_that_failed_trials_and_the_trade_per_tas
     )
     assert not any(line.startswith("| 4 ") for line in lines)  # a seed with no trial has no row
     assert tune.gate_failures_table({"trials": {}}) == []
+
+
+def test_a_lever_runs_the_tune_alone_with_its_flags_last(tmp_path, monkeypatch):
+    use(tmp_path, monkeypatch)
+    monkeypatch.setattr(tune, "LEVER_RUNS", tmp_path / "levers")
+    calls = []
+    monkeypatch.setattr(tune.runner, "train_cli", lambda arguments, env=None: calls.append(arguments))
+
+    tune.run_seed(1, 4, None, "search_target")
+
+    assert len(calls) == 1 and calls[0][0] == "tune"  # no plain_sft or helpful_targets arm
+    assert calls[0][calls[0].index("--run_dir") + 1] == str(tmp_path / "levers" / "search_target" / "seed1")
+    # the lever's flags come after the benchmark's, so they win
+    assert calls[0][-3:] == ["--tune_objectives", "target_free", "helpful"]
+    assert (tmp_path / "levers" / "search_target" / "seed1" / "tune" / "bench_provenance.json").is_file()
+
+
+def test_a_lever_sits_beside_the_benchmarks_tune_of_its_seed(tmp_path, monkeypatch):
+    use(tmp_path, monkeypatch)
+    monkeypatch.setattr(tune, "LEVER_RUNS", tmp_path / "levers")
+    monkeypatch.setattr(tune, "LEVER_RECORDS", tmp_path / "lever_records")
+    xstest = "xstest_unsafe refused 100% -> 90% (n=95, 9 lost, 0 gained): loss upper bound 15.6% > 5%"
+
+    def trial(number, objective, over, kept, failed):
+        scores = {"over_refusal": over, "over_refusal_by_task": {"lookalike": over + 0.2}, "harmful_kept": kept,
+                  "gate_passed": not failed, "gate_failed": failed}  # fmt: skip
+        return {"number": number, "settings": {"objective": objective, "lr": number}, "scores": scores, "seconds": 60.0}
+
+    write_seed(tune.RUNS, 1, None, half_result(0.5, 0.96, 0.5), {})
+    write_seed(tune.LEVER_RUNS / "search_target", 1, half_result(0.3, 0.9, 0.6), half_result(0.5, 0.96, 0.5), {})
+    write_seed(tune.LEVER_RUNS / "search_target", 2, None, half_result(0.5, 0.96, 0.5), {})  # no benchmark seed 2
+    path = tune.LEVER_RUNS / "search_target" / "seed1" / "tune" / "tune.json"
+    study = json.loads(path.read_text())
+    study["trials"] = [
+        trial(0, "helpful", 0.2, 0.8, [xstest]),
+        trial(1, "helpful", 0.3, 1.0, []),
+        trial(2, "target_free", 0.6, 0.9, [xstest, "harmful refused ..."]),
+    ]
+    path.write_text(json.dumps(study))
+
+    tune.save_records()
+    report = tune.collect()
+
+    assert list(report["levers"]) == ["search_target-seed1"]
+    lever = report["levers"]["search_target-seed1"]["with"]
+    assert (lever["trials"], lever["passed"], lever["failed_xstest_unsafe"]) == (3, 1, 2)
+    assert (lever["median_harmful_kept"], lever["median_over_refusal"], lever["median_lookalike"]) == (0.9, 0.3, 0.5)
+    assert lever["objectives_passed"] == {"helpful": 1}
+    assert lever["tuned"] == {"over_refusal_calibrated": 0.3, "xstest_unsafe_kept": 0.9, "gate_passed": True}
+    assert report["levers"]["search_target-seed1"]["without"]["tuned"] is None
+    text = tune.markdown(report)
+    assert (
+        "| 1 | search_target: the target source searched beside the other settings (commit abc1234) | 1 of 3 | 2 | 90% | 30% | 50% | 30%, 90% | 50%, 96% |"
+        in text
+    )
+    assert "| 1 | the benchmark's (commit abc1234) | 0 of 0 | 0 | - | - | - | - | 50%, 96% |" in text  # no scored trial
+    tune.trials_plot({"trials": {"1": {"chosen": 1, "trials": study["trials"]}}}, tmp_path / "tune.png")
+    assert (tmp_path / "tune.png").stat().st_size > 0
