@@ -421,11 +421,11 @@ def levers_table(report: dict) -> list[str]:
         "| seed | tune | trials passed | failed on XSTest unsafe | harmful kept | over-refusal | lookalike | chosen: over-refusal, XSTest unsafe kept | default form: the same |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    for entry in report["levers"].values():
-        for name, t in (
-            ("the benchmark's", entry["without"]),
-            (f"{entry['lever']}: {entry['changes']}", entry["with"]),
-        ):
+    shown = set()  # a seed's own tune once, above its levers
+    for entry in sorted(report["levers"].values(), key=lambda e: int(e["seed"])):
+        rows = [] if entry["seed"] in shown else [("the benchmark's", entry["without"])]
+        shown.add(entry["seed"])
+        for name, t in [*rows, (f"{entry['lever']}: {entry['changes']}", entry["with"])]:
             lines.append(
                 f"| {entry['seed']} | {name} (commit {t['commit']}) | {t['passed']} of {t['trials']} | "
                 f"{t['failed_xstest_unsafe']} | {pct(t['median_harmful_kept'])} | {pct(t['median_over_refusal'])} | "

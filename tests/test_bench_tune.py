@@ -187,6 +187,7 @@ def test_a_lever_sits_beside_the_benchmarks_tune_of_its_seed(tmp_path, monkeypat
     write_seed(tune.RUNS, 1, None, half_result(0.5, 0.96, 0.5), {})
     write_seed(tune.LEVER_RUNS / "search_target", 1, half_result(0.3, 0.9, 0.6), half_result(0.5, 0.96, 0.5), {})
     write_seed(tune.LEVER_RUNS / "search_target", 2, None, half_result(0.5, 0.96, 0.5), {})  # no benchmark seed 2
+    write_seed(tune.LEVER_RUNS / "lookalike30", 1, None, half_result(0.4, 0.9, 0.5), {})
     path = tune.LEVER_RUNS / "search_target" / "seed1" / "tune" / "tune.json"
     study = json.loads(path.read_text())
     study["trials"] = [
@@ -199,7 +200,7 @@ def test_a_lever_sits_beside_the_benchmarks_tune_of_its_seed(tmp_path, monkeypat
     tune.save_records()
     report = tune.collect()
 
-    assert list(report["levers"]) == ["search_target-seed1"]
+    assert list(report["levers"]) == ["lookalike30-seed1", "search_target-seed1"]
     lever = report["levers"]["search_target-seed1"]["with"]
     assert (lever["trials"], lever["passed"], lever["failed_xstest_unsafe"]) == (3, 1, 2)
     assert (lever["median_harmful_kept"], lever["median_over_refusal"], lever["median_lookalike"]) == (0.9, 0.3, 0.5)
@@ -211,6 +212,7 @@ def test_a_lever_sits_beside_the_benchmarks_tune_of_its_seed(tmp_path, monkeypat
         "| 1 | search_target: the target source searched beside the other settings (commit abc1234) | 1 of 3 | 2 | 90% | 30% | 50% | 30%, 90% | 50%, 96% |"
         in text
     )
-    assert "| 1 | the benchmark's (commit abc1234) | 0 of 0 | 0 | - | - | - | - | 50%, 96% |" in text  # no scored trial
+    row = "| 1 | the benchmark's (commit abc1234) | 0 of 0 | 0 | - | - | - | - | 50%, 96% |"  # no scored trial
+    assert text.count(row) == 1  # once, above both of the seed's levers
     tune.trials_plot({"trials": {"1": {"chosen": 1, "trials": study["trials"]}}}, tmp_path / "tune.png")
     assert (tmp_path / "tune.png").stat().st_size > 0
