@@ -271,8 +271,8 @@ def trials_summary(record: dict) -> dict:
     first = {}
     for t in record["trials"]["trials"]:
         if t["scores"].get("gate_passed") is not None:
-            first.setdefault(json.dumps(t["settings"], sort_keys=True), t["scores"])
-    scores = list(first.values())
+            first.setdefault(json.dumps(t["settings"], sort_keys=True), t)
+    scores = [t["scores"] for t in first.values()]
     median = lambda values: round(statistics.median(values), 4) if values else None  # noqa: E731
 
     def test_half(arm: str) -> dict | None:
@@ -290,7 +290,7 @@ def trials_summary(record: dict) -> dict:
         "median_harmful_kept": median([s["harmful_kept"] for s in scores if s["harmful_kept"] is not None]),
         "median_over_refusal": median([s["over_refusal"] for s in scores]),
         "median_lookalike": median([s["over_refusal_by_task"]["lookalike"] for s in scores if "lookalike" in s.get("over_refusal_by_task", {})]),
-        "objectives_passed": dict(Counter(t["settings"].get("objective", "-") for t in record["trials"]["trials"] if t["scores"].get("gate_passed"))),
+        "objectives_passed": dict(Counter(t["settings"].get("objective", "-") for t in first.values() if t["scores"]["gate_passed"])),
         "tuned": test_half("tuned"),
         "default_form": test_half("default_form"),
         "commit": (record["provenance"] or {}).get("commit"),
@@ -421,13 +421,18 @@ def levers_table(report: dict) -> list[str]:
         "| seed | tune | trials passed | failed on XSTest unsafe | harmful kept | over-refusal | lookalike | chosen: over-refusal, XSTest unsafe kept | default form: the same |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+
+    def by_source(t: dict) -> str:  # the target sources of the trials that passed, where the search chose one
+        sources = t["objectives_passed"]
+        return f" ({', '.join(f'{k} {n}' for k, n in sorted(sources.items()))})" if set(sources) - {"-"} else ""
+
     shown = set()  # a seed's own tune once, above its levers
     for entry in sorted(report["levers"].values(), key=lambda e: int(e["seed"])):
         rows = [] if entry["seed"] in shown else [("the benchmark's", entry["without"])]
         shown.add(entry["seed"])
         for name, t in [*rows, (f"{entry['lever']}: {entry['changes']}", entry["with"])]:
             lines.append(
-                f"| {entry['seed']} | {name} (commit {t['commit']}) | {t['passed']} of {t['trials']} | "
+                f"| {entry['seed']} | {name} (commit {t['commit']}) | {t['passed']} of {t['trials']}{by_source(t)} | "
                 f"{t['failed_xstest_unsafe']} | {pct(t['median_harmful_kept'])} | {pct(t['median_over_refusal'])} | "
                 f"{pct(t['median_lookalike'])} | {test(t['tuned'])} | {test(t['default_form'])} |"
             )

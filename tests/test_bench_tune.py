@@ -209,7 +209,7 @@ def test_a_lever_sits_beside_the_benchmarks_tune_of_its_seed(tmp_path, monkeypat
     assert report["levers"]["search_target-seed1"]["without"]["tuned"] is None
     text = tune.markdown(report)
     assert (
-        "| 1 | search_target: the target source searched beside the other settings (commit abc1234) | 1 of 3 | 2 | 90% | 30% | 50% | 30%, 90% | 50%, 96% |"
+        "| 1 | search_target: the target source searched beside the other settings (commit abc1234) | 1 of 3 (helpful 1) | 2 | 90% | 30% | 50% | 30%, 90% | 50%, 96% |"
         in text
     )
     row = "| 1 | the benchmark's (commit abc1234) | 0 of 0 | 0 | - | - | - | - | 50%, 96% |"  # no scored trial
