@@ -218,6 +218,14 @@ def targets(seeds: dict) -> dict:
     }  # fmt: skip
 
 
+def distinct_trials(trials: list[dict]) -> list[dict]:
+    """The first trial of each settings: a later one with the same settings reused its folder."""
+    first = {}
+    for t in trials:
+        first.setdefault(json.dumps(t["settings"], sort_keys=True), t)
+    return list(first.values())
+
+
 def seed_record(folder: Path) -> dict | None:
     """One seed's test-half figures per arm, its trials, cost and provenance (None until its tune finished)."""
     path = folder / "tune" / "tune.json"
@@ -233,10 +241,8 @@ def seed_record(folder: Path) -> dict | None:
     }
     # a trial that repeats an earlier one's settings reuses its folder: it counts neither as a trial nor in the
     # time a trial takes
-    first = {}
-    for t in report["trials"]:
-        first.setdefault(json.dumps(t["settings"], sort_keys=True), t)
-    per_trial = [t["seconds"] for t in first.values() if "seconds" in t]
+    first = distinct_trials(report["trials"])
+    per_trial = [t["seconds"] for t in first if "seconds" in t]
     minutes = round(statistics.fmean(per_trial) / 60, 1) if per_trial else None
     cost = {"trials": len(first), "minutes_per_trial": minutes}
     if repeated := len(report["trials"]) - len(first):
@@ -268,11 +274,8 @@ def save_records() -> None:
 def trials_summary(record: dict) -> dict:
     """A tune's trials in a few figures (validation half; a repeated trial counted once) and the test half of
     its chosen trial and of the default form."""
-    first = {}
-    for t in record["trials"]["trials"]:
-        if t["scores"].get("gate_passed") is not None:
-            first.setdefault(json.dumps(t["settings"], sort_keys=True), t)
-    scores = [t["scores"] for t in first.values()]
+    first = distinct_trials([t for t in record["trials"]["trials"] if t["scores"].get("gate_passed") is not None])
+    scores = [t["scores"] for t in first]
     median = lambda values: round(statistics.median(values), 4) if values else None  # noqa: E731
 
     def test_half(arm: str) -> dict | None:
@@ -290,7 +293,7 @@ def trials_summary(record: dict) -> dict:
         "median_harmful_kept": median([s["harmful_kept"] for s in scores if s["harmful_kept"] is not None]),
         "median_over_refusal": median([s["over_refusal"] for s in scores]),
         "median_lookalike": median([s["over_refusal_by_task"]["lookalike"] for s in scores if "lookalike" in s.get("over_refusal_by_task", {})]),
-        "objectives_passed": dict(Counter(t["settings"].get("objective", "-") for t in first.values() if t["scores"]["gate_passed"])),
+        "objectives_passed": dict(Counter(t["settings"].get("objective", "-") for t in first if t["scores"]["gate_passed"])),
         "tuned": test_half("tuned"),
         "default_form": test_half("default_form"),
         "commit": (record["provenance"] or {}).get("commit"),
